@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -49,3 +50,25 @@ def count_parameters(model: nn.Module) -> ParameterCounts:
         adapter=adapter,
         adapted_modules=sum(1 for _ in adapted_modules(model)),
     )
+
+
+def base_fingerprint(model: nn.Module, samples: int = 64) -> str:
+    """A short hash of the frozen base: names, shapes, dtypes and a strided sample of values.
+
+    Cheap enough to compute at every setup on a 7B model (``samples`` values per tensor), and
+    enough to tell a checkpoint of another base (another model, size or pretrained weights)
+    from this one. Meta tensors contribute structure only. Sums are rounded so the same
+    weights on another device give the same hash.
+    """
+    digest = hashlib.sha256()
+    trainable = set(trainable_names(model))
+    for name, param in model.named_parameters():
+        if name in trainable or is_lora_parameter(name):
+            continue
+        digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}".encode())
+        if param.device.type != "meta" and param.numel() and param.is_floating_point():
+            flat = param.detach().reshape(-1)
+            index = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel())).long()
+            values = flat[index.to(flat.device)].double()
+            digest.update(f"|{values.sum().item():.6g}|{values.abs().sum().item():.6g}".encode())
+    return digest.hexdigest()[:16]
