@@ -36,8 +36,8 @@ from torch import nn
 from lora_lightning.adapter import _atomic_write, save_adapter
 from lora_lightning.config import LoRAConfig
 from lora_lightning.errors import CheckpointMismatchError, LoRAConfigError
-from lora_lightning.inject import TargetFn, adapted_modules, inject_lora
-from lora_lightning.merge import merge_lora, unmerge_lora
+from lora_lightning.inject import TargetFn, adapted_modules, inject_lora, trainable_names
+from lora_lightning.layers import delta_weight
 from lora_lightning.state import base_fingerprint, count_parameters, lora_state_dict
 
 CHECKPOINT_KEY = "lora"
@@ -59,8 +59,9 @@ class LoRACallback(pl.Callback):
             state dict with the adapters folded in (plain base keys, for deployment).
         export_root: attribute path of the submodule whose module paths the adapter files
             use. ``"auto"`` picks the outermost Hugging Face model (an object with ``config``
-            and ``save_pretrained``) holding every adapter, so PEFT loads the adapter onto the
-            stock model; otherwise the LightningModule itself (``""``).
+            and ``save_pretrained``) holding every adapter and every other trained tensor
+            (``modules_to_save``, biases), so PEFT loads the adapter onto the stock model;
+            otherwise the LightningModule itself (``""``).
         **overrides: LoRAConfig fields overriding ``config`` (``LoRACallback(r=4)``).
 
     Raises:
@@ -91,7 +92,9 @@ class LoRACallback(pl.Callback):
         self.adapted: list[str] = []
         self.fingerprint: str | None = None
         self.last_adapter_dir: Path | None = None
-        self._logged = False
+        self._printed = False
+        # Loggers already given the counts (by identity): each logger of each Trainer once.
+        self._logged_to: list[Any] = []
         self._module: pl.LightningModule | None = None
 
     # ----------------------------------------------------------------------------- setup
@@ -111,9 +114,7 @@ class LoRACallback(pl.Callback):
             trainer.strategy.checkpoint_io = _AdapterExportingIO(
                 trainer.strategy.checkpoint_io, self
             )
-        if not self._logged:
-            self._log_counts(trainer, pl_module)
-            self._logged = True
+        self._log_counts(trainer, pl_module)
         launcher = getattr(trainer.strategy, "launcher", None)
         if getattr(launcher, "_start_method", None) in ("spawn", "fork", "forkserver"):
             rank_zero_warn(
@@ -196,7 +197,10 @@ class LoRACallback(pl.Callback):
         expected = set(lora_state_dict(module))
         missing = sorted(expected - set(state))
         # Names only: module.state_dict() would be a collective under FSDP.
-        known = {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
+        # Every alias of a shared (tied) tensor is a state-dict key: keep duplicates.
+        known = {n for n, _ in module.named_parameters(remove_duplicate=False)} | {
+            n for n, _ in module.named_buffers(remove_duplicate=False)
+        }
         unexpected = sorted(set(state) - known)
         if missing or unexpected:
             raise CheckpointMismatchError(
@@ -230,22 +234,36 @@ class LoRACallback(pl.Callback):
         return save_adapter(root, directory, state_dict=relative)
 
     def _write_merged(self, pl_module: pl.LightningModule, path: Path) -> None:
+        """Write the export root's state dict with ``s·B·A`` folded into copies of the weights.
+
+        The live model is not merged and unmerged in place: that round trip changes the frozen
+        base weights by float rounding (on rank zero only, under DDP).
+        """
         _, root = self._export_root(pl_module)
-        merge_lora(root)
-        try:
-            merged = {
-                k: v.detach().to("cpu").contiguous().clone()
-                for k, v in root.state_dict().items()
-                if ".lora_" not in k
-            }
-        finally:
-            unmerge_lora(root)
+        merged = {
+            k: v.detach().to("cpu").contiguous().clone()
+            for k, v in root.state_dict().items()
+            if ".lora_" not in k
+        }
+        with torch.no_grad():
+            for name, module, spec in adapted_modules(root):
+                if spec.merged:  # merged by the user: the weight already holds s·B·A
+                    continue
+                key = f"{name}.weight" if name else "weight"
+                weight = merged[key]
+                delta = delta_weight(module).to("cpu")
+                # As merge_lora: sum in at least float32, round once at the cast back.
+                wide = weight.to(torch.promote_types(weight.dtype, delta.dtype))
+                merged[key] = (wide + delta).to(weight.dtype).contiguous()
         _atomic_write(path, lambda tmp: save_file(merged, str(tmp)))
 
     def _export_root(self, pl_module: nn.Module) -> tuple[str, nn.Module]:
         if self.export_root != "auto":
             return self.export_root, pl_module.get_submodule(self.export_root)
+        # Everything the adapter holds must be inside the root: adapters, modules_to_save
+        # (e.g. a new head next to the Hugging Face backbone) and trained biases.
         names = [name for name, _, _ in adapted_modules(pl_module)]
+        names += trainable_names(pl_module)
         for name, module in pl_module.named_modules():
             if name and hasattr(module, "save_pretrained") and hasattr(module, "config"):
                 if all(n.startswith(name + ".") for n in names):
@@ -267,7 +285,12 @@ class LoRACallback(pl.Callback):
             "lora/targets": ",".join(self.config.target_modules),
         }
         for logger in trainer.loggers:
-            logger.log_hyperparams(hparams)
+            if not any(logger is done for done in self._logged_to):
+                logger.log_hyperparams(hparams)
+                self._logged_to.append(logger)
+        if self._printed:
+            return
+        self._printed = True
         rows = [(key.removeprefix("lora/"), value) for key, value in hparams.items()]
         width = max(len(key) for key, _ in rows)
         table = "\n".join(f"  {key:<{width}}  {value}" for key, value in rows)
@@ -359,9 +382,13 @@ def _enable_input_grads_for_checkpointing(module: nn.Module) -> None:
     ``enable_input_require_grads``.
     """
     for sub in module.modules():
-        if getattr(sub, "is_gradient_checkpointing", False) and hasattr(
-            sub, "enable_input_require_grads"
-        ):
+        if not hasattr(sub, "enable_input_require_grads"):
+            continue
+        # transformers 5 renamed the flag (the old name warns); older releases have only it.
+        flag = getattr(sub, "is_activation_checkpointing", None)
+        if flag is None:
+            flag = getattr(sub, "is_gradient_checkpointing", False)
+        if flag:
             if not getattr(sub, "_lora_input_grads", False):
                 sub.enable_input_require_grads()
                 object.__setattr__(sub, "_lora_input_grads", True)
