@@ -101,7 +101,14 @@ class LoRACallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Inject once (idempotent across stages and repeated fits), freeze, wrap hooks."""
         self._module = pl_module
-        self.adapted = inject_lora(pl_module, self.config, target_fn=self.target_fn)
+        try:
+            self.adapted = inject_lora(pl_module, self.config, target_fn=self.target_fn)
+        except LoRAConfigError as err:
+            raise LoRAConfigError(
+                f"{err}. Note: LoRACallback.setup runs before LightningModule.setup and "
+                "configure_model, so layers built there do not exist yet; build them in "
+                "__init__, or call inject_lora yourself at the end of configure_model"
+            ) from None
         self.fingerprint = base_fingerprint(pl_module)
         # Frozen base weights are not in our checkpoints: the model load must be non-strict,
         # and _validate_checkpoint checks the keys that must be there.

@@ -1,0 +1,173 @@
+"""A plain Lightning text classifier around a Hugging Face sequence-classification model.
+
+It knows nothing about LoRA: the LoRA callback adapts `self.model` from the outside, and the
+Hugging Face model sits at the attribute `model` so that module paths inside it
+(`model.bert.encoder.layer.0.attention.self.query`) map onto the Hugging Face/PEFT names.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import Tensor
+from torchmetrics import MetricCollection
+from torchmetrics.classification import Accuracy, F1Score
+
+from lora_lightning.tasks.minilm import import_transformers, resolve_pretrained
+
+
+class TextClassifier(LightningModule):
+    """Fine-tunes `AutoModelForSequenceClassification` with cross-entropy and AdamW.
+
+    Batches are dicts with `input_ids` and `attention_mask` of shape `(batch, seq)` and, for
+    training/validation/test, `labels` of shape `(batch,)`. Logs `train/loss` per step and
+    `val/loss`, `val/acc`, `val/f1` (and `test/...`) per epoch; F1 is macro-averaged.
+
+    The learning rate warms up linearly from 0 over `warmup_ratio` of the run's optimizer steps
+    (`trainer.estimated_stepping_batches`), then decays linearly to 0.
+
+    Args:
+        model_name_or_path: a model directory or Hub name; None means the bundled MiniLM.
+            Loaded with `local_files_only=True` (no network) and kept in float32.
+        num_labels: number of classes (a fresh classification head of this size is created when
+            the checkpoint has none).
+        lr: peak learning rate. weight_decay: AdamW weight decay.
+        warmup_ratio: fraction of the optimizer steps spent warming up, in [0, 1].
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+
+    Raises:
+        ValueError: `num_labels < 2`, or `warmup_ratio` outside [0, 1].
+        ModuleNotFoundError: `model_name_or_path` is None and the MiniLM package is missing.
+        OSError: the model cannot be found locally (from transformers).
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str | os.PathLike[str] | None = None,
+        num_labels: int = 2,
+        lr: float = 2e-3,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.06,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if num_labels < 2:
+            raise ValueError(f"TextClassifier: num_labels must be at least 2, not {num_labels}")
+        if not 0.0 <= warmup_ratio <= 1.0:
+            raise ValueError(f"TextClassifier: warmup_ratio must be in [0, 1], not {warmup_ratio}")
+        self.save_hyperparameters()
+        transformers = import_transformers()
+        # .float(): transformers 5 loads in the checkpoint's dtype by default; training and the
+        # merge precision guarantees assume float32 whatever the checkpoint holds.
+        # .train(): from_pretrained returns the model in eval mode, and Lightning (>= 2.2) keeps
+        # each submodule's mode as it finds it, so without this dropout never runs in training.
+        self.model = (
+            transformers.AutoModelForSequenceClassification.from_pretrained(
+                resolve_pretrained(model_name_or_path), num_labels=num_labels, local_files_only=True
+            )
+            .float()
+            .train()
+        )
+        if gradient_checkpointing:
+            _enable_activation_checkpointing(self.model)
+        metrics = MetricCollection(
+            {
+                "acc": Accuracy(task="multiclass", num_classes=num_labels),
+                "f1": F1Score(task="multiclass", num_classes=num_labels, average="macro"),
+            }
+        )
+        # One collection per stage: validation during fit must not mix with a later test run.
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+
+    def forward(self, **batch: Tensor) -> Tensor:
+        """Return logits of shape `(batch, num_labels)`; a `labels` entry is ignored."""
+        inputs = {name: value for name, value in batch.items() if name != "labels"}
+        return self.model(**inputs).logits
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = F.cross_entropy(self(**batch), batch["labels"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["labels"].size(0))
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_metrics)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_metrics)
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        """Return the predicted class of each example, shape `(batch,)`."""
+        return self(**batch).argmax(dim=-1)
+
+    def _evaluate(self, batch: dict[str, Tensor], stage: str, metrics: MetricCollection) -> None:
+        labels = batch["labels"]
+        logits = self(**batch)
+        # sync_dist averages the loss over DDP ranks; the torchmetrics objects sync their own
+        # states when computed, so they need no flag.
+        self.log(
+            f"{stage}/loss",
+            F.cross_entropy(logits, labels),
+            on_epoch=True,
+            sync_dist=True,
+            prog_bar=True,
+            batch_size=labels.size(0),
+        )
+        metrics.update(logits.argmax(dim=-1), labels)
+        self.log_dict(metrics, on_epoch=True, prog_bar=True, batch_size=labels.size(0))
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW over `self.parameters()` with linear warmup and decay, stepped every batch.
+
+        All parameters are passed on purpose: frozen ones get no gradient and AdamW skips them,
+        so a callback that freezes the base model leaves only its trainable parameters updating.
+
+        Raises:
+            ValueError: the trainer has no finite number of steps (`max_epochs=-1` and no
+                `max_steps`), so the decay has no end.
+        """
+        optimizer = torch.optim.AdamW(
+            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
+        total_steps = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total_steps):
+            raise ValueError(
+                "TextClassifier: the learning-rate schedule needs a finite run; set "
+                "trainer.max_steps or trainer.max_epochs"
+            )
+        total = max(1, int(total_steps))
+        warmup = int(self.hparams.warmup_ratio * total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: linear_warmup_decay(step, warmup, total)
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+
+def linear_warmup_decay(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Learning-rate multiplier at optimizer step `step` (0-based): rises linearly to 1 by
+    step `warmup_steps`, then falls linearly to 0 at `total_steps`.
+
+    The same shape as transformers' `get_linear_schedule_with_warmup`.
+    """
+    if step < warmup_steps:
+        return step / warmup_steps
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def _enable_activation_checkpointing(model: Any) -> None:
+    # Non-reentrant checkpointing: the reentrant variant drops gradients when the inputs of a
+    # checkpointed block do not require grad, which is the case once the embeddings are frozen.
+    # transformers 5 renamed the method (the old name warns); support both.
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
