@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from lora_lightning.config import DTYPES, LoRAConfig
 from lora_lightning.errors import AdapterFileError, LoRAStateError
 from lora_lightning.inject import adapted_modules, inject_lora, lora_config_of, saved_modules
 from lora_lightning.layers import EMBEDDING, GPT2_CONV1D
+from lora_lightning.merge import unload_lora
 from lora_lightning.state import lora_state_dict
 
 CONFIG_FILE = "adapter_config.json"
@@ -85,14 +87,32 @@ def save_adapter(
     peft_config = _peft_config(config, modules, [n for n, _ in saved_modules(model)])
     peft_config["base_model_name_or_path"] = base_model_name_or_path
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    # Weights first, config last: a crash between the two leaves a loadable old pair or a new
-    # weights file next to a config of the same structure, never a half-written file.
-    _atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(peft_tensors, str(tmp)))
-    _atomic_write(
-        directory / CONFIG_FILE,
-        lambda tmp: tmp.write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n"),
-    )
+
+    def write(folder: Path) -> None:
+        # Weights first, config last, each file replaced atomically: overwriting an adapter
+        # of the same structure (the callback's per-checkpoint exports) is loadable at every
+        # instant; a crash between the two with another structure fails the rank check.
+        _atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(peft_tensors, str(tmp)))
+        _atomic_write(
+            folder / CONFIG_FILE,
+            lambda tmp: tmp.write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n"),
+        )
+
+    if directory.is_dir() and any(directory.iterdir()):
+        write(directory)
+        return directory
+    # A new adapter appears whole: written into a hidden sibling folder, then renamed (an
+    # empty folder is replaced), so a crash never leaves a half-written adapter folder.
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = directory.resolve().with_name(f".{directory.resolve().name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        write(staging)
+        os.replace(staging, directory)
+        _fsync_directory(directory.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return directory
 
 
@@ -122,6 +142,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> list[st
             "load_adapter: the model is merged; call unmerge_lora(model) before loading"
         )
     existing = {name: spec.r for name, _, spec in adapted_modules(model)}
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     if not existing:
         config = _config_from_peft(peft_config, file_modules, tensors, model, directory)
         inject_lora(model, config, target_fn=lambda name, _: name in file_modules)
@@ -131,9 +152,31 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> list[st
             + _diff(existing, file_modules)
             + "; load it into a model without adapters, or one injected with the same targets"
         )
+    else:
+        # Same modules and ranks, but alpha/rslora decide the output too: never load silently
+        # under another scaling than the one the adapter was trained with.
+        config = _config_from_peft(peft_config, file_modules, tensors, model, directory)
+        scalings = [
+            f"{n} (model {s.scaling:g}, file {config.scaling(s.r, config.alpha_for(n)):g})"
+            for n, _, s in adapted_modules(model)
+            if not math.isclose(s.scaling, config.scaling(s.r, config.alpha_for(n)))
+        ]
+        if scalings:
+            raise AdapterFileError(
+                f"adapter {directory} was trained with another scaling (lora_alpha / r, or "
+                f"alpha / sqrt(r) with use_rslora) than the model's adapters: {scalings[:5]}; "
+                "load it into a model without adapters, or inject with the file's alpha"
+            )
     kinds = {name: spec.kind for name, _, spec in adapted_modules(model)}
     expected = {_to_peft_key(n, kinds): t for n, t in lora_state_dict(model).items()}
-    _check_fit(expected, tensors, directory)
+    try:
+        _check_fit(expected, tensors, directory)
+    except AdapterFileError:
+        if not existing:  # undo our injection: a failed load leaves the model as it was
+            unload_lora(model, merge=False)
+            for name, param in model.named_parameters():
+                param.requires_grad_(requires_grad[name])
+        raise
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(tensors[key])
@@ -147,8 +190,9 @@ def read_adapter_config(directory: Path) -> dict[str, Any]:
         AdapterFileError: naming the file, the field and what would be valid.
     """
     if not directory.is_dir():
+        state = "is a file, not a folder" if directory.exists() else "does not exist"
         raise AdapterFileError(
-            f"adapter directory {directory} does not exist; expected a folder with "
+            f"adapter directory {directory} {state}; expected a folder with "
             f"{CONFIG_FILE} and {WEIGHTS_FILE}"
         )
     path = directory / CONFIG_FILE
@@ -248,6 +292,20 @@ def _config_from_peft(
     dtype = dtype_names[dtypes.pop()]
     r = int(peft["r"])
     alpha = float(peft["lora_alpha"])
+    # The scaling depends on each module's rank as the config states it (PEFT's rule): a file
+    # whose tensors disagree with its own config is inconsistent, not something to guess at.
+    rank_config = peft.get("rank_pattern") or {}
+    inconsistent = [
+        f"{n} (tensors r={rank}, config r={_peft_pattern_value(rank_config, n, r)})"
+        for n, rank in file_modules.items()
+        if _peft_pattern_value(rank_config, n, r) != rank
+    ]
+    if inconsistent:
+        raise AdapterFileError(
+            f"{directory}: the ranks in {WEIGHTS_FILE} disagree with r / rank_pattern in "
+            f"{CONFIG_FILE} for {inconsistent[:5]}; the scaling lora_alpha / r would be wrong. "
+            "Expected lora_A of shape [r, ...] with r from rank_pattern, else r"
+        )
     rank_pattern = {re.escape(n): rank for n, rank in file_modules.items() if rank != r}
     alphas = {n: float(_peft_pattern_value(alpha_pattern, n, alpha)) for n in file_modules}
     return LoRAConfig(
@@ -354,12 +412,31 @@ def _number(value: float) -> int | float:
 
 
 def _atomic_write(path: Path, write: Any) -> None:
-    """Write via a hidden temp file in the same folder, fsync, then rename over ``path``."""
+    """Write via a hidden temp file in the same folder, fsync, then rename over ``path``.
+
+    A failure (disk full, a crash) leaves the previous ``path`` untouched and at most a
+    hidden ``.<name>.tmp-<pid>`` file (removed on errors; only a kill can leave one).
+    """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        _fsync_directory(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _fsync_directory(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (best effort: not every filesystem allows it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

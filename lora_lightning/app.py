@@ -20,6 +20,7 @@ import lightning.pytorch as pl
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -60,6 +61,8 @@ def run(cfg: DictConfig) -> float | None:
         lora_callback = LoRACallback(config=lora, **cfg.get("lora_export", {}))
         callbacks.insert(0, lora_callback)
     loggers = _instantiate_all(cfg.get("logger"))
+    if not loggers:  # Lightning refuses a LearningRateMonitor without a logger (logger=none)
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False
     )

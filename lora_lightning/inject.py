@@ -10,7 +10,7 @@ from torch import nn
 
 from lora_lightning.config import LoRAConfig, compile_pattern
 from lora_lightning.errors import LoRAConfigError, LoRAStateError
-from lora_lightning.layers import LoRASpec, attach, get_spec
+from lora_lightning.layers import LoRASpec, attach, check_supported, get_spec
 
 TargetFn = Callable[[str, nn.Module], bool]
 
@@ -52,6 +52,9 @@ def inject_lora(
         )
     names = [name for name, _ in model.named_modules() if name]
     targets = _select_targets(model, config, target_fn)
+    # Check every target before attaching anything: an error leaves the model untouched.
+    for name, module in targets:
+        check_supported(module, name)
     for name, module in targets:
         if get_spec(module) is not None:
             continue
@@ -193,11 +196,16 @@ def _is_lora_part(name: str) -> bool:
 
 def _close_names(names: list[str], patterns: list[str], n: int = 6) -> list[str]:
     plain = [re.sub(r"[^\w.]", "", p) or p for p in patterns]
+    leaves = {name: name.rsplit(".", 1)[-1] for name in names}
     found: list[str] = []
     for p in plain:
-        found += difflib.get_close_matches(p, names, n=n, cutoff=0.0)
         leaf = p.rsplit(".", 1)[-1]
-        found += [name for name in names if leaf and leaf in name.rsplit(".", 1)[-1]]
+        # Most likely meant: modules whose last name part contains, or nearly spells, the
+        # pattern's last part (``query`` -> ``...self.query``, ``c_atn`` -> ``...c_attn``).
+        found += [name for name in names if leaf and leaf in leaves[name]]
+        near = set(difflib.get_close_matches(leaf, sorted(set(leaves.values())), n=n))
+        found += [name for name in names if leaves[name] in near]
+        found += difflib.get_close_matches(p, names, n=n, cutoff=0.0)
     return list(dict.fromkeys(found))[:n] or _sample(names, n)
 
 

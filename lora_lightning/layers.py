@@ -119,18 +119,7 @@ def attach(
     Raises:
         UnsupportedModuleError: if ``module`` is not a supported layer type or configuration.
     """
-    kind = layer_kind(module)
-    if kind is None:
-        raise UnsupportedModuleError(
-            f"module {name!r} is a {type(module).__name__}, which LoRA cannot adapt: "
-            f"targets must be {SUPPORTED}; adjust lora.target_modules or lora.exclude_modules"
-        )
-    if kind == CONV and (module.groups != 1 or module.padding_mode != "zeros"):
-        raise UnsupportedModuleError(
-            f"module {name!r} is a {type(module).__name__} with groups={module.groups}, "
-            f"padding_mode={module.padding_mode!r}: LoRA supports convolutions with groups=1 "
-            "and padding_mode='zeros' only"
-        )
+    kind = check_supported(module, name)
     base = module.weight
     dtype = dtype or base.dtype
     shape_a, shape_b = adapter_shapes(module, kind, r)
@@ -149,6 +138,27 @@ def attach(
     spec.handle = module.register_forward_hook(_lora_forward_hook)
     module.__dict__["_lora"] = spec
     return spec
+
+
+def check_supported(module: nn.Module, name: str) -> str:
+    """The layer kind of ``module`` (named ``name``), if LoRA can adapt it.
+
+    Raises:
+        UnsupportedModuleError: naming the module, its type and the supported types.
+    """
+    kind = layer_kind(module)
+    if kind is None:
+        raise UnsupportedModuleError(
+            f"module {name!r} is a {type(module).__name__}, which LoRA cannot adapt: "
+            f"targets must be {SUPPORTED}; adjust lora.target_modules or lora.exclude_modules"
+        )
+    if kind == CONV and (module.groups != 1 or module.padding_mode != "zeros"):
+        raise UnsupportedModuleError(
+            f"module {name!r} is a {type(module).__name__} with groups={module.groups}, "
+            f"padding_mode={module.padding_mode!r}: LoRA supports convolutions with groups=1 "
+            "and padding_mode='zeros' only"
+        )
+    return kind
 
 
 def detach(module: nn.Module) -> None:
@@ -241,14 +251,15 @@ def _lora_forward_hook(module: nn.Module, args: tuple[Any, ...], output: torch.T
 
 
 def delta_weight(module: nn.Module) -> torch.Tensor:
-    """``s · B A`` in float32, in the layout of the base layer's ``weight``.
+    """``s · B A`` in float32 (float64 for a float64 adapter), in the base ``weight``'s layout.
 
-    Computed in float32 whatever the adapter dtype so that merging into a bf16/fp16 base
-    rounds once, at the final cast (see PEFT issue 1388).
+    Computed in at least float32 whatever the adapter dtype so that merging into a bf16/fp16
+    base rounds once, at the final cast (see PEFT issue 1388).
     """
     spec: LoRASpec = module.__dict__["_lora"]
-    a = module.lora_A.weight.float()
-    b = module.lora_B.weight.float()
+    dtype = torch.promote_types(module.lora_A.weight.dtype, torch.float32)
+    a = module.lora_A.weight.to(dtype)
+    b = module.lora_B.weight.to(dtype)
     if spec.kind == LINEAR:
         delta = b @ a
     elif spec.kind in (GPT2_CONV1D, EMBEDDING):

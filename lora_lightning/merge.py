@@ -74,6 +74,8 @@ def _apply(model: nn.Module, merge: bool) -> None:
     for _, module, spec in modules:
         weight = module.weight
         delta = delta_weight(module).to(weight.device)
-        merged = weight.float() + delta if merge else weight.float() - delta
+        # At least float32 (float64 stays float64), so the sum is rounded once, at the cast.
+        wide = weight.to(torch.promote_types(weight.dtype, delta.dtype))
+        merged = wide + delta if merge else wide - delta
         weight.copy_(merged.to(weight.dtype))
         spec.merged = merge

@@ -1,0 +1,314 @@
+"""The Hydra application: config composition, and `train.py` run end to end in subprocesses.
+
+The subprocess tests use a tiny BERT saved to disk (the real MiniLM tokenizer, 2 layers of
+width 32) so each job takes seconds; `test_default_job_on_real_minilm...` uses the real model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from lora_lightning import LoRAConfig, load_adapter
+from lora_lightning.app import register_configs
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+
+
+def _compose(overrides: list[str] | None = None):
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides or [], return_hydra_config=True)
+
+
+# ----------------------------------------------------------------------------- composition
+def test_default_config_composes_with_every_group():
+    cfg = _compose()
+    assert set(cfg) >= {"lora", "model", "data", "trainer", "logger", "callbacks", "paths"}
+    assert cfg.model._target_ == "lora_lightning.tasks.TextClassifier"
+    assert "wandb" in cfg.logger
+
+
+def test_lora_group_builds_a_valid_lora_config():
+    cfg = _compose(["lora.r=4", "lora.alpha=8"])
+    config = LoRAConfig(**OmegaConf.to_container(cfg.lora, resolve=True))
+    assert (config.r, config.alpha) == (4, 8.0)
+    assert config.modules_to_save == [r"(.*\.)?classifier"]
+
+
+def test_typo_in_lora_group_is_rejected_naming_the_key():
+    with pytest.raises(Exception) as info:
+        _compose(["lora.rr=8"])
+    assert "Key 'rr' not in 'LoRAConfig'" in f"{info.value} {info.value.__cause__}"
+
+
+def test_wrong_type_in_lora_group_is_rejected():
+    with pytest.raises(Exception, match=r"lora\.r"):
+        _compose(["lora.r=eight"])
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["logger=csv"],
+        ["logger=none"],
+        ["callbacks=none"],
+        ["trainer=cpu"],
+        ["trainer=gpu"],
+        ["trainer=ddp"],
+        ["experiment=sst2_full"],
+        ["experiment=rank_sweep"],
+        ["~lora"],
+    ],
+    ids=lambda o: o[0],
+)
+def test_each_config_option_composes(overrides):
+    cfg = _compose(overrides)
+    assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
+
+
+def test_full_data_experiment_uses_all_training_data():
+    cfg = _compose(["experiment=sst2_full"])
+    assert cfg.data.train_limit is None and cfg.trainer.max_epochs == 3
+
+
+def test_rank_sweep_experiment_sweeps_ranks():
+    cfg = _compose(["experiment=rank_sweep"])
+    assert cfg.hydra.sweeper.params["lora.r"] == "1,2,4,8,16"
+
+
+def test_deleting_the_lora_group_leaves_no_lora_config():
+    assert "lora" not in _compose(["~lora"])
+
+
+# ------------------------------------------------------------------------- subprocess runs
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer BERT classifier with the real MiniLM tokenizer, saved like a pretrained model."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from lora_lightning.tasks import minilm_path
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        num_labels=2,
+    )
+    BertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _tiny_args(model_dir: Path) -> list[str]:
+    return [
+        f"model.model_name_or_path={model_dir}",
+        f"data.tokenizer={model_dir}",
+        "data.train_limit=64",
+        "data.val_limit=32",
+        "data.num_workers=0",
+        "trainer.max_steps=2",
+        "trainer.accelerator=cpu",
+        "test=false",
+    ]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env.pop("WANDB_API_KEY", None)
+    return env
+
+
+def _train(args: list[str], timeout: int = 300, launcher: list[str] | None = None):
+    command = [*(launcher or [sys.executable]), str(ROOT / "train.py"), *args]
+    result = subprocess.run(
+        command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def _wandb_runs(directory: Path) -> list[Path]:
+    return sorted(directory.glob("wandb/offline-run-*/run-*.wandb"))
+
+
+def test_train_py_writes_adapter_results_and_offline_wandb_run(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    _train([*_tiny_args(tiny_model_dir), "test=true", f"hydra.run.dir={out}"])
+    results = json.loads((out / "results.json").read_text())
+    assert results["adapter_dir"] == str(out / "adapter")
+    assert {"val/acc", "test/acc", "test/f1"} <= set(results["metrics"])
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert list((out / "checkpoints").glob("*_adapter/adapter_config.json"))
+    (run,) = _wandb_runs(out)
+    logged = run.read_bytes()
+    # The resolved config, the lora/ counts and the metrics all reach the W&B run.
+    for key in (b"lora/trainable_params", b"model_name_or_path", b"val/acc", b"train/loss"):
+        assert key in logged, key
+
+
+def test_exported_adapter_loads_onto_the_stock_hf_model_in_peft(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "run"
+    _train([*_tiny_args(tiny_model_dir), "logger=none", f"hydra.run.dir={out}"])
+    ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
+
+    def stock():
+        return AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+
+    ours = stock()
+    load_adapter(ours, out / "adapter")
+    peft_model = PeftModel.from_pretrained(stock(), out / "adapter")
+    torch.testing.assert_close(peft_model.eval()(ids).logits, ours.eval()(ids).logits)
+
+
+def test_evaluate_command_scores_a_saved_adapter_on_a_tsv(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    _train([*_tiny_args(tiny_model_dir), "logger=none", f"hydra.run.dir={out}"])
+    data = tmp_path / "split.tsv"
+    data.write_text("label\tsentence\n1\ta great film\n0\ta dull mess\n1\tlovely\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "lora_lightning.evaluate", str(out / "adapter"),
+         "--data", str(data), "--model", str(tiny_model_dir), "--accelerator", "cpu",
+         "--json", str(tmp_path / "metrics.json")],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics) == {"acc", "f1", "loss"} and 0.0 <= metrics["acc"] <= 1.0
+
+
+def test_full_fine_tuning_runs_without_the_lora_group(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    _train([*_tiny_args(tiny_model_dir), "~lora", "logger=none", f"hydra.run.dir={out}"])
+    results = json.loads((out / "results.json").read_text())
+    assert results["adapter_dir"] is None
+    assert results["parameters"]["trainable"] == results["parameters"]["total"]
+
+
+@pytest.mark.slow
+def test_multirun_gives_each_job_its_folder_adapter_and_wandb_run(tiny_model_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    _train(["-m", "lora.r=1,2", *_tiny_args(tiny_model_dir), f"hydra.sweep.dir={sweep}"])
+    runs = []
+    for job, rank in (("0", 1), ("1", 2)):
+        config = json.loads((sweep / job / "adapter" / "adapter_config.json").read_text())
+        assert config["r"] == rank
+        (run,) = _wandb_runs(sweep / job)
+        runs.append(run.name)
+        assert f"lora.r={rank}".encode() in run.read_bytes()  # readable run name
+    assert runs[0] != runs[1]
+
+
+@pytest.mark.slow
+def test_two_process_cpu_ddp_through_train_py(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    result = _train(
+        [*_tiny_args(tiny_model_dir), "trainer.devices=2", "trainer.strategy=ddp",
+         "logger=csv", f"hydra.run.dir={out}"]
+    )  # fmt: skip
+    assert "GLOBAL_RANK: 1" in result.stdout + result.stderr
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    # Only rank zero writes: one results file, no second Hydra config folder.
+    assert json.loads((out / "results.json").read_text())["adapter_dir"]
+
+
+@pytest.mark.slow
+def test_multirun_with_two_ddp_processes_per_job(tiny_model_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    result = _train(
+        ["-m", "lora.r=1,2", *_tiny_args(tiny_model_dir), "trainer.devices=2",
+         "trainer.strategy=ddp", f"hydra.sweep.dir={sweep}"],
+        timeout=600,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert output.count("Launching 2 jobs") == 1  # the extra ranks did not start sweeps
+    for job, rank in (("0", 1), ("1", 2)):
+        config = json.loads((sweep / job / "adapter" / "adapter_config.json").read_text())
+        assert config["r"] == rank
+        assert len(_wandb_runs(sweep / job)) == 1  # rank zero alone created the W&B run
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_launched_with_torchrun_on_loopback(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    port = _free_port()
+    args = [*_tiny_args(tiny_model_dir), "trainer.num_nodes=2", "trainer.devices=1",
+            "trainer.strategy=ddp", "logger=csv", f"hydra.run.dir={out}"]  # fmt: skip
+
+    def torchrun(node: int) -> list[str]:
+        return [
+            sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+            f"--node-rank={node}", "--master-addr=127.0.0.1", f"--master-port={port}",
+        ]  # fmt: skip
+
+    node1 = subprocess.Popen(
+        [*torchrun(1), str(ROOT / "train.py"), *args],
+        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        result = _train(args, launcher=torchrun(0))
+        node1_output, _ = node1.communicate(timeout=120)
+    finally:
+        node1.kill()
+    assert node1.returncode == 0, node1_output[-3000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in node1_output
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in result.stdout + result.stderr
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_default_job_on_real_minilm_exports_an_adapter_peft_predicts_identically(tmp_path):
+    """The real pretrained MiniLM on a slice of SST-2: the adapter gives PEFT's predictions."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from lora_lightning.tasks import minilm_path, read_labelled_tsv, sst2_path
+
+    out = tmp_path / "run"
+    _train(
+        ["data.train_limit=128", "data.val_limit=64", "trainer.max_steps=4", "data.num_workers=0",
+         "trainer.accelerator=cpu", "test=false", "logger=none", f"hydra.run.dir={out}"],
+        timeout=600,
+    )  # fmt: skip
+    sentences = [s for s, _ in read_labelled_tsv(sst2_path("dev"))[:32]]
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    batch = tokenizer(sentences, padding=True, truncation=True, max_length=64, return_tensors="pt")
+
+    def stock():
+        return AutoModelForSequenceClassification.from_pretrained(
+            minilm_path(), num_labels=2, local_files_only=True
+        ).float()
+
+    ours = stock()
+    load_adapter(ours, out / "adapter")
+    peft_model = PeftModel.from_pretrained(stock(), out / "adapter").eval()
+    with torch.no_grad():
+        expected = ours.eval()(**batch).logits
+        got = peft_model(**batch).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
