@@ -1,0 +1,1 @@
+"""Runnable experiments and benchmarks for lora_lightning (not part of the installed package)."""
