@@ -55,6 +55,9 @@ class LoRAConfig:
         init: A's init, ``kaiming`` (uniform, a=sqrt(5)) or ``gaussian`` (std 1/r).
         bias: which biases train: ``none``, ``lora_only`` (of adapted modules), ``all``.
         modules_to_save: regexes of modules trained in full and saved with the adapter.
+        fuse_shared_input: adapted Linear siblings reading the same input (query/key/value)
+            run their A matrices as one matmul behind one dropout mask (faster; PEFT draws
+            a mask per module, which ``False`` reproduces). Same maths when dropout is 0.
 
     Raises:
         LoRAConfigError: on any invalid value, naming the field, the value and what is allowed.
@@ -73,6 +76,7 @@ class LoRAConfig:
     init: str = "kaiming"
     bias: str = "none"
     modules_to_save: list[str] = field(default_factory=list)
+    fuse_shared_input: bool = True
 
     def __post_init__(self) -> None:
         # Hydra hands over ListConfig/DictConfig: normalise to plain containers first.
@@ -98,10 +102,11 @@ class LoRAConfig:
         _check_choice("dtype", self.dtype, tuple(DTYPES))
         _check_choice("init", self.init, INITS)
         _check_choice("bias", self.bias, BIAS_MODES)
-        if not isinstance(self.use_rslora, bool):
-            raise LoRAConfigError(
-                f"lora.use_rslora={self.use_rslora!r} is invalid: expected true or false"
-            )
+        for flag in ("use_rslora", "fuse_shared_input"):
+            if not isinstance(getattr(self, flag), bool):
+                raise LoRAConfigError(
+                    f"lora.{flag}={getattr(self, flag)!r} is invalid: expected true or false"
+                )
         if not self.target_modules:
             raise LoRAConfigError(
                 "lora.target_modules=[] is invalid: give at least one regex "

@@ -10,7 +10,13 @@ from torch import nn
 
 from lora_lightning.config import LoRAConfig, compile_pattern
 from lora_lightning.errors import LoRAConfigError, LoRAStateError
-from lora_lightning.layers import LoRASpec, attach, check_supported, get_spec
+from lora_lightning.layers import (
+    LoRASpec,
+    attach,
+    check_supported,
+    get_spec,
+    group_shared_inputs,
+)
 
 TargetFn = Callable[[str, nn.Module], bool]
 
@@ -45,10 +51,15 @@ def inject_lora(
     config = config or LoRAConfig()
     existing = model.__dict__.get(_CONFIG_ATTR)
     if existing is not None and existing != config:
+        differ = [
+            f"{key}: {value!r} -> {getattr(config, key)!r}"
+            for key, value in vars(existing).items()
+            if getattr(config, key) != value
+        ]
         raise LoRAStateError(
-            "this model already holds LoRA adapters from a different config "
-            f"(existing: {existing}, new: {config}); call unload_lora(model) first, or inject "
-            "with the same config"
+            "this model already holds LoRA adapters from a different config (changed: "
+            f"{'; '.join(differ)}); call unload_lora(model) first, or inject with the same "
+            "config"
         )
     names = [name for name, _ in model.named_modules() if name]
     targets = _select_targets(model, config, target_fn)
@@ -73,6 +84,8 @@ def inject_lora(
         )
         if config.bias == "lora_only" and getattr(module, "bias", None) is not None:
             module.__dict__[_BIAS_MARK] = True
+    if config.fuse_shared_input:
+        group_shared_inputs(targets)
     for _, module in _match_modules(model, names, config.modules_to_save, "modules_to_save"):
         module.__dict__[_SAVE_MARK] = True
     model.__dict__[_CONFIG_ATTR] = config

@@ -58,6 +58,7 @@ class LoRASpec:
     config: Any = None  # the LoRAConfig that asked for this adapter
     merged: bool = False
     handle: Any = None  # the forward hook's RemovableHandle
+    group: SharedInput | None = None  # siblings reading the same input (see SharedInput)
 
 
 def layer_kind(module: nn.Module) -> str | None:
@@ -135,7 +136,7 @@ def attach(
     if dropout > 0 and kind != EMBEDDING:
         module.lora_dropout = nn.Dropout(dropout)
     spec = LoRASpec(kind=kind, r=r, alpha=alpha, scaling=scaling, dropout=dropout, config=config)
-    spec.handle = module.register_forward_hook(_lora_forward_hook)
+    spec.handle = module.register_forward_hook(_lora_forward_hook, with_kwargs=True)
     module.__dict__["_lora"] = spec
     return spec
 
@@ -165,6 +166,8 @@ def detach(module: nn.Module) -> None:
     """Remove every LoRA part from ``module`` (hook, A, B, dropout); the layer is plain again."""
     spec = module.__dict__.pop("_lora")
     spec.handle.remove()
+    if spec.group is not None:
+        spec.group.disband()
     for part in ("lora_A", "lora_B", "lora_dropout"):
         if hasattr(module, part):
             delattr(module, part)
@@ -236,7 +239,9 @@ def lora_delta(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.linear(F.linear(x, a), b)
 
 
-def _lora_forward_hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> Any:
+def _lora_forward_hook(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor
+) -> Any:
     """``W x`` -> ``W x + s · B A dropout(x)``; a merged layer already holds the term in W."""
     spec: LoRASpec = module.__dict__["_lora"]
     if spec.merged:
@@ -246,8 +251,88 @@ def _lora_forward_hook(module: nn.Module, args: tuple[Any, ...], output: torch.T
                 "base weight; call unmerge_lora(model) before training"
             )
         return output
-    delta = lora_delta(module, args[0])
+    x = args[0] if args else next(iter(kwargs.values()))
+    if spec.group is not None:
+        delta = spec.group.delta(module, x)
+    else:
+        delta = lora_delta(module, x)
     return torch.add(output, delta.to(output.dtype), alpha=spec.scaling)
+
+
+class SharedInput:
+    """Adapted siblings that read the same input, e.g. an attention's query, key and value.
+
+    The first member called with an input computes ``[A_q; A_k; A_v] dropout(x)`` as one
+    matmul with one dropout mask; the others find their rows ready when called with the very
+    same tensor (same object, same version). With dropout 0 this is the per-module maths
+    regrouped; with dropout > 0 the siblings share a mask where PEFT draws one per module
+    (``LoRAConfig.fuse_shared_input=False`` gives PEFT's behaviour). A member called with
+    another input (cross-attention keys, say) simply recomputes.
+    """
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        self.members = members
+        self.offsets: dict[int, tuple[int, int]] = {}
+        start = 0
+        for member in members:
+            rank = member.lora_A.weight.shape[0]
+            self.offsets[id(member)] = (start, start + rank)
+            start += rank
+        self._clear()
+
+    def _clear(self) -> None:
+        self._key: tuple[Any, ...] | None = None
+        self._input: torch.Tensor | None = None
+        self._hidden: torch.Tensor | None = None
+        self._pending: set[int] = set()
+
+    def delta(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``B A dropout(x)`` of ``module``, reusing the group's ``A`` product when it fits."""
+        key = (x._version, torch.is_grad_enabled(), module.training)
+        if self._input is not x or self._key != key or id(module) not in self._pending:
+            a = torch.cat([member.lora_A.weight for member in self.members])
+            if x.dtype != a.dtype:
+                x_in = x.to(a.dtype)
+            else:
+                x_in = x
+            dropout = module._modules.get("lora_dropout")
+            if dropout is not None:
+                x_in = dropout(x_in)
+            self._hidden = F.linear(x_in, a)
+            self._input, self._key = x, key
+            self._pending = {id(member) for member in self.members}
+        start, stop = self.offsets[id(module)]
+        hidden = self._hidden[..., start:stop]
+        self._pending.discard(id(module))
+        if not self._pending:  # every sibling served: hold no activation past this point
+            self._clear()
+        return F.linear(hidden, module.lora_B.weight)
+
+    def disband(self) -> None:
+        """Return every member to per-module computation (used when adapters are removed)."""
+        for member in self.members:
+            spec = get_spec(member)
+            if spec is not None:
+                spec.group = None
+        self._clear()
+
+
+def group_shared_inputs(modules: list[tuple[str, nn.Module]]) -> None:
+    """Put adapted Linear/Conv1D siblings of one parent with the same input size, adapter dtype
+    and dropout into a :class:`SharedInput` group (groups of one are left alone)."""
+    groups: dict[tuple[Any, ...], list[nn.Module]] = {}
+    for name, module in modules:
+        spec = get_spec(module)
+        if spec is None or spec.group is not None or spec.kind not in (LINEAR, GPT2_CONV1D):
+            continue
+        parent = name.rpartition(".")[0]
+        a = module.lora_A.weight
+        groups.setdefault((parent, a.shape[1], a.dtype, spec.dropout), []).append(module)
+    for members in groups.values():
+        if len(members) > 1:
+            group = SharedInput(members)
+            for member in members:
+                get_spec(member).group = group
 
 
 def delta_weight(module: nn.Module) -> torch.Tensor:

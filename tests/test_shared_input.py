@@ -1,0 +1,119 @@
+"""Siblings reading one input (query/key/value) share one A matmul and one dropout mask."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from lora_lightning import LoRAConfig, inject_lora, unload_lora
+from lora_lightning.layers import get_spec
+from tests.models import randomize_adapters, tiny_bert
+
+
+class Attention(nn.Module):
+    """Self-attention projections; `kv_input` lets key/value read another tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.query, self.key, self.value = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, kv_input: torch.Tensor | None = None) -> torch.Tensor:
+        kv = x if kv_input is None else kv_input
+        return self.query(x) + 2 * self.key(kv) + 3 * self.value(kv)
+
+
+def _pair(dropout: float = 0.0):
+    torch.manual_seed(0)
+    base = Attention()
+    fused, plain = copy.deepcopy(base), copy.deepcopy(base)
+    config = dict(r=2, dropout=dropout, target_modules=["query", "key", "value"])
+    inject_lora(fused, LoRAConfig(**config))
+    inject_lora(plain, LoRAConfig(**config, fuse_shared_input=False))
+    randomize_adapters(fused, seed=1)
+    plain.load_state_dict(fused.state_dict())
+    return fused, plain
+
+
+def test_query_key_value_of_one_attention_form_one_group():
+    model = tiny_bert()
+    inject_lora(model, LoRAConfig(target_modules=[r".*\.(query|key|value)"]))
+    layer = model.bert.encoder.layer[0].attention.self
+    group = get_spec(layer.query).group
+    assert group is not None and group.members == [layer.query, layer.key, layer.value]
+    assert get_spec(model.bert.encoder.layer[1].attention.self.query).group is not group
+
+
+def test_no_groups_when_fusion_is_off():
+    _, plain = _pair()
+    assert all(get_spec(m).group is None for m in (plain.query, plain.key, plain.value))
+
+
+def test_fused_outputs_and_gradients_match_per_module_computation():
+    fused, plain = _pair()
+    x = torch.randn(4, 5, 8)
+    out_fused, out_plain = fused(x), plain(x)
+    torch.testing.assert_close(out_fused, out_plain, rtol=1e-6, atol=1e-6)
+    out_fused.square().sum().backward()
+    out_plain.square().sum().backward()
+    for (name, p_fused), (_, p_plain) in zip(
+        fused.named_parameters(), plain.named_parameters(), strict=True
+    ):
+        if p_fused.requires_grad:
+            torch.testing.assert_close(p_fused.grad, p_plain.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_member_called_with_another_input_recomputes():
+    fused, plain = _pair()
+    x, memory = torch.randn(3, 8), torch.randn(3, 8)
+    torch.testing.assert_close(fused(x, memory), plain(x, memory), rtol=1e-6, atol=1e-6)
+
+
+def test_an_input_modified_in_place_is_not_served_from_the_cache():
+    fused, plain = _pair()
+    x = torch.randn(3, 8)
+    q_before = fused.query(x)
+    x.mul_(2)  # bumps x._version: the key must see the new values
+    torch.testing.assert_close(fused.key(x), plain.key(x), rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(q_before, fused.query(x))
+
+
+def test_siblings_share_one_dropout_mask_in_training():
+    fused, _ = _pair(dropout=0.5)
+    with torch.no_grad():  # same A and B everywhere: equal deltas iff the masks are equal
+        for module in (fused.query, fused.key, fused.value):
+            module.lora_A.weight.copy_(fused.query.lora_A.weight)
+            module.lora_B.weight.copy_(fused.query.lora_B.weight)
+            module.weight.zero_()
+            module.bias.zero_()
+    x = torch.randn(64, 8)
+    torch.manual_seed(3)
+    q, k = fused.query(x), fused.key(x)
+    torch.testing.assert_close(q, k)
+    fused.eval()
+    assert torch.equal(fused.query(x), fused.key(x))
+
+
+def test_per_module_dropout_masks_differ_when_fusion_is_off():
+    _, plain = _pair(dropout=0.5)
+    with torch.no_grad():
+        for module in (plain.query, plain.key):
+            module.lora_A.weight.copy_(plain.query.lora_A.weight)
+            module.lora_B.weight.copy_(plain.query.lora_B.weight)
+    x = torch.randn(64, 8)
+    assert not torch.equal(plain.query(x) - plain.query.bias, plain.key(x) - plain.key.bias)
+
+
+def test_group_holds_no_activation_after_every_sibling_ran():
+    fused, _ = _pair()
+    fused(torch.randn(2, 8))
+    group = get_spec(fused.query).group
+    assert group._hidden is None and group._input is None
+
+
+def test_unload_disbands_the_group():
+    fused, _ = _pair()
+    group = get_spec(fused.query).group
+    unload_lora(fused)
+    assert group._hidden is None and get_spec(fused.query) is None
