@@ -12,6 +12,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +39,13 @@ def register_configs() -> None:
     ConfigStore.instance().store(group="lora", name="schema", node=LoRAConfig)
 
 
-def run(cfg: DictConfig) -> float | None:
+def run(
+    cfg: DictConfig, prepare_model: Callable[[pl.LightningModule], Any] | None = None
+) -> float | None:
     """Train and evaluate one job; return ``cfg.optimized_metric`` for sweepers.
+
+    ``prepare_model(model)``, if given, runs on the instantiated model before training (the
+    experiments use it to put Hugging Face PEFT in place of this project, as a baseline).
 
     Writes, in the job's output folder: the adapter (``adapter/``), checkpoints with their
     adapters, logger files, and ``results.json`` (metrics, counts, adapter path, wall time).
@@ -54,6 +61,8 @@ def run(cfg: DictConfig) -> float | None:
 
     datamodule = hydra.utils.instantiate(cfg.data)
     model = hydra.utils.instantiate(cfg.model)
+    if prepare_model is not None:
+        prepare_model(model)
     callbacks = _instantiate_all(cfg.get("callbacks"))
     lora_callback = None
     if cfg.get("lora") is not None:
@@ -77,13 +86,13 @@ def run(cfg: DictConfig) -> float | None:
         if cfg.get("test", True):
             trainer.test(model, datamodule=datamodule)
             metrics.update(_floats(trainer.callback_metrics))
+        counts = count_parameters(model)
+        adapter_dir = lora_callback.last_adapter_dir if lora_callback else None
         summary = {
             "metrics": metrics,
-            "adapter_dir": str(lora_callback.last_adapter_dir)
-            if lora_callback and lora_callback.last_adapter_dir
-            else None,
-            "parameters": vars(count_parameters(model))
-            | {"trainable_percent": count_parameters(model).trainable_percent},
+            "adapter_dir": str(adapter_dir) if adapter_dir else None,
+            "adapter_bytes": _bytes_in(adapter_dir) if adapter_dir else None,
+            "parameters": {**asdict(counts), "trainable_percent": counts.trainable_percent},
             "wall_time_s": round(time.perf_counter() - started, 1),
             "output_dir": cfg.paths.output_dir,
             "overrides": list(HydraConfig.get().overrides.task),
@@ -159,6 +168,10 @@ def _reset_distributed(environment: dict[str, str]) -> None:
         dist.destroy_process_group()
     os.environ.clear()
     os.environ.update(environment)
+
+
+def _bytes_in(directory: Path) -> int:
+    return sum(f.stat().st_size for f in Path(directory).iterdir() if f.is_file())
 
 
 def _floats(metrics: dict[str, Any]) -> dict[str, float]:

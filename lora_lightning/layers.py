@@ -288,7 +288,9 @@ class SharedInput:
 
     def delta(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``B A dropout(x)`` of ``module``, reusing the group's ``A`` product when it fits."""
-        key = (x._version, torch.is_grad_enabled(), module.training)
+        # Inference tensors (torch.inference_mode) keep no version counter.
+        version = -1 if x.is_inference() else x._version
+        key = (version, torch.is_grad_enabled(), module.training)
         if self._input is not x or self._key != key or id(module) not in self._pending:
             a = torch.cat([member.lora_A.weight for member in self.members])
             if x.dtype != a.dtype:

@@ -117,3 +117,11 @@ def test_unload_disbands_the_group():
     group = get_spec(fused.query).group
     unload_lora(fused)
     assert group._hidden is None and get_spec(fused.query) is None
+
+
+def test_fused_siblings_work_under_inference_mode():
+    fused, plain = _pair()
+    fused.eval(), plain.eval()
+    with torch.inference_mode():
+        x = torch.randn(3, 8)
+        torch.testing.assert_close(fused(x), plain(x), rtol=1e-6, atol=1e-6)
