@@ -87,30 +87,30 @@ def save_adapter(
     peft_config = _peft_config(config, modules, [n for n, _ in saved_modules(model)])
     peft_config["base_model_name_or_path"] = base_model_name_or_path
     directory = Path(directory)
-
-    def write(folder: Path) -> None:
-        # Weights first, config last, each file replaced atomically: overwriting an adapter
-        # of the same structure (the callback's per-checkpoint exports) is loadable at every
-        # instant; a crash between the two with another structure fails the rank check.
-        _atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(peft_tensors, str(tmp)))
-        _atomic_write(
-            folder / CONFIG_FILE,
-            lambda tmp: tmp.write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n"),
-        )
-
-    if directory.is_dir() and any(directory.iterdir()):
-        write(directory)
-        return directory
-    # A new adapter appears whole: written into a hidden sibling folder, then renamed (an
-    # empty folder is replaced), so a crash never leaves a half-written adapter folder.
     directory.parent.mkdir(parents=True, exist_ok=True)
+    # Both files are written and fsynced in a hidden sibling folder first: a full disk or a
+    # crash while writing never touches an adapter already at ``directory``.
     staging = directory.resolve().with_name(f".{directory.resolve().name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        write(staging)
-        os.replace(staging, directory)
-        _fsync_directory(directory.parent)
+        _atomic_write(staging / WEIGHTS_FILE, lambda tmp: save_file(peft_tensors, str(tmp)))
+        _atomic_write(
+            staging / CONFIG_FILE,
+            lambda tmp: tmp.write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n"),
+        )
+        if directory.is_dir() and any(directory.iterdir()):
+            # Then renames only, weights first, config last. A crash between the two renames
+            # leaves the new weights beside the old config: exactly the new adapter when the
+            # config did not change (the callback's repeated per-checkpoint exports); a rank
+            # change is caught by load_adapter's rank check.
+            for name in (WEIGHTS_FILE, CONFIG_FILE):
+                os.replace(staging / name, directory / name)
+            _fsync_directory(directory)
+        else:
+            # A new adapter appears whole (an empty folder is replaced).
+            os.replace(staging, directory)
+            _fsync_directory(directory.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return directory
@@ -209,8 +209,10 @@ def read_adapter_config(directory: Path) -> dict[str, Any]:
             f"{path} is a {config.get('peft_type')!r} adapter; only peft_type 'LORA' is supported"
         )
     for flag in ("use_dora", "lora_bias"):
-        if config.get(flag):
-            raise AdapterFileError(f"{path}: {flag}=true is not supported; expected false")
+        if config.get(flag) is not None and config.get(flag) is not False:
+            raise AdapterFileError(
+                f"{path}: {flag}={config[flag]!r} is not supported; expected false"
+            )
     _expect(path, config, "r", int, lambda v: v >= 1, "an integer >= 1")
     _expect(path, config, "lora_alpha", (int, float), lambda v: math.isfinite(v) and v > 0,
             "a number > 0")  # fmt: skip
@@ -220,15 +222,33 @@ def read_adapter_config(directory: Path) -> dict[str, Any]:
     _expect(path, config, "bias", str, lambda v: v in ("none", "lora_only", "all"),
             "one of none, lora_only, all", default="none")  # fmt: skip
     for name, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
-        patterns = config.get(name) or {}
+        patterns = config.get(name)
+        patterns = {} if patterns is None else patterns
         if not isinstance(patterns, dict) or not all(
-            isinstance(k, str) and isinstance(v, kind) and not isinstance(v, bool) and v > 0
+            isinstance(k, str)
+            and isinstance(v, kind)
+            and not isinstance(v, bool)
+            and math.isfinite(v)
+            and v > 0
             for k, v in patterns.items()
         ):
-            raise AdapterFileError(f"{path}: {name} must map regex strings to numbers > 0")
-    saved = config.get("modules_to_save") or []
+            raise AdapterFileError(
+                f"{path}: {name}={patterns!r} is invalid; expected an object mapping regex "
+                f"strings to {'integers' if kind is int else 'finite numbers'} > 0"
+            )
+        for key in patterns:
+            try:
+                re.compile(rf"(.*\.)?({key})$")
+            except re.error as err:
+                raise AdapterFileError(
+                    f"{path}: {name} key {key!r} is not a valid regular expression ({err})"
+                ) from None
+    saved = config.get("modules_to_save")
+    saved = [] if saved is None else saved
     if not isinstance(saved, list) or not all(isinstance(m, str) for m in saved):
-        raise AdapterFileError(f"{path}: modules_to_save must be a list of module names or null")
+        raise AdapterFileError(
+            f"{path}: modules_to_save={saved!r} is invalid; expected a list of module names or null"
+        )
     return config
 
 

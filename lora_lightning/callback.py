@@ -21,6 +21,7 @@ Hook placement (Lightning 2.x, see PITFALLS.md):
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from safetensors.torch import save_file
 from torch import nn
@@ -319,21 +320,60 @@ class _AdapterExportingIO(CheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None
     ) -> None:
-        self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
+        if type(self.inner) is TorchCheckpointIO and storage_options is None and _local(path):
+            # Lightning's _atomic_save writes a temp file in the *system* temp folder and
+            # moves it: across filesystems the move copies into the destination, so a crash
+            # or a full disk mid-copy destroys the previous file (last.ckpt). Write beside
+            # the destination, fsync, rename.
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write(Path(path), lambda tmp: torch.save(checkpoint, tmp))
+        else:
+            self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
         if self.callback.export_on_checkpoint and CHECKPOINT_KEY in checkpoint:
             self.callback.export(checkpoint["state_dict"], adapter_dir_for(path))
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: Any = None) -> Any:
-        return self.inner.load_checkpoint(
-            path, map_location=map_location, weights_only=weights_only
-        )
+        # Unset: keep the inner IO's default map_location, and never unpickle arbitrary
+        # objects unless the caller asked for it (trainer.fit(..., weights_only=False)).
+        kwargs = {} if map_location is None else {"map_location": map_location}
+        try:
+            return self.inner.load_checkpoint(
+                path, weights_only=True if weights_only is None else weights_only, **kwargs
+            )
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # noqa: BLE001 - any unreadable file gets one clear error
+            reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:160]}"
+            raise CheckpointMismatchError(
+                f"checkpoint {path} could not be read ({reason}); it is truncated, corrupted, "
+                "not a PyTorch checkpoint, or holds objects a weights-only load refuses to "
+                "unpickle. Resume from another checkpoint (e.g. an earlier one) or start "
+                "without ckpt_path"
+            ) from err
 
     def remove_checkpoint(self, path: Any) -> None:
         self.inner.remove_checkpoint(path)
-        shutil.rmtree(adapter_dir_for(path), ignore_errors=True)
+        _remove_folder(adapter_dir_for(path))
 
     def teardown(self) -> None:
         self.inner.teardown()
+
+
+def _local(path: Any) -> bool:
+    return isinstance(path, (str, os.PathLike)) and "://" not in str(path)
+
+
+def _remove_folder(folder: Path) -> None:
+    """Delete ``folder`` so that a crash never leaves it half-deleted under its own name."""
+    if not folder.is_dir():
+        return
+    doomed = folder.with_name(f".{folder.name}.del-{os.getpid()}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    try:
+        os.replace(folder, doomed)
+    except OSError:
+        doomed = folder
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def adapter_dir_for(checkpoint_path: str | Path) -> Path:
