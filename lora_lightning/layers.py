@@ -134,7 +134,9 @@ def attach(
     module.lora_A = LoRAWeight(a)
     module.lora_B = LoRAWeight(b)
     if dropout > 0 and kind != EMBEDDING:
-        module.lora_dropout = nn.Dropout(dropout)
+        # Follow the layer's mode: injecting into a model in eval mode must not switch
+        # adapter dropout on at inference.
+        module.lora_dropout = nn.Dropout(dropout).train(module.training)
     spec = LoRASpec(kind=kind, r=r, alpha=alpha, scaling=scaling, dropout=dropout, config=config)
     spec.handle = module.register_forward_hook(_lora_forward_hook, with_kwargs=True)
     module.__dict__["_lora"] = spec

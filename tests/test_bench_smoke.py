@@ -1,6 +1,8 @@
 """The benchmark scripts under experiments/bench run end to end and write the reports they
-promise. Each runs with ``--quick`` (tiny sizes, two rounds) into a temporary directory; the
-numbers are not checked, only that the JSON carries the fields the README describes.
+promise. ``python -m experiments.bench.run_all --quick`` runs every benchmark once with
+``--quick`` (tiny sizes, two rounds; each script in its own process, exactly as from the command
+line) into a temporary directory, and then the summary; the numbers are not checked, only that
+each JSON carries the fields the README describes. About a minute on 2 cores.
 """
 
 from __future__ import annotations
@@ -17,46 +19,133 @@ pytest.importorskip("transformers")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MACHINE_FIELDS = {"date_utc", "cpu_model", "cpu_count", "torch_threads", "versions"}
+GOAL_FIELDS = {"target_ratio", "measured_ratio", "met", "ci"}
+
+pytestmark = pytest.mark.slow
 
 
-def run_quick(module: str, out: Path) -> dict:
-    done = subprocess.run(
-        [sys.executable, "-m", f"experiments.bench.{module}", "--quick", "--out", str(out)],
+def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", f"experiments.bench.{module}", *args],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=600,
     )
+
+
+@pytest.fixture(scope="module")
+def quick_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bench")
+    done = run_module("run_all", "--quick", "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert (out / f"{module}.md").is_file()
-    return json.loads((out / f"{module}.json").read_text())
+    return out
 
 
-@pytest.mark.slow
-def test_injection_benchmark_writes_times_ratio_and_module_checks(tmp_path: Path) -> None:
-    result = run_quick("injection", tmp_path)
-
-    assert result["benchmark"] == "injection" and result["quick"] is True
+def load(out: Path, name: str) -> dict:
+    assert (out / f"{name}.md").is_file()
+    result = json.loads((out / f"{name}.json").read_text())
+    assert result["benchmark"] == name and result["quick"] is True
     assert MACHINE_FIELDS <= set(result["machine"])
     assert {"torch", "peft", "transformers"} <= set(result["machine"]["versions"])
+    return result
+
+
+def test_injection_benchmark_writes_times_ratio_and_module_checks(quick_out: Path) -> None:
+    result = load(quick_out, "injection")
+
     assert {"lora_lightning", "peft", "peft_low_cpu_mem_usage"} <= set(result["times"])
     assert result["times"]["peft"]["median_s"] > 0
     assert result["ratios"]["lora_lightning/peft"]["median_of_pair_ratios"] > 0
     assert all(check["ok"] for check in result["checks"].values())
-    assert {"target_ratio", "measured_ratio", "met"} <= set(result["goal"])
+    assert GOAL_FIELDS <= set(result["goal"])
 
 
-@pytest.mark.slow
-def test_train_step_benchmark_writes_times_ratios_and_matching_losses(tmp_path: Path) -> None:
-    result = run_quick("train_step", tmp_path)
+def test_train_step_benchmark_covers_both_models_both_dropouts_and_numerics(
+    quick_out: Path,
+) -> None:
+    result = load(quick_out, "train_step")
 
-    assert result["benchmark"] == "train_step" and result["quick"] is True
-    assert MACHINE_FIELDS <= set(result["machine"])
-    counts = result["setup"]["trainable_parameters"]
-    assert counts["lora_lightning"] == counts["peft"] < counts["full_finetune"]
-    assert {"lora_lightning", "peft", "full_finetune"} <= set(result["dropout_0.0"]["times"])
-    assert {"lora_lightning", "peft"} <= set(result["dropout_0.1"]["times"])
-    assert result["dropout_0.0"]["ratios"]["lora_lightning/peft"]["median_of_pair_ratios"] > 0
-    assert result["numerics"]["ok"]
-    assert result["numerics"]["max_abs_loss_diff"] <= 1e-6
-    assert {"target_ratio", "measured_ratio", "met"} <= set(result["goal"])
+    assert set(result["models"]) == {"minilm", "bert_base"}
+    for key, block in result["models"].items():
+        counts = block["setup"]["trainable_parameters"]
+        assert counts["lora_lightning_d0.0"] == counts["peft_d0.0"] < counts["full_finetune"]
+        assert {
+            "lora_lightning_d0.0",
+            "peft_d0.0",
+            "full_finetune",
+            "lora_lightning_d0.1",
+            "peft_d0.1",
+        } <= set(block["times"])
+        for d in ("0.0", "0.1"):
+            assert block["ratios"][f"lora_lightning_d{d}/peft_d{d}"]["median_of_pair_ratios"] > 0
+            goal = block["goals"][f"dropout_{d}"]
+            assert GOAL_FIELDS <= set(goal) and goal["target_ratio"] == 0.9
+            assert result["goals"][f"{key}/dropout_{d}"] == goal
+        assert block["numerics"]["dropout_0.0"]["ok"]
+        assert block["numerics"]["dropout_0.0"]["max_abs_loss_diff"] <= 1e-6
+    minilm = result["models"]["minilm"]
+    assert "lora_lightning_unfused_d0.1/peft_d0.1" in minilm["ratios"]
+    assert minilm["numerics"]["dropout_0.1_unfused"]["ok"]  # unfused = PEFT's dropout masks
+
+
+def test_inference_benchmark_times_base_unmerged_merged_and_peft(quick_out: Path) -> None:
+    result = load(quick_out, "inference")
+
+    assert set(result["models"]) == {"minilm", "bert_base"}
+    for block in result["models"].values():
+        assert set(block["times"]) == {"base", "lora_lightning", "lora_lightning_merged", "peft"}
+        assert {"lora_lightning_merged/base", "lora_lightning/base", "peft/base"} <= set(
+            block["ratios"]
+        )
+        assert set(block["unmerged_overhead"]) == {"lora_lightning", "peft"}
+        assert block["checks"]["ok"] and block["checks"]["adapter_changes_output"]
+        assert GOAL_FIELDS <= set(block["goals"]["merged"])
+
+
+def test_memory_benchmark_measures_peaks_in_processes_and_checkpoint_bytes(
+    quick_out: Path,
+) -> None:
+    result = load(quick_out, "memory")
+
+    runs = result["peak_memory"]
+    assert {"lora_lightning_d0.1", "peft_d0.1", "full_finetune"} <= set(runs)
+    for run in runs.values():
+        assert run["peak_rss_bytes"] > 0 and run["peak_increase_bytes"] is not None
+    assert (
+        runs["full_finetune"]["optimizer_state_bytes"] > runs["peft_d0.1"]["optimizer_state_bytes"]
+    )
+    checkpoints = result["checkpoints"]
+    ours = checkpoints["lora_lightning_trimmed_ckpt"]
+    full = checkpoints["full_finetune_plain_ckpt"]
+    assert ours["has_lora_metadata"] and not full["has_lora_metadata"]
+    assert 0 < ours["bytes"] < full["bytes"]
+    for directory in ("lora_lightning_adapter_dir", "peft_adapter_dir"):
+        files = checkpoints[directory]["files"]
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= set(files)
+
+
+def test_summary_lists_every_goal_with_a_verdict_and_rebuilds(quick_out: Path) -> None:
+    summary = load(quick_out, "summary")
+
+    keys = {(g["benchmark"], g["key"]) for g in summary["goals"]}
+    assert keys == {
+        ("injection", "injection"),
+        ("train_step", "minilm/dropout_0.0"),
+        ("train_step", "minilm/dropout_0.1"),
+        ("train_step", "bert_base/dropout_0.0"),
+        ("train_step", "bert_base/dropout_0.1"),
+        ("inference", "minilm/merged"),
+        ("inference", "bert_base/merged"),
+    }
+    for g in summary["goals"]:
+        assert g["verdict"] == "met" if g["met"] else g["verdict"].startswith("NOT met")
+    assert all(run["exit_code"] == 0 for run in summary["runs"].values())
+    assert {"memory", "inference/minilm", "train_step/bert_base"} <= set(summary["stated"])
+    text = (quick_out / "summary.md").read_text()
+    assert "QUICK SMOKE RUN" in text and "## Goals" in text
+
+    (quick_out / "summary.json").unlink()
+    done = run_module("run_all", "--summary-only", "--out", str(quick_out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(json.loads((quick_out / "summary.json").read_text())["goals"]) == len(keys)

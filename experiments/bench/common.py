@@ -163,16 +163,23 @@ def goal(description: str, ratio: dict[str, Any], target: float) -> dict[str, An
     }
 
 
+def verdict(goal: dict[str, Any]) -> str:
+    """``met`` when the measured (median) ratio is at or under the target, otherwise ``NOT
+    met``, with a note when the interval for the median still reaches the target."""
+    if goal["met"]:
+        return "met"
+    if goal["met_within_noise"]:
+        return "NOT met (only the interval for the median reaches the target)"
+    return "NOT met"
+
+
 def goal_line(goal: dict[str, Any], digits: int = 3) -> str:
     """The goal verdict as one markdown line."""
-    verdict = (
-        "met" if goal["met"] else "met within noise" if goal["met_within_noise"] else "NOT met"
-    )
     low, high = goal["ci"]
     return (
         f"**Goal** ({goal['description']}): measured {goal['measured_ratio']:.{digits}f} "
         f"({goal['ci_coverage']:.0%} interval for the median {low:.{digits}f} to "
-        f"{high:.{digits}f}) -> {verdict}."
+        f"{high:.{digits}f}) -> {verdict(goal)}."
     )
 
 

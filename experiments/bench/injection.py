@@ -157,7 +157,8 @@ def run(repeats: int, num_layers: int) -> dict[str, Any]:
         "ratios": ratios,
         "checks": checks,
         "goal": goal(
-            f"lora_lightning <= {GOAL_RATIO}x peft (median of per-round ratios)",
+            f"injection into a 7B-shaped Llama (meta device): lora_lightning <= {GOAL_RATIO}x "
+            "peft (median of per-round ratios)",
             ratios["lora_lightning/peft"],
             GOAL_RATIO,
         ),

@@ -16,12 +16,15 @@ from omegaconf import DictConfig
 
 from lora_lightning.app import CONF_DIR, register_configs, run
 
-#: PEFT's equivalent of conf/lora/default.yaml (r=8, alpha=16, dropout=0.1, q/k/v, head).
+#: PEFT's equivalent of conf/lora/default.yaml: r=8, alpha=16, dropout=0.1, every encoder
+#: Linear (a list entry matches that name or any path ending in ".<entry>") but the pooler,
+#: and the classifier head trained in full.
 PEFT_LORA = {
     "r": 8,
     "lora_alpha": 16,
     "lora_dropout": 0.1,
-    "target_modules": ["query", "key", "value"],
+    "target_modules": ["query", "key", "value", "dense"],
+    "exclude_modules": ["pooler.dense"],
     "modules_to_save": ["classifier"],
 }
 
