@@ -396,3 +396,11 @@ def test_count_parameters_includes_modules_to_save_in_trainable_only():
     inject_lora(model, config)
     counts = count_parameters(model)
     assert (counts.trainable, counts.adapter) == (68 + 36, 68)
+
+
+def test_adapter_dropout_follows_the_mode_of_a_model_in_eval():
+    model = nn.Sequential(nn.Linear(4, 4)).eval()
+    inject_lora(model, LoRAConfig(target_modules=["0"], dropout=0.5))
+    assert model[0].lora_dropout.training is False
+    model.train()
+    assert model[0].lora_dropout.training is True

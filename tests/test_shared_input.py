@@ -9,7 +9,7 @@ from torch import nn
 
 from lora_lightning import LoRAConfig, inject_lora, unload_lora
 from lora_lightning.layers import get_spec
-from tests.models import randomize_adapters, tiny_bert
+from models import randomize_adapters, tiny_bert
 
 
 class Attention(nn.Module):
