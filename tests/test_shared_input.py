@@ -5,11 +5,11 @@ from __future__ import annotations
 import copy
 
 import torch
+from models import randomize_adapters, tiny_bert
 from torch import nn
 
 from lora_lightning import LoRAConfig, inject_lora, unload_lora
 from lora_lightning.layers import get_spec
-from models import randomize_adapters, tiny_bert
 
 
 class Attention(nn.Module):
