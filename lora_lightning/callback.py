@@ -38,7 +38,7 @@ from lora_lightning.adapter import _atomic_write, save_adapter
 from lora_lightning.config import LoRAConfig
 from lora_lightning.errors import CheckpointMismatchError, LoRAConfigError
 from lora_lightning.inject import TargetFn, adapted_modules, inject_lora, trainable_names
-from lora_lightning.layers import delta_weight
+from lora_lightning.merge import merged_weight
 from lora_lightning.state import base_fingerprint, count_parameters, lora_state_dict
 
 CHECKPOINT_KEY = "lora"
@@ -102,6 +102,12 @@ class LoRACallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Inject once (idempotent across stages and repeated fits), freeze, wrap hooks."""
         self._module = pl_module
+        if self.merge_on_end and "FSDP" in type(trainer.strategy).__name__:
+            raise LoRAConfigError(
+                "LoRACallback(merge_on_end=True) is not supported under FSDP (the merged state "
+                "dict would be gathered on one rank only); export the adapter and merge it "
+                "offline with load_adapter + merge_lora"
+            )
         try:
             self.adapted = inject_lora(pl_module, self.config, target_fn=self.target_fn)
         except LoRAConfigError as err:
@@ -253,16 +259,10 @@ class LoRACallback(pl.Callback):
             for k, v in root.state_dict().items()
             if ".lora_" not in k
         }
-        with torch.no_grad():
-            for name, module, spec in adapted_modules(root):
-                if spec.merged:  # merged by the user: the weight already holds s·B·A
-                    continue
+        for name, module, spec in adapted_modules(root):
+            if not spec.merged:  # merged by the user: the weight already holds s·B·A
                 key = f"{name}.weight" if name else "weight"
-                weight = merged[key]
-                delta = delta_weight(module).to("cpu")
-                # As merge_lora: sum in at least float32, round once at the cast back.
-                wide = weight.to(torch.promote_types(weight.dtype, delta.dtype))
-                merged[key] = (wide + delta).to(weight.dtype).contiguous()
+                merged[key] = merged_weight(module).to("cpu").contiguous()
         _atomic_write(path, lambda tmp: save_file(merged, str(tmp)))
 
     def _export_root(self, pl_module: nn.Module) -> tuple[str, nn.Module]:

@@ -72,10 +72,18 @@ def _apply(model: nn.Module, merge: bool) -> None:
             f"{state} (e.g. {wrong[0]!r}); merge_lora and unmerge_lora must alternate"
         )
     for _, module, spec in modules:
-        weight = module.weight
-        delta = delta_weight(module).to(weight.device)
-        # At least float32 (float64 stays float64), so the sum is rounded once, at the cast.
-        wide = weight.to(torch.promote_types(weight.dtype, delta.dtype))
-        merged = wide + delta if merge else wide - delta
-        weight.copy_(merged.to(weight.dtype))
+        module.weight.copy_(merged_weight(module, sign=1 if merge else -1))
         spec.merged = merge
+
+
+@torch.no_grad()
+def merged_weight(module: nn.Module, sign: int = 1) -> torch.Tensor:
+    """``W + sign · s·B·A`` of one adapted layer, as a new tensor in the base weight's dtype.
+
+    The sum is formed in at least float32 (float64 stays float64) and rounded once, at the
+    cast back; the layer itself is not changed.
+    """
+    weight = module.weight
+    delta = delta_weight(module).to(weight.device)
+    wide = weight.to(torch.promote_types(weight.dtype, delta.dtype))
+    return (wide + sign * delta).to(weight.dtype)
