@@ -68,6 +68,7 @@ def test_wrong_type_in_lora_group_is_rejected():
         ["trainer=ddp"],
         ["experiment=sst2_full"],
         ["experiment=rank_sweep"],
+        ["hparams_search=sst2_optuna"],
         ["~lora"],
     ],
     ids=lambda o: o[0],
@@ -312,3 +313,17 @@ def test_default_job_on_real_minilm_exports_an_adapter_peft_predicts_identically
         got = peft_model(**batch).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+@pytest.mark.slow
+def test_optuna_sweep_runs_trials_and_returns_the_optimized_metric(tiny_model_dir, tmp_path):
+    sweep = tmp_path / "optuna"
+    _train(
+        ["-m", "hparams_search=sst2_optuna", "hydra.sweeper.n_trials=2",
+         "hydra.sweeper.sampler.n_startup_trials=2", *_tiny_args(tiny_model_dir),
+         "logger=none", f"hydra.sweep.dir={sweep}"],
+        timeout=600,
+    )  # fmt: skip
+    best = (sweep / "optimization_results.yaml").read_text()
+    assert "best_value" in best and "lora.r" in best
+    assert len(list(sweep.glob("*/results.json"))) == 2
