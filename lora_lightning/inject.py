@@ -174,8 +174,14 @@ def _select_targets(
         chosen = [(n, m) for n, m in chosen if not any(p.fullmatch(n) for p in excludes)]
     # Like PEFT, never adapt inside a module trained in full: its weights already train.
     saved = [compile_pattern("modules_to_save", p) for p in config.modules_to_save]
-    chosen = [(n, m) for n, m in chosen if not _inside_any(n, saved)]
-    return [(n, m) for n, m in chosen if config.rank_for(n) > 0]
+    kept = [(n, m) for n, m in chosen if not _inside_any(n, saved) and config.rank_for(n) > 0]
+    if not kept:
+        raise LoRAConfigError(
+            f"no module is left to adapt: the targets matched {[n for n, _ in chosen][:6]}, "
+            "but each of them is inside lora.modules_to_save or has rank 0 in "
+            "lora.rank_pattern; narrow those, or target other modules"
+        )
+    return kept
 
 
 def _inside_any(name: str, patterns: list[re.Pattern[str]]) -> bool:

@@ -18,7 +18,13 @@ from models import (
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lora_lightning import LoRAConfig, count_parameters, inject_lora, lora_state_dict
+from lora_lightning import (
+    LoRAConfig,
+    LoRAConfigError,
+    count_parameters,
+    inject_lora,
+    lora_state_dict,
+)
 from lora_lightning.layers import get_spec
 
 QKV = [
@@ -404,3 +410,12 @@ def test_adapter_dropout_follows_the_mode_of_a_model_in_eval():
     assert model[0].lora_dropout.training is False
     model.train()
     assert model[0].lora_dropout.training is True
+
+
+def test_targets_all_removed_by_rank_zero_or_modules_to_save_is_an_error():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    with pytest.raises(LoRAConfigError, match=r"no module is left to adapt.*rank_pattern"):
+        inject_lora(model, LoRAConfig(target_modules=["0", "1"], rank_pattern={".*": 0}))
+    with pytest.raises(LoRAConfigError, match=r"modules_to_save"):
+        inject_lora(model, LoRAConfig(target_modules=["1"], modules_to_save=["1"]))
+    assert not any("lora_" in name for name, _ in model.named_parameters())
