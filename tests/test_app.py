@@ -327,3 +327,14 @@ def test_optuna_sweep_runs_trials_and_returns_the_optimized_metric(tiny_model_di
     best = (sweep / "optimization_results.yaml").read_text()
     assert "best_value" in best and "lora.r" in best
     assert len(list(sweep.glob("*/results.json"))) == 2
+
+
+def test_console_script_composes_the_same_config():
+    script = Path(sys.executable).parent / "lora-lightning-train"
+    assert script.is_file(), "pip install -e . installs the lora-lightning-train console script"
+    result = subprocess.run(
+        [str(script), "lora.r=4", "--cfg", "job"],
+        cwd="/", env=_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert OmegaConf.create(result.stdout).lora.r == 4
