@@ -214,7 +214,9 @@ def test_multirun_gives_each_job_its_folder_adapter_and_wandb_run(tiny_model_dir
         assert config["r"] == rank
         (run,) = _wandb_runs(sweep / job)
         runs.append(run.name)
-        assert f"lora.r={rank}".encode() in run.read_bytes()  # readable run name
+        logged = run.read_bytes()
+        assert f"lora.r={rank}".encode() in logged  # readable run name
+        assert f"sst2-lora-{sweep.parent.name}-{sweep.name}".encode() in logged  # sweep group
     assert runs[0] != runs[1]
 
 
