@@ -30,6 +30,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from safetensors.torch import save_file
 from torch import nn
@@ -102,7 +103,7 @@ class LoRACallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Inject once (idempotent across stages and repeated fits), freeze, wrap hooks."""
         self._module = pl_module
-        if self.merge_on_end and "FSDP" in type(trainer.strategy).__name__:
+        if self.merge_on_end and isinstance(trainer.strategy, FSDPStrategy):
             raise LoRAConfigError(
                 "LoRACallback(merge_on_end=True) is not supported under FSDP (the merged state "
                 "dict would be gathered on one rank only); export the adapter and merge it "

@@ -564,3 +564,15 @@ def test_gradient_checkpointing_trains_the_adapters(tmp_path, kwargs, drop_hf_in
     assert _checkpointing(module.model)
     changed = [k for k, v in lora_state_dict(module).items() if "lora_B" in k and v.abs().sum() > 0]
     assert len(changed) == 6  # query/key/value in 2 layers
+
+
+def test_merge_on_end_is_refused_under_fsdp_before_anything_is_injected():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    module = MLPModule()
+    callback = LoRACallback(target_modules=MLP_TARGETS, merge_on_end=True)
+    with pytest.raises(LoRAConfigError, match=r"merge_on_end=True\) is not supported under FSDP"):
+        callback.setup(SimpleNamespace(strategy=FSDPStrategy()), module, "fit")
+    assert not list(adapted_modules(module))
