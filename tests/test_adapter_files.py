@@ -174,7 +174,6 @@ def test_save_uses_the_given_state_dict_instead_of_live_parameters(tmp_path):
     assert torch.all(read_tensors(tmp_path)["base_model.model.layers.0.lora_A.weight"] == 0.5)
 
 
-@pytest.mark.skipif(not hasattr(torch, "compile"), reason="torch.compile is unavailable")
 def test_compiled_model_saves_keys_without_orig_mod(tmp_path):
     model = adapted("bert_linear")
     compiled = torch.compile(model)  # not run: only the wrapper's names matter here
@@ -244,7 +243,6 @@ def test_load_into_a_model_injected_with_the_same_targets_overwrites_values(tmp_
     assert torch.equal(logits(other, token_ids()), logits(model, token_ids()))
 
 
-@pytest.mark.skipif(not hasattr(torch, "compile"), reason="torch.compile is unavailable")
 def test_load_into_a_compiled_wrapper_adapts_the_wrapped_model(tmp_path):
     model = adapted("bert_linear")
     save_adapter(model, tmp_path)

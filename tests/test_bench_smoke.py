@@ -14,9 +14,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("peft")
-pytest.importorskip("transformers")
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MACHINE_FIELDS = {"date_utc", "cpu_model", "cpu_count", "torch_threads", "versions"}
 GOAL_FIELDS = {"target_ratio", "measured_ratio", "met", "ci"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+import peft
 import pytest
 import torch
 from models import (
@@ -26,7 +27,6 @@ from torch import nn
 
 from lora_lightning import LoRAConfig, inject_lora, load_adapter, save_adapter, unload_lora
 
-peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
 
 # family -> (builder, inputs, our config, the equivalent PEFT LoraConfig keyword arguments)
