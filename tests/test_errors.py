@@ -237,8 +237,9 @@ def test_unreadable_weights_file_is_named(saved):
     assert "not a readable safetensors file" in load_error(saved)
 
 
-def test_wrong_shapes_list_every_mismatch_at_once(saved):
-    wider = BertForSequenceClassification(
+def _wider_bert() -> BertForSequenceClassification:
+    """A BERT of hidden size 32: every adapter saved from the width-16 tiny BERT misfits."""
+    return BertForSequenceClassification(
         BertConfig(
             vocab_size=64,
             hidden_size=32,
@@ -248,7 +249,11 @@ def test_wrong_shapes_list_every_mismatch_at_once(saved):
             max_position_embeddings=32,
             num_labels=3,
         )
-    ).eval()
+    )
+
+
+def test_wrong_shapes_list_every_mismatch_at_once(saved):
+    wider = _wider_bert().eval()
     message = load_error(saved, wider)
     assert "12 problem(s)" in message
     for i in (0, 1):
@@ -263,17 +268,7 @@ def test_wrong_shapes_list_every_mismatch_at_once(saved):
 
 
 def test_wrong_shapes_leave_the_model_without_adapters(saved):
-    model = BertForSequenceClassification(
-        BertConfig(
-            vocab_size=64,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=32,
-            max_position_embeddings=32,
-            num_labels=3,
-        )
-    )
+    model = _wider_bert()
     keys = list(model.state_dict())
     load_error(saved, model)
     assert list(model.state_dict()) == keys

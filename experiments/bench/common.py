@@ -32,6 +32,21 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 RATIO_HEADERS = ["ratio", "median of per-round ratios", "interval (coverage)", "ratio of medians"]
 
 
+def add_model_options(parser: argparse.ArgumentParser, default_bert_repeats: int) -> None:
+    """``--models`` and ``--bert-repeats``, shared by the benchmarks that run both models."""
+    parser.add_argument(
+        "--models",
+        default="minilm,bert_base",
+        help="comma-separated subset of minilm,bert_base (default both)",
+    )
+    parser.add_argument(
+        "--bert-repeats",
+        type=int,
+        default=None,
+        help=f"interleaved rounds for bert_base (default {default_bert_repeats})",
+    )
+
+
 def base_parser(description: str, default_repeats: int) -> argparse.ArgumentParser:
     """The options every benchmark shares: ``--quick``, ``--repeats``, ``--out``."""
     parser = argparse.ArgumentParser(description=description)

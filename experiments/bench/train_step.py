@@ -53,6 +53,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from experiments.bench.common import (
     RATIO_HEADERS,
+    add_model_options,
     apply_threads,
     base_parser,
     goal,
@@ -456,17 +457,7 @@ def render_model(key: str, block: dict[str, Any]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parse options, run, write ``train_step.json``/``.md``; return the result."""
     parser = base_parser(__doc__.splitlines()[0], DEFAULT_REPEATS)
-    parser.add_argument(
-        "--models",
-        default="minilm,bert_base",
-        help="comma-separated subset of minilm,bert_base (default both)",
-    )
-    parser.add_argument(
-        "--bert-repeats",
-        type=int,
-        default=None,
-        help=f"interleaved rounds for bert_base (default {DEFAULT_BERT_REPEATS})",
-    )
+    add_model_options(parser, DEFAULT_BERT_REPEATS)
     parser.add_argument(
         "--bert-batch",
         type=int,
