@@ -412,13 +412,17 @@ class SharedInput:
 
     def __init__(self, members: list[nn.Module]) -> None:
         self.members = members
-        self.offsets: dict[int, tuple[int, int]] = {}
-        start = 0
-        for member in members:
-            rank = member.lora_A.weight.shape[0]
-            self.offsets[id(member)] = (start, start + rank)
-            start += rank
         self._clear()
+
+    def _rows(self, module: nn.Module) -> tuple[int, int]:
+        """``module``'s rows in the stacked ``A`` (found by identity, so deep copies work)."""
+        start = 0
+        for member in self.members:
+            stop = start + member.lora_A.weight.shape[0]
+            if member is module:
+                return start, stop
+            start = stop
+        raise LoRAStateError(f"{type(module).__name__} is not a member of this LoRA group")
 
     def _clear(self) -> None:
         self._key: tuple[Any, ...] | None = None
@@ -436,7 +440,7 @@ class SharedInput:
             self._hidden = project_down(module, x, a)
             self._input, self._key = x, key
             self._pending = {id(member) for member in self.members}
-        start, stop = self.offsets[id(module)]
+        start, stop = self._rows(module)
         hidden = self._hidden[..., start:stop]
         self._pending.discard(id(module))
         if not self._pending:  # every sibling served: hold no activation past this point

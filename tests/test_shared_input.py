@@ -125,3 +125,13 @@ def test_fused_siblings_work_under_inference_mode():
     with torch.inference_mode():
         x = torch.randn(3, 8)
         torch.testing.assert_close(fused(x), plain(x), rtol=1e-6, atol=1e-6)
+
+
+def test_a_deep_copy_of_a_fused_model_computes_like_the_original():
+    fused, plain = _pair()
+    twin = copy.deepcopy(fused)
+    assert get_spec(twin.query).group.members == [twin.query, twin.key, twin.value]
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(twin(x), plain(x), rtol=1e-6, atol=1e-6)
+    twin(x).sum().backward()
+    assert twin.key.lora_A.weight.grad is not None and fused.key.lora_A.weight.grad is None
