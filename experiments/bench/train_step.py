@@ -22,6 +22,11 @@ parameters. Variants, all interleaved in one phase (order rotated every round):
   shared by the three; PEFT draws one mask per module (three dropouts and three A matmuls).
 - ``lora_lightning_unfused_d0.1`` (MiniLM only): ``fuse_shared_input=False``, PEFT's
   semantics (a mask per module), for reference.
+- ``floor_qkv_bias_only``: only the query/key/value biases train. The backward still carries
+  gradients to every query/key/value output, as LoRA there needs, but the "adapter" is free:
+  no LoRA implementation that leaves the base computation alone can be faster. ``floor /
+  peft_d0.0`` is therefore the best ratio reachable at dropout 0, and ``ours - floor`` vs
+  ``peft - floor`` compares the LoRA work proper.
 
 Numerics: PEFT's ``lora_A`` is overwritten with ours, base weights are checked equal, and both
 train for 3 steps on the same batch with the same RNG state (BERT's own dropout is active in
@@ -40,6 +45,7 @@ Run: ``python -m experiments.bench.train_step [--models minilm,bert_base] [--rep
 from __future__ import annotations
 
 import math
+import statistics
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -81,6 +87,7 @@ DEFAULT_BERT_REPEATS = 4
 DEFAULT_BERT_BATCH = 8
 DROPOUTS = (0.0, 0.1)
 PEFT_PREFIX = "base_model.model."
+FLOOR = "floor_qkv_bias_only"
 
 
 @dataclass
@@ -149,6 +156,16 @@ def adapt_peft(model: nn.Module, dropout: float) -> nn.Module:
         r=RANK, lora_alpha=ALPHA, lora_dropout=dropout, target_modules=["query", "key", "value"]
     )
     return get_peft_model(model, config)
+
+
+def adapt_floor(model: nn.Module) -> nn.Module:
+    """The cost floor of any adapter that leaves the base computation alone: only the
+    query/key/value biases train. The backward must still carry gradients down to every
+    query/key/value output (exactly what LoRA there needs), but the "adapter" costs nothing:
+    no extra forward work, and a bias gradient is one row sum."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.endswith(("query.bias", "key.bias", "value.bias")))
+    return model
 
 
 def stepper(model: nn.Module, batch: dict[str, torch.Tensor]) -> Stepper:
@@ -255,16 +272,30 @@ def time_variants(steppers: dict[str, Stepper], rounds: int, steps: int) -> dict
     of the LoRA variants to full fine-tuning."""
     times = interleave({name: s.timed_steps(steps) for name, s in steppers.items()}, rounds)
     pairs = [(f"lora_lightning_d{d}", f"peft_d{d}") for d in DROPOUTS]
-    pairs += [("lora_lightning_unfused_d0.1", "peft_d0.1")]
+    pairs += [("lora_lightning_unfused_d0.1", "peft_d0.1"), (FLOOR, "peft_d0.0")]
+    pairs += [(f"{lib}_d0.0", FLOOR) for lib in ("lora_lightning", "peft")]
     pairs += [(f"{lib}_d0.0", "full_finetune") for lib in ("lora_lightning", "peft")]
     ratios = {
         f"{a}/{b}": ratio_summary(times[a], times[b]) for a, b in pairs if a in times and b in times
     }
+    overhead = {}
+    if FLOOR in times:
+        # What each library adds over the floor, per round: the LoRA work proper.
+        for d in DROPOUTS:
+            ours, theirs = times[f"lora_lightning_d{d}"], times[f"peft_d{d}"]
+            floor = times[FLOOR]
+            ours_ms = [1e3 * (a - f) for a, f in zip(ours, floor, strict=True)]
+            theirs_ms = [1e3 * (b - f) for b, f in zip(theirs, floor, strict=True)]
+            overhead[f"dropout_{d}"] = {
+                "lora_lightning_ms": statistics.median(ours_ms),
+                "peft_ms": statistics.median(theirs_ms),
+            }
     return {
         "rounds": rounds,
         "steps_per_round": steps,
         "times": {name: summary(values) for name, values in times.items()},
         "ratios": ratios,
+        "overhead_over_floor": overhead,
     }
 
 
@@ -281,16 +312,18 @@ def run_model(key: str, sizes: Sizes, with_profile: bool, unfused: bool) -> dict
     peft0 = stepper(adapt_peft(fresh(), dropout=0.0), batch)
     numerics = {"dropout_0.0": check_numerics(ours0, peft0, warm_steps)}
     full = stepper(fresh(), batch)
+    floor = stepper(adapt_floor(fresh()), batch)
     ours1 = stepper(adapt_ours(fresh(), dropout=0.1), batch)
     peft1 = stepper(adapt_peft(fresh(), dropout=0.1), batch)
     steppers = {
         "lora_lightning_d0.0": ours0,
         "peft_d0.0": peft0,
         "full_finetune": full,
+        FLOOR: floor,
         "lora_lightning_d0.1": ours1,
         "peft_d0.1": peft1,
     }
-    warm = [full, ours1]
+    warm = [full, floor, ours1]
     if unfused:
         ours1u = stepper(adapt_ours(fresh(), dropout=0.1, fuse=False), batch)
         numerics["dropout_0.1_unfused"] = check_numerics(ours1u, peft1, warm_steps)
@@ -314,6 +347,8 @@ def run_model(key: str, sizes: Sizes, with_profile: bool, unfused: bool) -> dict
         )
         for d in DROPOUTS
     }
+    floor_ratio = timing["ratios"][f"{FLOOR}/peft_d0.0"]["median_of_pair_ratios"]
+    goals["dropout_0.0"]["best_possible_ratio"] = floor_ratio
     config = ours0.model.config
     result: dict[str, Any] = {
         "setup": {
@@ -349,6 +384,8 @@ VARIANT_NOTES = {
     "peft_d0.1": "PEFT, dropout 0.1: one dropout mask per module",
     "lora_lightning_unfused_d0.1": "ours, dropout 0.1, fuse_shared_input=False: a mask per "
     "module like PEFT",
+    "floor_qkv_bias_only": "the floor: only query/key/value biases train (zero-cost "
+    "adapters, same backward through the base)",
 }
 
 
@@ -409,6 +446,7 @@ def render_model(key: str, block: dict[str, Any]) -> list[str]:
         markdown_table(RATIO_HEADERS, ratio_rows),
         "",
         *(goal_line(g) + "\n" for g in block["goals"].values()),
+        *floor_lines(block),
         f"### Numerics ({MODEL_LABELS[key]}: PEFT's lora_A copied from ours, same batch, same "
         "RNG state per step)",
         "",
@@ -452,6 +490,27 @@ def render_model(key: str, block: dict[str, Any]) -> list[str]:
                 "",
             ]
     return lines
+
+
+def floor_lines(block: dict[str, Any]) -> list[str]:
+    """What the floor variant says about the goal, as markdown paragraphs."""
+    if not block.get("overhead_over_floor"):
+        return []
+    floor = block["ratios"][f"{FLOOR}/peft_d0.0"]
+    parts = [
+        f"**Floor**: with zero-cost adapters (`{FLOOR}`) a step takes "
+        f"{floor['median_of_pair_ratios']:.3f}x PEFT's at dropout 0. No adapter that leaves "
+        "the frozen base's forward and backward as they are can go below that ratio; the rest "
+        "of the step is the base model, identical in both libraries."
+    ]
+    for label, over in block["overhead_over_floor"].items():
+        ours, theirs = over["lora_lightning_ms"], over["peft_ms"]
+        share = f" ({ours / theirs:.2f}x PEFT's)" if theirs > 0 else ""
+        parts.append(
+            f"LoRA work over the floor, {label.replace('_', ' ')}: lora_lightning "
+            f"{ours:.1f} ms, PEFT {theirs:.1f} ms{share} (medians of per-round differences)."
+        )
+    return [" ".join(parts[:1]), "", *(p + "\n" for p in parts[1:])]
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
