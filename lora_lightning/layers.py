@@ -5,6 +5,13 @@ Design (after Lorax): the adapted layer stays where it is with its own parameter
 ``<path>.lora_A.weight`` / ``<path>.lora_B.weight`` and renames nothing), and a forward hook
 turns the layer's output ``W x`` into ``W x + s · B A dropout(x)``.
 
+For Linear and GPT-2 Conv1D layers the hook runs two small autograd functions,
+``_ProjectDown`` (``h = A dropout(x)``) and ``_AddLowRank`` (``W x + s · h B^T`` as one
+``addmm``), whose backwards pick the fast BLAS layouts for rank-r products and keep every
+rescale on the ``[tokens, r]`` side; :class:`SharedInput` lets query/key/value share one
+``_ProjectDown``. ``tests/test_lora_autograd.py`` checks them against finite differences and
+plain autograd; ``experiments/bench`` measures them against PEFT.
+
 Weights are stored in the shapes Hugging Face PEFT uses on disk:
 
 ============  =========================  ======================
@@ -287,6 +294,25 @@ def keep_mask(x: torch.Tensor, p: float, fast: bool = True) -> tuple[torch.Tenso
     return keep.to(x.dtype), dropped / 2**bits
 
 
+def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:
+    """Autocast's state for ``device_type`` now: replayed around a backward (as
+    ``torch.amp.custom_bwd`` does, for any device) so that its matmuls see the dtypes the
+    forward saw under ``bf16-mixed``/``16-mixed`` precision."""
+    try:
+        return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(
+            device_type
+        )
+    except TypeError:  # torch < 2.4: per-device functions
+        if device_type == "cpu":
+            return device_type, torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+        return device_type, torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+
+
+def _replay_autocast(state: tuple[str, bool, torch.dtype]) -> torch.autocast:
+    device_type, enabled, dtype = state
+    return torch.autocast(device_type=device_type, dtype=dtype, enabled=enabled)
+
+
 class _ProjectDown(torch.autograd.Function):
     """``h = A dropout(x)`` for Linear-style adapters (``x``: ``(..., in)``, ``a``: ``[r, in]``).
 
@@ -313,11 +339,17 @@ class _ProjectDown(torch.autograd.Function):
         if ctx is not None:
             ctx.save_for_backward(dropped, a, keep)
             ctx.scale = scale
+            ctx.autocast = _autocast_state(x.device.type)
             ctx.x_shape = x.shape
         return hidden.view(*x.shape[:-1], a.shape[0])
 
     @staticmethod
     def backward(ctx: Any, grad_hidden: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        with _replay_autocast(ctx.autocast):
+            return _ProjectDown._backward(ctx, grad_hidden)
+
+    @staticmethod
+    def _backward(ctx: Any, grad_hidden: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         dropped, a, keep = ctx.saved_tensors
         grad = grad_hidden.reshape(-1, a.shape[0])
         if keep is not None:
@@ -357,11 +389,17 @@ class _AddLowRank(torch.autograd.Function):
         if ctx is not None:
             ctx.save_for_backward(hidden2, b)
             ctx.scaling = scaling
+            ctx.autocast = _autocast_state(output.device.type)
             ctx.hidden_shape = hidden.shape
         return torch.addmm(out2, hidden2, b.t(), alpha=scaling).view(output.shape)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        with _replay_autocast(ctx.autocast):
+            return _AddLowRank._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         hidden2, b = ctx.saved_tensors
         grad = grad_out.reshape(-1, grad_out.shape[-1])
         grad_hidden = grad_b = None

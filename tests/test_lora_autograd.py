@@ -214,3 +214,39 @@ def test_adapter_in_another_dtype_than_the_base_still_trains():
     query = model.bert.encoder.layer[0].attention.self.query
     assert query.lora_A.weight.grad.dtype == torch.float32
     assert query.lora_A.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_training_under_bf16_autocast_matches_float32(dropout):
+    """Lightning's ``bf16-mixed`` runs the forward under autocast and the backward outside
+    it: the backward must replay autocast (a float32 adapter meets bf16 gradients)."""
+    model = tiny_bert().train()
+    inject_lora(model, LoRAConfig(dropout=dropout, target_modules=[r".*\.(query|key|value|dense)"]))
+    randomize_adapters(model, seed=8)
+    twin = copy.deepcopy(model)
+    ids = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 2, 0])
+    torch.manual_seed(9)
+    model(input_ids=ids, labels=labels).loss.backward()
+    torch.manual_seed(9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = twin(input_ids=ids, labels=labels).loss
+    loss.backward()
+    for (name, p), (_, q) in zip(model.named_parameters(), twin.named_parameters(), strict=True):
+        if ".lora_" in name:
+            assert q.grad.dtype == torch.float32
+            error = (q.grad - p.grad).norm() / p.grad.norm()
+            assert error < 0.05, f"{name}: relative error {error:.3f} under bf16 autocast"
+
+
+def test_lightning_bf16_mixed_run_trains_the_adapters(tmp_path):
+    from lightning_models import BertModule, trainer
+
+    from lora_lightning import LoRACallback
+
+    module = BertModule()
+    callback = LoRACallback(LoRAConfig(dropout=0.1, target_modules=[r".*\.(query|value)"]))
+    trainer(tmp_path, [callback], max_steps=2, precision="bf16-mixed").fit(module)
+    query = module.model.bert.encoder.layer[0].attention.self.query
+    assert query.lora_B.weight.dtype == torch.float32
+    assert query.lora_B.weight.abs().sum() > 0  # B starts at zero: it moved

@@ -70,6 +70,7 @@ def _goal_row(benchmark: str, key: str, goal: dict[str, Any]) -> dict[str, Any]:
         "ci_coverage": goal["ci_coverage"],
         "met": goal["met"],
         "verdict": verdict(goal),
+        "best_possible_ratio": goal.get("best_possible_ratio"),
     }
 
 
@@ -144,7 +145,7 @@ def render(summary: dict[str, Any], results: dict[str, dict[str, Any] | None]) -
         "## Goals (issue #5)",
         "",
         markdown_table(
-            ["goal", "target", "measured", "interval (coverage)", "verdict"],
+            ["goal", "target", "measured", "interval (coverage)", "verdict", "floor"],
             [
                 [
                     g["description"],
@@ -152,10 +153,17 @@ def render(summary: dict[str, Any], results: dict[str, dict[str, Any] | None]) -
                     f"**{g['measured_ratio']:.3f}**",
                     f"{g['ci'][0]:.3f} to {g['ci'][1]:.3f} ({g['ci_coverage']:.0%})",
                     f"**{g['verdict']}**",
+                    "" if g.get("best_possible_ratio") is None
+                    else f"{g['best_possible_ratio']:.3f}",
                 ]
                 for g in goals
             ],
         ),
+        "",
+        "`floor` (train step): the ratio a zero-cost adapter reaches, measured in the same run "
+        "(only query/key/value biases train, so the backward through the frozen base is the one "
+        "LoRA needs). No LoRA that leaves the base model's computation as it is can go below it; "
+        "a goal under its floor cannot be met that way.",
         "",
     ]
     lines += _render_details(results)
