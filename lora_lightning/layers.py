@@ -260,11 +260,22 @@ def project_down(module: nn.Module, x: torch.Tensor, a: torch.Tensor) -> torch.T
     if x.dtype != a.dtype:
         x = x.to(a.dtype)
     p = active_dropout(module)
+    if _functorch_active():  # torch.func.grad/vmap: plain differentiable ops
+        return F.linear(F.dropout(x, p, training=True) if p > 0 else x, a)
     config = module.__dict__["_lora"].config
     fast = config is None or config.fuse_shared_input
     if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad):
         return _ProjectDown.apply(x, a, p, fast)
     return _ProjectDown.forward(None, x, a, p, fast)
+
+
+def _functorch_active() -> bool:
+    """True inside ``torch.func`` transforms (grad, vmap, jacrev, ...), which need autograd
+    functions written in the ``setup_context`` style with vmap rules; there the adapters
+    compute with plain differentiable ops instead (same maths, autograd's speed)."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._are_functorch_transforms_active()
 
 
 def keep_mask(x: torch.Tensor, p: float, fast: bool = True) -> tuple[torch.Tensor, float]:
@@ -372,6 +383,8 @@ def add_low_rank(
     one ``addmm``, with a backward that keeps the skinny products in the layouts BLAS runs
     fastest (``(B^T G^T)^T`` rather than ``G B``; ``(H^T G)^T`` rather than ``G^T H``: 3-5x
     faster on CPU at r=8)."""
+    if _functorch_active():
+        return torch.add(output, F.linear(hidden, b), alpha=scaling)
     if torch.is_grad_enabled() and (
         output.requires_grad or hidden.requires_grad or b.requires_grad
     ):

@@ -250,3 +250,27 @@ def test_lightning_bf16_mixed_run_trains_the_adapters(tmp_path):
     query = module.model.bert.encoder.layer[0].attention.self.query
     assert query.lora_B.weight.dtype == torch.float32
     assert query.lora_B.weight.abs().sum() > 0  # B starts at zero: it moved
+
+
+def test_torch_func_grad_over_an_adapted_model_matches_autograd():
+    """torch.func transforms cannot run our autograd functions: the plain ops take over."""
+    from torch.func import functional_call, grad, vmap
+
+    model = tiny_bert()
+    inject_lora(model, LoRAConfig(target_modules=[r".*\.(query|value)"]))
+    randomize_adapters(model, seed=2)
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+
+    def loss(p: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+        return functional_call(model, p, (ids,)).logits.square().sum()
+
+    got = grad(loss)(params, ids)
+    model(input_ids=ids).logits.square().sum().backward()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(got[name], param.grad, rtol=1e-5, atol=1e-6, msg=name)
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, ids.unsqueeze(1))
+    total = {k: v.sum(0) for k, v in per_sample.items()}
+    name = "bert.encoder.layer.0.attention.self.query.lora_B.weight"
+    assert total[name].shape == params[name].shape
