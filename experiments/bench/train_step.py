@@ -5,7 +5,7 @@ Models (``--models``, both by default):
 - ``minilm``: the real MiniLM-L6 (all-MiniLM-L6-v2, 22.7M parameters), batch 32 x 64 tokens,
   8 rounds.
 - ``bert_base``: a BERT-base-shaped model (``BertConfig()`` defaults: 12 layers, hidden 768,
-  110M parameters) with seeded random weights, batch 8 x 64 tokens, 4 rounds (a step is ~8x
+  110M parameters) with seeded random weights, batch 8 x 64 tokens, 8 rounds (a step is ~8x
   a MiniLM step per token; the smaller batch and fewer rounds keep this part near 3 minutes).
 
 One step is forward + cross-entropy loss + backward + ``AdamW.step()`` + ``zero_grad()`` on a
@@ -83,7 +83,7 @@ NUMERICS_TOLERANCE = 1e-6
 NUMERICS_STEPS = 3
 GOAL_RATIO = 0.90
 DEFAULT_REPEATS = 8
-DEFAULT_BERT_REPEATS = 4
+DEFAULT_BERT_REPEATS = 8
 DEFAULT_BERT_BATCH = 8
 DROPOUTS = (0.0, 0.1)
 PEFT_PREFIX = "base_model.model."
