@@ -6,7 +6,7 @@ Models (``--models``, both by default):
   8 rounds.
 - ``bert_base``: a BERT-base-shaped model (``BertConfig()`` defaults: 12 layers, hidden 768,
   110M parameters) with seeded random weights, batch 8 x 64 tokens, 8 rounds (a step is ~8x
-  a MiniLM step per token; the smaller batch and fewer rounds keep this part near 3 minutes).
+  a MiniLM step per token; the smaller batch keeps this part near 4 minutes).
 
 One step is forward + cross-entropy loss + backward + ``AdamW.step()`` + ``zero_grad()`` on a
 fixed batch (random token ids, attention mask all ones, random labels; seed 0). LoRA: r=8,
