@@ -120,6 +120,9 @@ def test_memory_benchmark_measures_peaks_in_processes_and_checkpoint_bytes(
     for directory in ("lora_lightning_adapter_dir", "peft_adapter_dir"):
         files = checkpoints[directory]["files"]
         assert {"adapter_config.json", "adapter_model.safetensors"} <= set(files)
+    # Both libraries adapted the same modules: the tensor files are the same size (+-2%).
+    same = checkpoints["ratios"]["lora_lightning_adapter_safetensors/peft_adapter_safetensors"]
+    assert 0.98 < same < 1.02
 
 
 def test_summary_lists_every_goal_with_a_verdict_and_rebuilds(quick_out: Path) -> None:

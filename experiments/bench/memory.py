@@ -19,12 +19,14 @@ optimizer state) are given alongside.
 ``lora_lightning.tasks.TextClassifier`` (MiniLM) on random batches with a ``ModelCheckpoint``:
 
 - with ``LoRACallback`` (config = ``conf/lora/default.yaml``: r=8, alpha=16, dropout 0.1 on
-  query/key/value, the new classifier head in ``modules_to_save``): our trimmed ``.ckpt``
+  every encoder Linear (query/key/value/dense, pooler excluded: 36 modules), the new
+  classifier head in ``modules_to_save``): our trimmed ``.ckpt``
   (adapter + head + their optimizer state + LoRA metadata) and our exported PEFT-format
   adapter directory;
 - without it (full fine-tuning): the plain Lightning ``.ckpt`` (every weight + AdamW state);
-- PEFT ``save_pretrained`` of the same LoRA config (``modules_to_save=["classifier"]``) on the
-  Hugging Face model: the PEFT adapter directory (PEFT also writes a ``README.md`` model card).
+- PEFT ``save_pretrained`` of the same LoRA config on the Hugging Face model, adapting
+  exactly the modules our adapter file lists (``modules_to_save=["classifier"]``): the PEFT
+  adapter directory (PEFT also writes a ``README.md`` model card).
 
 Run: ``python -m experiments.bench.memory [--steps N] [--quick] [--out DIR]``
 (``--worker VARIANT`` is the internal per-variant entry point).
@@ -300,13 +302,15 @@ def checkpoint_sizes(batch: int, seq_len: int) -> dict[str, Any]:
         ours_ckpt = _fit_two_steps(root / "lora", True, batch, seq_len).best_model_path
         full_ckpt = _fit_two_steps(root / "full", False, batch, seq_len).best_model_path
         config = lora_default_config()
+        # PEFT adapts exactly the modules ours adapted: the names our adapter file lists.
+        ours_adapter = json.loads((root / "lora" / "adapter" / "adapter_config.json").read_text())
         peft_model = get_peft_model(
             load_model("minilm", num_labels=2),
             LoraConfig(
                 r=config.r,
                 lora_alpha=config.alpha,
                 lora_dropout=config.dropout,
-                target_modules=["query", "key", "value"],
+                target_modules=ours_adapter["target_modules"],
                 modules_to_save=["classifier"],
             ),
         )
@@ -445,8 +449,8 @@ def render(result: dict[str, Any]) -> str:
         f"Lightning, `TextClassifier` (MiniLM), 2 steps, `ModelCheckpoint`. LoRA config "
         f"(`conf/lora/default.yaml`): r={cfg['r']}, alpha={cfg['alpha']}, dropout "
         f"{cfg['dropout']}, targets {cfg['target_modules']}, modules_to_save "
-        f"{cfg['modules_to_save']}; PEFT with the same settings "
-        "(`modules_to_save=['classifier']`).",
+        f"{cfg['modules_to_save']}; PEFT with the same settings on exactly the modules our "
+        "adapter file lists (`modules_to_save=['classifier']`).",
         "",
         markdown_table(
             ["file", "bytes", "model tensors", "optimizer state"],
