@@ -273,9 +273,11 @@ def _functorch_active() -> bool:
     """True inside ``torch.func`` transforms (grad, vmap, jacrev, ...), which need autograd
     functions written in the ``setup_context`` style with vmap rules; there the adapters
     compute with plain differentiable ops instead (same maths, autograd's speed)."""
-    if torch.compiler.is_compiling():
+    is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
+    if is_compiling is not None and is_compiling():
         return False
-    return torch._C._are_functorch_transforms_active()
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active is not None and active())
 
 
 def keep_mask(x: torch.Tensor, p: float, fast: bool = True) -> tuple[torch.Tensor, float]:
@@ -310,8 +312,10 @@ def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:
     ``torch.amp.custom_bwd`` does, for any device) so that its matmuls see the dtypes the
     forward saw under ``bf16-mixed``/``16-mixed`` precision."""
     try:
-        return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(
-            device_type
+        return (
+            device_type,
+            torch.is_autocast_enabled(device_type),
+            torch.get_autocast_dtype(device_type),
         )
     except TypeError:  # torch < 2.4: per-device functions
         if device_type == "cpu":
@@ -335,9 +339,7 @@ class _ProjectDown(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx: Any, x: torch.Tensor, a: torch.Tensor, p: float, fast: bool
-    ) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, a: torch.Tensor, p: float, fast: bool) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         keep, scale = None, 1.0
         if p > 0:
@@ -497,10 +499,6 @@ class SharedInput:
         if not self._pending:  # every sibling served: hold no activation past this point
             self._clear()
         return hidden
-
-    def delta(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """``B A dropout(x)`` of ``module``, reusing the group's ``A`` product when it fits."""
-        return F.linear(self.hidden(module, x), module.lora_B.weight)
 
     def disband(self) -> None:
         """Return every member to per-module computation (used when adapters are removed)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 
+import peft
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,6 @@ from models import randomize_adapters, tiny_bert, tiny_gpt2
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-import peft
 from lora_lightning import LoRAConfig, inject_lora
 from lora_lightning.layers import _AddLowRank, _ProjectDown, add_low_rank, keep_mask
 

@@ -163,7 +163,8 @@ def render(summary: dict[str, Any], results: dict[str, dict[str, Any] | None]) -
                     f"**{g['measured_ratio']:.3f}**",
                     f"{g['ci'][0]:.3f} to {g['ci'][1]:.3f} ({g['ci_coverage']:.0%})",
                     f"**{g['verdict']}**",
-                    "" if g.get("best_possible_ratio") is None
+                    ""
+                    if g.get("best_possible_ratio") is None
                     else f"{g['best_possible_ratio']:.3f}",
                 ]
                 for g in goals
