@@ -222,11 +222,12 @@ def _lora_a_init(
 
 
 def lora_delta(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The unscaled low-rank term ``B A dropout(x)`` of one adapted layer.
+    """The unscaled low-rank term ``B A dropout(x)`` of an adapted ConvNd or Embedding layer
+    (Linear and Conv1D layers go through :func:`project_down` and :func:`add_low_rank`).
 
-    Shapes: Linear/Conv1D ``(..., in) -> (..., out)``; ConvNd ``(N, in, *spatial) ->
-    (N, out, *spatial_out)``; Embedding integer ids ``(...) -> (..., dim)``. The input is cast
-    to the adapter dtype; the result stays in the adapter dtype.
+    Shapes: ConvNd ``(N, in, *spatial) -> (N, out, *spatial_out)``; Embedding integer ids
+    ``(...) -> (..., dim)``. The input is cast to the adapter dtype; the result stays in the
+    adapter dtype.
     """
     spec: LoRASpec = module.__dict__["_lora"]
     a, b = module.lora_A.weight, module.lora_B.weight
@@ -236,8 +237,6 @@ def lora_delta(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
             module.scale_grad_by_freq, module.sparse,
         )  # fmt: skip
         return hidden @ b.t()
-    if spec.kind in (LINEAR, GPT2_CONV1D):
-        return F.linear(project_down(module, x, a), b)
     dropout = module._modules.get("lora_dropout")
     if dropout is not None:
         x = dropout(x)
