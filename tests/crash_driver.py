@@ -232,7 +232,7 @@ def kill_trials(root: Path, trials: int, seed: int, steps: int, sleep: float) ->
 KILLED = 137  # the exit status a SIGKILL gives a child of a shell
 
 
-def _adapter_model(seed: int) -> nn.Module:
+def adapted_tiny_net(seed: int) -> nn.Module:
     """TinyNet with LoRA (the runs' config) and seeded non-zero adapter values."""
     from lora_lightning import LoRAConfig, inject_lora
 
@@ -294,7 +294,7 @@ def save_kills(root: Path) -> None:
     from lora_lightning.adapter import _atomic_write
 
     torch.set_num_threads(1)
-    old, new = _adapter_model(1), _adapter_model(2)
+    old, new = adapted_tiny_net(1), adapted_tiny_net(2)
     save_adapter(old, root / "old")
     save_adapter(new, root / "new")
     checkpoints = {

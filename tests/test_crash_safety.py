@@ -35,12 +35,12 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from crash_driver import LORA, TinyNet, make_trainer, tiny_module_class
+from crash_driver import TinyNet, adapted_tiny_net, make_trainer, tiny_module_class
 from lightning.fabric.plugins import TorchCheckpointIO
 from safetensors.torch import load_file
 
 import lora_lightning.adapter as adapter_module
-from lora_lightning import LoRACallback, LoRAConfig, inject_lora, load_adapter, save_adapter
+from lora_lightning import LoRACallback, load_adapter, save_adapter
 from lora_lightning.callback import _AdapterExportingIO
 
 TESTS = Path(__file__).resolve().parent
@@ -196,17 +196,6 @@ def _disk_full_halfway(write: Any) -> Any:
     return failing
 
 
-def _adapted(seed: int) -> torch.nn.Module:
-    model = TinyNet()
-    inject_lora(model, LoRAConfig(**LORA))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.copy_(torch.randn(param.shape, generator=generator))
-    return model
-
-
 @pytest.mark.parametrize("failing", ["weights", "config"])
 @pytest.mark.parametrize("existing", [True, False], ids=["overwrite", "new-folder"])
 def test_disk_full_while_saving_an_adapter_keeps_the_previous_one(
@@ -214,7 +203,7 @@ def test_disk_full_while_saving_an_adapter_keeps_the_previous_one(
 ):
     target = tmp_path / "adapter"
     if existing:
-        save_adapter(_adapted(1), target)
+        save_adapter(adapted_tiny_net(1), target)
     before = {p.name: p.read_bytes() for p in target.iterdir()} if existing else {}
     if failing == "weights":
         monkeypatch.setattr(
@@ -232,7 +221,7 @@ def test_disk_full_while_saving_an_adapter_keeps_the_previous_one(
         monkeypatch.setattr(Path, "write_text", write_text)
 
     with pytest.raises(OSError) as raised:
-        save_adapter(_adapted(2), target)
+        save_adapter(adapted_tiny_net(2), target)
 
     assert raised.value.errno == errno.ENOSPC
     monkeypatch.undo()
@@ -241,7 +230,7 @@ def test_disk_full_while_saving_an_adapter_keeps_the_previous_one(
         assert {p.name: p.read_bytes() for p in target.iterdir()} == before
         model = TinyNet()
         load_adapter(model, target)
-        expected = _adapted(1)
+        expected = adapted_tiny_net(1)
         assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.state_dict().items())
 
 
@@ -343,7 +332,7 @@ def test_removed_checkpoint_adapter_never_lingers_half_deleted(tmp_path, monkeyp
     ckpt = tmp_path / "epoch=0-step=1.ckpt"
     io = _AdapterExportingIO(TorchCheckpointIO(), LoRACallback(export_on_checkpoint=False))
     io.save_checkpoint({"state_dict": {}}, ckpt)
-    save_adapter(_adapted(1), tmp_path / "epoch=0-step=1_adapter")
+    save_adapter(adapted_tiny_net(1), tmp_path / "epoch=0-step=1_adapter")
     deleted: list[str] = []
     real_rmtree = shutil.rmtree
 
