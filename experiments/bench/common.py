@@ -29,6 +29,9 @@ import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parents[2]
+#: The train-step variant in which only query/key/value biases train: the cost floor of any
+#: LoRA that leaves the base model's computation alone (see train_step.py).
+FLOOR = "floor_qkv_bias_only"
 RATIO_HEADERS = ["ratio", "median of per-round ratios", "interval (coverage)", "ratio of medians"]
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.bench.common import (
+    FLOOR,
     REPO_ROOT,
     RESULTS_DIR,
     apply_threads,
@@ -72,9 +73,6 @@ def _goal_row(benchmark: str, key: str, goal: dict[str, Any]) -> dict[str, Any]:
         "verdict": verdict(goal),
         "best_possible_ratio": goal.get("best_possible_ratio"),
     }
-
-
-FLOOR = "floor_qkv_bias_only"
 
 
 def _overhead(block: dict[str, Any], dropout: str) -> str:

@@ -58,6 +58,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from experiments.bench.common import (
+    FLOOR,
     RATIO_HEADERS,
     add_model_options,
     apply_threads,
@@ -87,7 +88,6 @@ DEFAULT_BERT_REPEATS = 8
 DEFAULT_BERT_BATCH = 8
 DROPOUTS = (0.0, 0.1)
 PEFT_PREFIX = "base_model.model."
-FLOOR = "floor_qkv_bias_only"
 
 
 @dataclass
