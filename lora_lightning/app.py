@@ -26,9 +26,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lora_lightning.callback import LoRACallback
-from lora_lightning.config import LoRAConfig
-from lora_lightning.state import count_parameters
+from lora_lightning import LoRACallback, LoRAConfig, count_parameters
 
 #: Configs of a source checkout (``pip install -e .``), used by the console script.
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"

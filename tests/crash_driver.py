@@ -253,7 +253,7 @@ def _arm(kill_at: int) -> None:
     every weights or checkpoint write (the file is cut to half its bytes, then the process
     dies).
     """
-    import lora_lightning.adapter as adapter
+    import lora_lightning.core.adapter as adapter
 
     counter = iter(range(1_000_000))
 
@@ -291,7 +291,7 @@ def _arm(kill_at: int) -> None:
 def save_kills(root: Path) -> None:
     """Kill a save at each of its points; leave one folder per (scenario, point)."""
     from lora_lightning import save_adapter
-    from lora_lightning.adapter import _atomic_write
+    from lora_lightning.core.files import atomic_write_file as _atomic_write
 
     torch.set_num_threads(1)
     old, new = adapted_tiny_net(1), adapted_tiny_net(2)
@@ -311,7 +311,7 @@ def save_kills(root: Path) -> None:
         save_adapter(new, folder / "adapter")
 
     def checkpoint_overwrite(folder: Path) -> None:
-        # What the LoRA CheckpointIO does for a local path (callback._AdapterExportingIO).
+        # What the LoRA CheckpointIO does for a local path (lightning.checkpoint_io.AdapterExportingIO).
         _atomic_write(folder / "last.ckpt", lambda tmp: torch.save(checkpoints["new"], tmp))
 
     scenarios = {

@@ -186,7 +186,7 @@ def test_evaluate_command_scores_a_saved_adapter_on_a_tsv(tiny_model_dir, tmp_pa
     data = tmp_path / "split.tsv"
     data.write_text("label\tsentence\n1\ta great film\n0\ta dull mess\n1\tlovely\n")
     result = subprocess.run(
-        [sys.executable, "-m", "lora_lightning.evaluate", str(out / "adapter"),
+        [sys.executable, "-m", "lora_lightning.tasks.evaluate", str(out / "adapter"),
          "--data", str(data), "--model", str(tiny_model_dir), "--accelerator", "cpu",
          "--json", str(tmp_path / "metrics.json")],
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,

@@ -10,7 +10,7 @@ Four families, each case its own test id:
   files, a run without LoRA, missing tensors;
 - runtime misuse: changed targets, merging twice, unmerging, saving or training while merged.
 
-Every case asserts the exception type (the project's types in ``lora_lightning.errors``; Hydra's
+Every case asserts the exception type (the project's types in ``lora_lightning.core.errors``; Hydra's
 own for what Hydra refuses before any of our code runs), that the message names the problem
 and what would be valid, and, for file cases, that every file is byte-identical afterwards and
 the model is left exactly as it was.

@@ -42,7 +42,7 @@ from lora_lightning import (
     load_adapter,
     lora_state_dict,
 )
-from lora_lightning.inject import adapted_modules
+from lora_lightning.core import adapted_layers
 
 ADAPTERS = {f"net.layers.{i}.lora_{ab}.weight" for i in (0, 1) for ab in ("A", "B")}
 
@@ -107,7 +107,7 @@ def test_setup_injects_once_across_fit_validate_test_and_refit(tmp_path):
     assert all(again[name] is params[name] for name in params)  # the same adapter objects
     assert {n for n in again if ".lora_" in n} == ADAPTERS
     assert [len(layer._forward_hooks) for layer in module.net.layers] == hooks == [1, 1, 0]
-    assert [name for name, _, _ in adapted_modules(module)] == ["net.layers.0", "net.layers.1"]
+    assert [name for name, _, _ in adapted_layers(module)] == ["net.layers.0", "net.layers.1"]
 
 
 def test_second_callback_with_same_config_reuses_the_adapters(tmp_path):
@@ -525,7 +525,7 @@ def test_merge_on_end_writes_weights_that_reproduce_the_trained_outputs(tmp_path
     plain.load_state_dict(merged, strict=True)
     expected = outputs(module)
     torch.testing.assert_close(outputs(plain), expected, rtol=1e-5, atol=1e-6)
-    assert not any(spec.merged for _, _, spec in adapted_modules(module))  # still trainable
+    assert not any(spec.merged for _, _, spec in adapted_layers(module))  # still trainable
     assert trainable(module) == ADAPTERS
 
 
@@ -576,4 +576,4 @@ def test_merge_on_end_is_refused_under_fsdp_before_anything_is_injected():
     callback = LoRACallback(target_modules=MLP_TARGETS, merge_on_end=True)
     with pytest.raises(LoRAConfigError, match=r"merge_on_end=True\) is not supported under FSDP"):
         callback.setup(SimpleNamespace(strategy=FSDPStrategy()), module, "fit")
-    assert not list(adapted_modules(module))
+    assert not list(adapted_layers(module))

@@ -69,8 +69,17 @@ def test_rank_for_uses_the_first_full_matching_rank_pattern():
 
 
 def test_rank_for_falls_back_to_r_when_no_pattern_full_matches():
-    config = LoRAConfig(r=8, rank_pattern={"query": 2})
-    assert config.rank_for("layer.0.query") == 8  # full match, not search
+    config = LoRAConfig(r=8, rank_pattern={r"quer(y)": 2})
+    assert config.rank_for("layer.0.query") == 8  # a regex full-matches, it does not search
+
+
+def test_plain_names_match_as_name_suffixes_like_peft():
+    config = LoRAConfig(r=8, rank_pattern={"query": 2, "layer.1.key": 3})
+    assert config.rank_for("layer.0.query") == 2
+    assert config.rank_for("query") == 2
+    assert config.rank_for("layer.0.subquery") == 8  # a suffix after a dot, not any suffix
+    assert config.rank_for("encoder.layer.1.key") == 3
+    assert config.rank_for("encoder.layer.10.key") == 8
 
 
 def test_alpha_for_uses_alpha_pattern_else_alpha():

@@ -39,9 +39,9 @@ from crash_driver import TinyNet, adapted_tiny_net, make_trainer, tiny_module_cl
 from lightning.fabric.plugins import TorchCheckpointIO
 from safetensors.torch import load_file
 
-import lora_lightning.adapter as adapter_module
-from lora_lightning import LoRACallback, load_adapter, save_adapter
-from lora_lightning.callback import _AdapterExportingIO
+import lora_lightning.core.adapter as adapter_module
+from lora_lightning import load_adapter, save_adapter
+from lora_lightning.lightning.checkpoint_io import AdapterExportingIO
 
 TESTS = Path(__file__).resolve().parent
 DRIVER = TESTS / "crash_driver.py"
@@ -296,7 +296,7 @@ def test_checkpoint_write_needs_no_cross_folder_move(tmp_path, monkeypatch):
     previous checkpoint.
     """
     path = tmp_path / "ckpt" / "last.ckpt"
-    io = _AdapterExportingIO(TorchCheckpointIO(), LoRACallback(export_on_checkpoint=False))
+    io = AdapterExportingIO(TorchCheckpointIO(), export=lambda checkpoint, path: None)
     io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "global_step": 1}, path)
     rename, replace = os.rename, os.replace
 
@@ -330,7 +330,7 @@ def test_removed_checkpoint_adapter_never_lingers_half_deleted(tmp_path, monkeyp
     """``save_top_k`` removes old checkpoints and their adapters; a crash mid-removal must not
     leave a half-deleted adapter folder under its real name."""
     ckpt = tmp_path / "epoch=0-step=1.ckpt"
-    io = _AdapterExportingIO(TorchCheckpointIO(), LoRACallback(export_on_checkpoint=False))
+    io = AdapterExportingIO(TorchCheckpointIO(), export=lambda checkpoint, path: None)
     io.save_checkpoint({"state_dict": {}}, ckpt)
     save_adapter(adapted_tiny_net(1), tmp_path / "epoch=0-step=1_adapter")
     deleted: list[str] = []

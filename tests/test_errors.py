@@ -89,7 +89,7 @@ def test_unknown_config_field_error_names_it_and_lists_valid_fields():
 @pytest.mark.parametrize(
     ("build", "pattern", "close"),
     [
-        (tiny_bert, "query", "bert.encoder.layer.0.attention.self.query"),
+        (tiny_bert, "qeury", "bert.encoder.layer.0.attention.self.query"),
         (tiny_bert, r".*\.qurey", "bert.encoder.layer.1.attention.self.query"),
         (tiny_gpt2, "c_atn", "transformer.h.0.attn.c_attn"),
         (tiny_bert, "classifer", "classifier"),

@@ -18,7 +18,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lora_lightning import LoRAConfig, inject_lora
-from lora_lightning.layers import _AddLowRank, _ProjectDown, add_low_rank, keep_mask
+from lora_lightning.core.kernels import _AddLowRank, _ProjectDown, add_low_rank, keep_mask
+from lora_lightning.core.state import layer_state
 
 
 def _double(*shape: int, seed: int) -> torch.Tensor:
@@ -180,7 +181,7 @@ def test_gpt2_conv1d_adapter_has_plain_autograd_gradients():
     upstream = torch.randn(2, 5, 48)
     a, b = attn.lora_A.weight, attn.lora_B.weight
     got = torch.autograd.grad((attn(x) * upstream).sum(), (x, a, b))
-    scaling = attn.__dict__["_lora"].scaling
+    scaling = layer_state(attn).scaling
     plain = torch.addmm(attn.bias, x.view(-1, 16), attn.weight).view(2, 5, 48)
     plain = plain + scaling * F.linear(F.linear(x, a), b)
     want = torch.autograd.grad((plain * upstream).sum(), (x, a, b))

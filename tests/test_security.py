@@ -40,8 +40,8 @@ from lora_lightning import (
     load_adapter,
     save_adapter,
 )
-from lora_lightning.adapter import read_adapter_config
-from lora_lightning.callback import _AdapterExportingIO
+from lora_lightning.core.peft_format import read_adapter_config
+from lora_lightning.lightning.checkpoint_io import AdapterExportingIO
 
 PACKAGE = Path(lora_lightning.__file__).resolve().parent
 
@@ -188,7 +188,7 @@ def test_checkpoint_io_defaults_to_weights_only(tmp_path):
     path = tmp_path / "plain.ckpt"
     torch.save({"state_dict": {"w": torch.ones(2)}}, path)
     inner = _RecordingIO()
-    io = _AdapterExportingIO(inner, LoRACallback())
+    io = AdapterExportingIO(inner, export=lambda checkpoint, path: None)
     assert torch.equal(io.load_checkpoint(path)["state_dict"]["w"], torch.ones(2))
     io.load_checkpoint(path, weights_only=None)
     assert [call["weights_only"] for call in inner.calls] == [True, True]

@@ -9,7 +9,7 @@ from models import randomize_adapters, tiny_bert
 from torch import nn
 
 from lora_lightning import LoRAConfig, inject_lora, unload_lora
-from lora_lightning.layers import get_spec
+from lora_lightning.core.state import layer_state
 
 
 class Attention(nn.Module):
@@ -40,14 +40,14 @@ def test_query_key_value_of_one_attention_form_one_group():
     model = tiny_bert()
     inject_lora(model, LoRAConfig(target_modules=[r".*\.(query|key|value)"]))
     layer = model.bert.encoder.layer[0].attention.self
-    group = get_spec(layer.query).group
+    group = layer_state(layer.query).group
     assert group is not None and group.members == [layer.query, layer.key, layer.value]
-    assert get_spec(model.bert.encoder.layer[1].attention.self.query).group is not group
+    assert layer_state(model.bert.encoder.layer[1].attention.self.query).group is not group
 
 
 def test_no_groups_when_fusion_is_off():
     _, plain = _pair()
-    assert all(get_spec(m).group is None for m in (plain.query, plain.key, plain.value))
+    assert all(layer_state(m).group is None for m in (plain.query, plain.key, plain.value))
 
 
 def test_fused_outputs_and_gradients_match_per_module_computation():
@@ -108,15 +108,15 @@ def test_per_module_dropout_masks_differ_when_fusion_is_off():
 def test_group_holds_no_activation_after_every_sibling_ran():
     fused, _ = _pair()
     fused(torch.randn(2, 8))
-    group = get_spec(fused.query).group
+    group = layer_state(fused.query).group
     assert group._hidden is None and group._input is None
 
 
 def test_unload_disbands_the_group():
     fused, _ = _pair()
-    group = get_spec(fused.query).group
+    group = layer_state(fused.query).group
     unload_lora(fused)
-    assert group._hidden is None and get_spec(fused.query) is None
+    assert group._hidden is None and layer_state(fused.query) is None
 
 
 def test_fused_siblings_work_under_inference_mode():
@@ -130,7 +130,7 @@ def test_fused_siblings_work_under_inference_mode():
 def test_a_deep_copy_of_a_fused_model_computes_like_the_original():
     fused, plain = _pair()
     twin = copy.deepcopy(fused)
-    assert get_spec(twin.query).group.members == [twin.query, twin.key, twin.value]
+    assert layer_state(twin.query).group.members == [twin.query, twin.key, twin.value]
     x = torch.randn(4, 8)
     torch.testing.assert_close(twin(x), plain(x), rtol=1e-6, atol=1e-6)
     twin(x).sum().backward()

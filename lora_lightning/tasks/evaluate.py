@@ -1,6 +1,6 @@
 """Evaluate a saved adapter on a labelled TSV (``label<TAB>sentence``, SST-2 format).
 
-    python -m lora_lightning.evaluate outputs/<date>/<time>/adapter --data my_split.tsv
+    python -m lora_lightning.tasks.evaluate outputs/<date>/<time>/adapter --data my_split.tsv
 
 The adapter (PEFT format, ours or PEFT's) is loaded onto the base model with
 :func:`lora_lightning.load_adapter`; accuracy, macro F1 and loss are printed and, with
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 
-from lora_lightning.adapter import load_adapter
+from lora_lightning import load_adapter
 
 
 def evaluate(
@@ -55,7 +55,7 @@ def evaluate(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m lora_lightning.evaluate", description=__doc__.split("\n\n")[0]
+        prog="python -m lora_lightning.tasks.evaluate", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("adapter", help="adapter directory (adapter_config.json + safetensors)")
     parser.add_argument("--data", help="labelled TSV or TSV.gz; default: vendored SST-2 dev")

@@ -1,6 +1,9 @@
-"""`LoRACallback`: LoRA for any LightningModule, as a Lightning Callback.
+"""`LoRACallback`: LoRA for any LightningModule, as a Lightning Callback with hooks only.
 
-The callback is thin: it calls the core functions (inject, count, save) at the right hooks.
+Owns: when things happen. What happens is the core's (plan, inject, counts, export root,
+merged state dict, save) and ``lightning.checkpoint``'s (trim, validate, fingerprint); the
+callback holds its options, the module it set up and the resolved export root. Must not
+import: ``app/``, Hydra, W&B.
 
 Hook placement (Lightning 2.x, see PITFALLS.md):
 
@@ -21,29 +24,44 @@ Hook placement (Lightning 2.x, see PITFALLS.md):
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from safetensors.torch import save_file
 from torch import nn
 
-from lora_lightning.adapter import _atomic_write, save_adapter
-from lora_lightning.config import LoRAConfig
-from lora_lightning.errors import CheckpointMismatchError, LoRAConfigError
-from lora_lightning.inject import TargetFn, adapted_modules, inject_lora, trainable_names
-from lora_lightning.merge import merged_weight
-from lora_lightning.state import base_fingerprint, count_parameters, lora_state_dict
+from lora_lightning.core import (
+    LoRAConfig,
+    apply_plan,
+    count_parameters,
+    export_root,
+    lora_state_dict,
+    merged_state_dict,
+    plan_lora,
+    save_adapter,
+)
+from lora_lightning.core.errors import LoRAConfigError
+from lora_lightning.core.files import atomic_write_file
+from lora_lightning.core.plan import TargetFn
+from lora_lightning.lightning.checkpoint import (
+    CHECKPOINT_KEY,
+    adapter_dir_for,
+    base_fingerprint,
+    lora_metadata,
+    trim_checkpoint,
+    validate_checkpoint,
+)
+from lora_lightning.lightning.checkpoint_io import AdapterExportingIO
 
-CHECKPOINT_KEY = "lora"
 _WRAPPED = "_lora_callback_wrapped"
+_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(LoRAConfig))
 
 
 class LoRACallback(pl.Callback):
@@ -63,12 +81,15 @@ class LoRACallback(pl.Callback):
             use. ``"auto"`` picks the outermost Hugging Face model (an object with ``config``
             and ``save_pretrained``) holding every adapter and every other trained tensor
             (``modules_to_save``, biases), so PEFT loads the adapter onto the stock model;
-            otherwise the LightningModule itself (``""``).
-        **overrides: LoRAConfig fields overriding ``config`` (``LoRACallback(r=4)``).
+            otherwise the LightningModule itself (``""``). Resolved at ``setup``.
+        r, alpha, dropout, seed, dtype, target_modules, exclude_modules, rank_pattern,
+            alpha_pattern, use_rslora, init, bias, modules_to_save, group_shared_input,
+            dropout_masks, fuse_shared_input: :class:`LoRAConfig` fields overriding ``config``
+            (``LoRACallback(r=4)``; flat ``init_args`` in ``LightningCLI`` YAML).
 
     Raises:
-        LoRAConfigError: on an invalid config (at construction) or targets matching nothing
-            (at setup).
+        LoRAConfigError: an invalid config or option (at construction), targets matching
+            nothing or an ``export_root`` naming no submodule (at setup).
     """
 
     def __init__(
@@ -76,15 +97,51 @@ class LoRACallback(pl.Callback):
         config: LoRAConfig | Mapping[str, Any] | None = None,
         *,
         target_fn: TargetFn | None = None,
-        adapter_dir: str | Path | None = None,
+        adapter_dir: str | os.PathLike[str] | None = None,
         export_on_checkpoint: bool = True,
         export_on_train_end: bool = True,
         merge_on_end: bool = False,
         export_root: str = "auto",
-        **overrides: Any,
+        r: int | None = None,
+        alpha: float | None = None,
+        dropout: float | None = None,
+        seed: int | None = None,
+        dtype: str | None = None,
+        target_modules: list[str] | None = None,
+        exclude_modules: list[str] | None = None,
+        rank_pattern: dict[str, int] | None = None,
+        alpha_pattern: dict[str, float] | None = None,
+        use_rslora: bool | None = None,
+        init: str | None = None,
+        bias: str | None = None,
+        modules_to_save: list[str] | None = None,
+        group_shared_input: bool | None = None,
+        dropout_masks: str | None = None,
+        fuse_shared_input: bool | None = None,
     ) -> None:
         super().__init__()
-        self.config = _build_config(config, overrides)
+        given = {k: v for k, v in locals().items() if k in _CONFIG_FIELDS and v is not None}
+        self.config = _build_config(config, given)
+        for option, value in (
+            ("export_on_checkpoint", export_on_checkpoint),
+            ("export_on_train_end", export_on_train_end),
+            ("merge_on_end", merge_on_end),
+        ):
+            if not isinstance(value, bool):
+                raise LoRAConfigError(
+                    f"LoRACallback({option}={value!r}) is invalid: expected true or false"
+                )
+        if adapter_dir is not None and not isinstance(adapter_dir, (str, os.PathLike)):
+            raise LoRAConfigError(
+                f"LoRACallback(adapter_dir={adapter_dir!r}) is invalid: expected a path"
+            )
+        if not isinstance(export_root, str):
+            raise LoRAConfigError(
+                f"LoRACallback(export_root={export_root!r}) is invalid: expected 'auto', '' "
+                "(the LightningModule) or the attribute path of a submodule"
+            )
+        if target_fn is not None and not callable(target_fn):
+            raise LoRAConfigError(f"LoRACallback(target_fn={target_fn!r}) is not callable")
         self.target_fn = target_fn
         self.adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
         self.export_on_checkpoint = export_on_checkpoint
@@ -94,6 +151,7 @@ class LoRACallback(pl.Callback):
         self.adapted: list[str] = []
         self.fingerprint: str | None = None
         self.last_adapter_dir: Path | None = None
+        self._root: tuple[str, nn.Module] | None = None
         self._printed = False
         # Loggers already given the counts (by identity): each logger of each Trainer once.
         self._logged_to: list[Any] = []
@@ -101,8 +159,8 @@ class LoRACallback(pl.Callback):
 
     # ----------------------------------------------------------------------------- setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Inject once (idempotent across stages and repeated fits), freeze, wrap hooks."""
-        self._module = pl_module
+        """Plan and inject once (idempotent across stages and repeated fits), freeze, resolve
+        the export root, wrap hooks; every check runs before the model is changed."""
         if self.merge_on_end and isinstance(trainer.strategy, FSDPStrategy):
             raise LoRAConfigError(
                 "LoRACallback(merge_on_end=True) is not supported under FSDP (the merged state "
@@ -110,24 +168,28 @@ class LoRACallback(pl.Callback):
                 "offline with load_adapter + merge_lora"
             )
         try:
-            self.adapted = inject_lora(pl_module, self.config, target_fn=self.target_fn)
+            plan = plan_lora(pl_module, self.config, target_fn=self.target_fn)
         except LoRAConfigError as err:
             raise LoRAConfigError(
                 f"{err}. Note: LoRACallback.setup runs before LightningModule.setup and "
                 "configure_model, so layers built there do not exist yet; build them in "
                 "__init__, or call inject_lora yourself at the end of configure_model"
             ) from None
+        self._check_export_root(pl_module)
+        self.adapted = apply_plan(pl_module, plan)
+        self._module = pl_module
+        self._root = self._resolve_export_root(pl_module)
         self.fingerprint = base_fingerprint(pl_module)
         # Frozen base weights are not in our checkpoints: the model load must be non-strict,
-        # and _validate_checkpoint checks the keys that must be there.
+        # and validate_checkpoint checks the keys that must be there.
         pl_module.strict_loading = False
         _enable_input_grads_for_checkpointing(pl_module)
         _wrap_once(pl_module, "configure_optimizers", self._restrict_optimizers)
         _wrap_once(pl_module, "on_save_checkpoint", self._trim_checkpoint)
         _wrap_once(pl_module, "on_load_checkpoint", self._validate_checkpoint)
-        if not isinstance(trainer.strategy.checkpoint_io, _AdapterExportingIO):
-            trainer.strategy.checkpoint_io = _AdapterExportingIO(
-                trainer.strategy.checkpoint_io, self
+        if not isinstance(trainer.strategy.checkpoint_io, AdapterExportingIO):
+            trainer.strategy.checkpoint_io = AdapterExportingIO(
+                trainer.strategy.checkpoint_io, self._export_beside_checkpoint
             )
         self._log_counts(trainer, pl_module)
         launcher = getattr(trainer.strategy, "launcher", None)
@@ -148,8 +210,7 @@ class LoRACallback(pl.Callback):
         (a group left empty stays, so per-group scheduler lambdas keep their order).
         """
         result = original()
-        optimizers = _find_optimizers(result)
-        for index, optimizer in enumerate(optimizers):
+        for index, optimizer in enumerate(_find_optimizers(result)):
             kept = 0
             for group in optimizer.param_groups:
                 group["params"] = [p for p in group["params"] if p.requires_grad]
@@ -165,64 +226,15 @@ class LoRACallback(pl.Callback):
 
     # ---------------------------------------------------------------------- checkpoints
     def _trim_checkpoint(self, original: Callable[[dict], Any], checkpoint: dict) -> Any:
-        """Keep only trainable tensors in ``checkpoint['state_dict']``, add LoRA metadata."""
         output = original(checkpoint)
         module = self._require_module()
-        keep = set(lora_state_dict(module))
-        state = checkpoint["state_dict"]
-        checkpoint["state_dict"] = type(state)((k, v) for k, v in state.items() if k in keep)
-        checkpoint[CHECKPOINT_KEY] = {
-            "config": self.config.to_dict(),
-            "base_fingerprint": self.fingerprint,
-            "adapted_modules": list(self.adapted),
-            "export_root": self._export_root(module)[0],
-            "format": 1,
-        }
+        metadata = lora_metadata(self.config, self.fingerprint, self.adapted, self._root[0])
+        trim_checkpoint(checkpoint, lora_state_dict(module), metadata)
         return output
 
     def _validate_checkpoint(self, original: Callable[[dict], Any], checkpoint: dict) -> Any:
-        """Before the non-strict model load: same config, same base, every tensor present."""
         output = original(checkpoint)
-        module = self._require_module()
-        meta = checkpoint.get(CHECKPOINT_KEY)
-        if meta is None:
-            raise CheckpointMismatchError(
-                "the checkpoint was not written by a run with LoRACallback (it has no 'lora' "
-                "entry), so resuming from it would silently drop LoRA state; to start LoRA from "
-                "full-model weights, load them into the model before fit() instead of passing "
-                "ckpt_path"
-            )
-        saved = dict(meta.get("config", {}))
-        now = self.config.to_dict()
-        differ = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in now.items()
-                  if _plain(saved.get(k)) != _plain(v)]  # fmt: skip
-        if differ:
-            raise CheckpointMismatchError(
-                "the checkpoint was trained with another LoRA config; differing fields: "
-                + "; ".join(differ)
-                + ". Resume with the checkpoint's config, or start a new run without ckpt_path"
-            )
-        if meta.get("base_fingerprint") != self.fingerprint:
-            raise CheckpointMismatchError(
-                f"the checkpoint belongs to another base model (fingerprint "
-                f"{meta.get('base_fingerprint')} vs this model's {self.fingerprint}): its frozen "
-                "weights differ in names, shapes, dtypes or values; load the same pretrained base"
-            )
-        state = checkpoint.get("state_dict", {})
-        expected = set(lora_state_dict(module))
-        missing = sorted(expected - set(state))
-        # Names only: module.state_dict() would be a collective under FSDP.
-        # Every alias of a shared (tied) tensor is a state-dict key: keep duplicates.
-        known = {n for n, _ in module.named_parameters(remove_duplicate=False)} | {
-            n for n, _ in module.named_buffers(remove_duplicate=False)
-        }
-        unexpected = sorted(set(state) - known)
-        if missing or unexpected:
-            raise CheckpointMismatchError(
-                f"the checkpoint does not fit the adapted model: missing {len(missing)} "
-                f"trainable tensor(s) {missing[:6]}, unexpected {len(unexpected)} "
-                f"{unexpected[:6]}; frozen base weights may be absent, adapters may not"
-            )
+        validate_checkpoint(checkpoint, self._require_module(), self.config, self.fingerprint)
         return output
 
     # -------------------------------------------------------------------------- export
@@ -236,48 +248,42 @@ class LoRACallback(pl.Callback):
         if trainer.is_global_zero:
             self.export(state, directory)
             if self.merge_on_end:
-                self._write_merged(pl_module, directory / "merged_model.safetensors")
+                merged = merged_state_dict(self._root[1])
+                path = Path(directory) / "merged_model.safetensors"
+                atomic_write_file(path, lambda tmp: save_file(merged, str(tmp)))
         trainer.strategy.barrier("LoRACallback.on_train_end")
-        self.last_adapter_dir = directory
+        self.last_adapter_dir = Path(directory)
         rank_zero_info(f"LoRA adapter written to {directory}")
 
     def export(self, state_dict: Mapping[str, torch.Tensor], directory: str | Path) -> Path:
         """Write a PEFT-format adapter from a LightningModule ``state_dict`` (keys as in it)."""
-        prefix, root = self._export_root(self._require_module())
+        self._require_module()
+        prefix, root = self._root
         prefix = f"{prefix}." if prefix else ""
         relative = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
         return save_adapter(root, directory, state_dict=relative)
 
-    def _write_merged(self, pl_module: pl.LightningModule, path: Path) -> None:
-        """Write the export root's state dict with ``s·B·A`` folded into copies of the weights.
+    def _export_beside_checkpoint(self, checkpoint: dict[str, Any], path: Any) -> None:
+        if self.export_on_checkpoint and CHECKPOINT_KEY in checkpoint:
+            self.export(checkpoint["state_dict"], adapter_dir_for(path))
 
-        The live model is not merged and unmerged in place: that round trip changes the frozen
-        base weights by float rounding (on rank zero only, under DDP).
-        """
-        _, root = self._export_root(pl_module)
-        merged = {
-            k: v.detach().to("cpu").contiguous().clone()
-            for k, v in root.state_dict().items()
-            if ".lora_" not in k
-        }
-        for name, module, spec in adapted_modules(root):
-            if not spec.merged:  # merged by the user: the weight already holds s·B·A
-                key = f"{name}.weight" if name else "weight"
-                merged[key] = merged_weight(module).to("cpu").contiguous()
-        _atomic_write(path, lambda tmp: save_file(merged, str(tmp)))
+    def _check_export_root(self, pl_module: nn.Module) -> None:
+        if self.export_root in ("auto", ""):
+            return
+        try:
+            pl_module.get_submodule(self.export_root)
+        except AttributeError:
+            children = [name for name, _ in pl_module.named_children()]
+            raise LoRAConfigError(
+                f"LoRACallback(export_root={self.export_root!r}) names no submodule of "
+                f"{type(pl_module).__name__}; expected 'auto', '' or one of {children[:8]} "
+                "(or a dotted path below them)"
+            ) from None
 
-    def _export_root(self, pl_module: nn.Module) -> tuple[str, nn.Module]:
-        if self.export_root != "auto":
-            return self.export_root, pl_module.get_submodule(self.export_root)
-        # Everything the adapter holds must be inside the root: adapters, modules_to_save
-        # (e.g. a new head next to the Hugging Face backbone) and trained biases.
-        names = [name for name, _, _ in adapted_modules(pl_module)]
-        names += trainable_names(pl_module)
-        for name, module in pl_module.named_modules():
-            if name and hasattr(module, "save_pretrained") and hasattr(module, "config"):
-                if all(n.startswith(name + ".") for n in names):
-                    return name, module
-        return "", pl_module
+    def _resolve_export_root(self, pl_module: nn.Module) -> tuple[str, nn.Module]:
+        if self.export_root == "auto":
+            return export_root(pl_module)
+        return self.export_root, pl_module.get_submodule(self.export_root)
 
     # --------------------------------------------------------------------------- logging
     def _log_counts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -306,81 +312,9 @@ class LoRACallback(pl.Callback):
         rank_zero_info(f"LoRA summary\n{table}")
 
     def _require_module(self) -> pl.LightningModule:
-        if self._module is None:
+        if self._module is None or self._root is None:
             raise RuntimeError("LoRACallback was used before setup() attached it to a module")
         return self._module
-
-
-class _AdapterExportingIO(CheckpointIO):
-    """Delegates to the strategy's CheckpointIO, and keeps an adapter beside each checkpoint."""
-
-    def __init__(self, inner: CheckpointIO, callback: LoRACallback) -> None:
-        self.inner = inner
-        self.callback = callback
-
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None
-    ) -> None:
-        if type(self.inner) is TorchCheckpointIO and storage_options is None and _local(path):
-            # Lightning's _atomic_save writes a temp file in the *system* temp folder and
-            # moves it: across filesystems the move copies into the destination, so a crash
-            # or a full disk mid-copy destroys the previous file (last.ckpt). Write beside
-            # the destination, fsync, rename.
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write(Path(path), lambda tmp: torch.save(checkpoint, tmp))
-        else:
-            self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
-        if self.callback.export_on_checkpoint and CHECKPOINT_KEY in checkpoint:
-            self.callback.export(checkpoint["state_dict"], adapter_dir_for(path))
-
-    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: Any = None) -> Any:
-        # Unset: keep the inner IO's default map_location, and never unpickle arbitrary
-        # objects unless the caller asked for it (trainer.fit(..., weights_only=False)).
-        kwargs = {} if map_location is None else {"map_location": map_location}
-        try:
-            return self.inner.load_checkpoint(
-                path, weights_only=True if weights_only is None else weights_only, **kwargs
-            )
-        except FileNotFoundError:
-            raise
-        except Exception as err:  # noqa: BLE001 - any unreadable file gets one clear error
-            reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:160]}"
-            raise CheckpointMismatchError(
-                f"checkpoint {path} could not be read ({reason}); it is truncated, corrupted, "
-                "not a PyTorch checkpoint, or holds objects a weights-only load refuses to "
-                "unpickle. Resume from another checkpoint (e.g. an earlier one) or start "
-                "without ckpt_path"
-            ) from err
-
-    def remove_checkpoint(self, path: Any) -> None:
-        self.inner.remove_checkpoint(path)
-        _remove_folder(adapter_dir_for(path))
-
-    def teardown(self) -> None:
-        self.inner.teardown()
-
-
-def _local(path: Any) -> bool:
-    return isinstance(path, (str, os.PathLike)) and "://" not in str(path)
-
-
-def _remove_folder(folder: Path) -> None:
-    """Delete ``folder`` so that a crash never leaves it half-deleted under its own name."""
-    if not folder.is_dir():
-        return
-    doomed = folder.with_name(f".{folder.name}.del-{os.getpid()}")
-    shutil.rmtree(doomed, ignore_errors=True)
-    try:
-        os.replace(folder, doomed)
-    except OSError:
-        doomed = folder
-    shutil.rmtree(doomed, ignore_errors=True)
-
-
-def adapter_dir_for(checkpoint_path: str | Path) -> Path:
-    """The adapter directory kept beside a checkpoint: ``epoch=1.ckpt`` -> ``epoch=1_adapter``."""
-    path = Path(checkpoint_path)
-    return path.with_name(f"{path.stem}_adapter")
 
 
 def _build_config(config: LoRAConfig | Mapping[str, Any] | None, overrides: dict) -> LoRAConfig:
@@ -388,8 +322,13 @@ def _build_config(config: LoRAConfig | Mapping[str, Any] | None, overrides: dict
         values: dict[str, Any] = {}
     elif isinstance(config, LoRAConfig):
         values = config.to_dict()
+    elif hasattr(config, "keys"):
+        values = {key: config[key] for key in config.keys()}
     else:
-        values = {key: config[key] for key in config}
+        raise LoRAConfigError(
+            f"LoRACallback(config={config!r}) is invalid: expected a LoRAConfig, a mapping of "
+            "its fields, or None"
+        )
     values.update(overrides)
     return LoRAConfig.from_dict(values)
 
@@ -441,17 +380,6 @@ def _enable_input_grads_for_checkpointing(module: nn.Module) -> None:
                 sub.enable_input_require_grads()
                 object.__setattr__(sub, "_lora_input_grads", True)
             return
-
-
-def _plain(value: Any) -> Any:
-    """Normalise config values for comparison (tuples vs lists, ints vs floats)."""
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    return value
 
 
 __all__ = ["LoRACallback", "adapter_dir_for"]

@@ -1,0 +1,72 @@
+"""The LoRA core: needs only ``torch`` and ``safetensors``; never imports ``lightning``,
+``hydra``, ``wandb``, ``transformers`` or the rest of this package (``tests/test_layering.py``).
+
+=================  ===============================================================
+module             owns
+=================  ===============================================================
+``errors``         the exception types
+``config``         ``LoRAConfig``, its validation, name patterns, config comparison
+``state``          every mark LoRA puts on a model and every query about them
+``kernels``        the Linear-style LoRA autograd functions and dropout masks
+``layers``         one adapted layer: kinds, shapes, init, attach/detach, forward hook
+``fusion``         query/key/value sharing one ``A`` product
+``plan``           ``plan_lora``: what an injection will do, checked, model untouched
+``inject``         ``inject_lora`` / ``apply_plan``: all or nothing
+``merge``          merge, unmerge, unload, merged state dicts
+``peft_format``    PEFT's keys and ``adapter_config.json``, both ways
+``files``          atomic file and directory writes
+``adapter``        ``save_adapter`` / ``load_adapter``
+=================  ===============================================================
+"""
+
+from lora_lightning.core.adapter import load_adapter, save_adapter
+from lora_lightning.core.config import LoRAConfig, config_diff
+from lora_lightning.core.errors import (
+    AdapterFileError,
+    CheckpointMismatchError,
+    LoRAConfigError,
+    LoRAError,
+    LoRAStateError,
+    UnsupportedModuleError,
+)
+from lora_lightning.core.inject import apply_plan, inject_lora
+from lora_lightning.core.merge import merge_lora, merged_state_dict, unload_lora, unmerge_lora
+from lora_lightning.core.plan import LoRAPlan, TargetPlan, plan_lora
+from lora_lightning.core.state import (
+    ParameterCounts,
+    adapted_layers,
+    config_of,
+    count_parameters,
+    export_root,
+    lora_state_dict,
+    trainable_names,
+)
+
+__all__ = [
+    "AdapterFileError",
+    "CheckpointMismatchError",
+    "LoRAConfig",
+    "LoRAConfigError",
+    "LoRAError",
+    "LoRAPlan",
+    "LoRAStateError",
+    "ParameterCounts",
+    "TargetPlan",
+    "UnsupportedModuleError",
+    "adapted_layers",
+    "apply_plan",
+    "config_diff",
+    "config_of",
+    "count_parameters",
+    "export_root",
+    "inject_lora",
+    "load_adapter",
+    "lora_state_dict",
+    "merge_lora",
+    "merged_state_dict",
+    "plan_lora",
+    "save_adapter",
+    "trainable_names",
+    "unload_lora",
+    "unmerge_lora",
+]

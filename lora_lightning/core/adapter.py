@@ -1,0 +1,248 @@
+"""`save_adapter` and `load_adapter`: adapter directories in Hugging Face PEFT's format.
+
+Owns: the two operations, each planned and checked in full before anything changes. Saving
+checks every tensor (shape against the model, dtype, finite values) before the first byte is
+written; loading reads and checks the files, plans the injection, checks every tensor against
+the plan, and only then injects and copies. On any error the model and every file are exactly
+as before. Key and config translation is ``core.peft_format``'s; writing is ``core.files``'.
+Must not import: Lightning, Hydra, W&B, transformers. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from lora_lightning.core import files, peft_format
+from lora_lightning.core.errors import AdapterFileError, LoRAError, LoRAStateError
+from lora_lightning.core.inject import apply_plan
+from lora_lightning.core.peft_format import CONFIG_FILE, WEIGHTS_FILE, to_peft_key
+from lora_lightning.core.plan import plan_lora
+from lora_lightning.core.state import (
+    adapted_layers,
+    config_of,
+    is_merged,
+    lora_state_dict,
+    owner_of,
+    saved_modules,
+)
+
+
+def save_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike[str],
+    *,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    base_model_name_or_path: str | None = None,
+) -> Path:
+    """Write ``model``'s adapter as a PEFT-format directory, atomically.
+
+    Args:
+        model: the adapted model; saved paths are relative to it (pass the Hugging Face model
+            itself, not a wrapper holding it, for an adapter PEFT loads onto the stock model).
+        directory: created if missing; an adapter already there is replaced only once the new
+            files are complete on disk.
+        state_dict: take tensors from this mapping (keys relative to ``model``) instead of the
+            live parameters, e.g. from a checkpoint gathered under FSDP.
+        base_model_name_or_path: recorded in ``adapter_config.json`` for PEFT.
+
+    Returns:
+        The directory.
+
+    Raises:
+        LoRAStateError: if the model has no adapters or is merged (unmerge first).
+        AdapterFileError: a tensor that does not fit the model (shape, dtype), holds NaN/Inf,
+            or has no values (meta device); nothing is written then.
+    """
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper: save clean names
+    layers = list(adapted_layers(model))
+    config = config_of(model)
+    if not layers or config is None:
+        raise LoRAStateError(
+            "save_adapter: the model has no LoRA adapters; call inject_lora(model, config) first"
+        )
+    if is_merged(model):
+        raise LoRAStateError(
+            "save_adapter: the model is merged, so its base weights already contain the "
+            "adapters; call unmerge_lora(model) before saving, or save the merged weights"
+        )
+    expected = lora_state_dict(model)
+    tensors = expected
+    if state_dict is not None:
+        missing = sorted(set(expected) - set(state_dict))
+        if missing:
+            raise LoRAStateError(f"save_adapter: state_dict lacks adapter tensors {missing[:8]}")
+        tensors = {name: state_dict[name] for name in expected}
+    _check_savable(tensors, expected, Path(directory))
+    kinds = {name: layer.kind for name, _, layer in layers}
+    peft_tensors = {
+        to_peft_key(name, kinds): t.detach().to("cpu").contiguous() for name, t in tensors.items()
+    }
+    peft_config = peft_format.peft_config(config, layers, [n for n, _ in saved_modules(model)])
+    peft_config["base_model_name_or_path"] = base_model_name_or_path
+    config_text = json.dumps(peft_config, indent=2, sort_keys=True) + "\n"
+    # Weights first, config last: the config is what makes a directory an adapter.
+    return files.write_directory(
+        Path(directory),
+        {
+            WEIGHTS_FILE: lambda tmp: save_file(peft_tensors, str(tmp)),
+            CONFIG_FILE: lambda tmp: tmp.write_text(config_text),
+        },
+    )
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> list[str]:
+    """Load a PEFT-format LoRA adapter into ``model``, injecting adapters first if needed.
+
+    Targets and ranks come from the tensors themselves; alpha, dropout, rslora, bias and
+    ``modules_to_save`` from ``adapter_config.json`` (PEFT's pattern semantics). If the model
+    already has adapters they must be exactly the file's (modules, ranks, scalings). Every
+    tensor's name, shape and dtype is checked against the planned injection and every
+    mismatch reported at once, before the model is changed.
+
+    Returns:
+        The qualified names of the adapted modules.
+
+    Raises:
+        AdapterFileError: missing or unreadable files, a pickle-only ``adapter_model.bin``, a
+            non-LoRA adapter, tensors that do not fit the model, or a model on the ``meta``
+            device (nothing to load the values into). The message names the directory.
+        LoRAStateError: if the model is merged.
+    """
+    model = getattr(model, "_orig_mod", model)
+    directory = Path(directory)
+    peft_config = peft_format.read_adapter_config(directory)
+    tensors = peft_format.read_weights(directory)
+    file_modules = peft_format.file_modules(tensors, directory)
+    if is_merged(model):
+        raise LoRAStateError(
+            "load_adapter: the model is merged; call unmerge_lora(model) before loading"
+        )
+    config = peft_format.config_from_peft(peft_config, file_modules, tensors, model, directory)
+    if owner_of(model) is not None:
+        _check_same_adapters(model, config, file_modules, directory)
+        plan = None
+        expected = {n: (tuple(t.shape), t.dtype) for n, t in lora_state_dict(model).items()}
+        on_meta = any(t.device.type == "meta" for t in lora_state_dict(model).values())
+    else:
+        try:
+            plan = plan_lora(model, config, target_fn=lambda name, _: name in file_modules)
+        except LoRAError as err:
+            raise AdapterFileError(f"adapter {directory} cannot be loaded: {err}") from None
+        expected = plan.trainable_tensors(model)
+        params = dict(model.named_parameters(remove_duplicate=False))
+        on_meta = any(t.on_meta for t in plan.targets) or any(
+            params[n].device.type == "meta" for n in expected if n in params
+        )
+    kinds = _kinds(model, plan)
+    expected = {to_peft_key(n, kinds): spec for n, spec in expected.items()}
+    _check_fit(expected, tensors, directory)
+    if on_meta:
+        raise AdapterFileError(
+            f"adapter {directory} cannot be loaded into a model on the meta device (its tensors "
+            "hold no values, so the loaded ones would be dropped); materialise the model first "
+            "(model.to_empty(device=...) and load the base weights), then load the adapter"
+        )
+    if plan is not None:
+        apply_plan(model, plan)
+    with torch.no_grad():
+        for name, target in lora_state_dict(model).items():
+            target.copy_(tensors[to_peft_key(name, kinds)])
+    return [name for name, _, _ in adapted_layers(model)]
+
+
+def _kinds(model: nn.Module, plan) -> dict[str, str]:  # noqa: ANN001 - LoRAPlan | None
+    if plan is not None:
+        return {t.name: t.kind for t in plan.targets}
+    return {name: layer.kind for name, _, layer in adapted_layers(model)}
+
+
+def _check_same_adapters(
+    model: nn.Module,
+    config,
+    file_modules: dict[str, int],
+    directory: Path,  # noqa: ANN001
+) -> None:
+    """A model that already holds adapters takes a file only with the same modules, ranks and
+    scalings: never load values under another scaling than they were trained with."""
+    present = {name: layer for name, _, layer in adapted_layers(model)}
+    problems = []
+    if only_model := sorted(set(present) - set(file_modules)):
+        problems.append(f"adapted in the model but not in the file: {only_model[:5]}")
+    if only_file := sorted(set(file_modules) - set(present)):
+        problems.append(f"in the file but not adapted in the model: {only_file[:5]}")
+    for name in sorted(set(present) & set(file_modules)):
+        layer, rank = present[name], file_modules[name]
+        if layer.r != rank:
+            problems.append(f"rank differs for {name} (model r={layer.r}, file r={rank})")
+            continue
+        scaling = config.scaling(rank, config.alpha_for(name))
+        if not math.isclose(layer.scaling, scaling):
+            problems.append(
+                f"another scaling (lora_alpha / r, or alpha / sqrt(r) with use_rslora) for "
+                f"{name} (model {layer.scaling:g}, file {scaling:g})"
+            )
+    if problems:
+        raise AdapterFileError(
+            f"adapter {directory} does not match the adapters already in the model: "
+            + "; ".join(problems[:6])
+            + "; load it into a model without adapters, or inject with the file's alpha, ranks "
+            "and targets"
+        )
+
+
+def _check_fit(
+    expected: dict[str, tuple[tuple[int, ...], torch.dtype]],
+    found: dict[str, torch.Tensor],
+    directory: Path,
+) -> None:
+    problems = [f"missing {k}" for k in sorted(set(expected) - set(found))]
+    problems += [f"unexpected {k}" for k in sorted(set(found) - set(expected))]
+    for key in sorted(set(expected) & set(found)):
+        (shape, dtype), got = expected[key], found[key]
+        if tuple(shape) != tuple(got.shape):
+            problems.append(
+                f"{key}: shape {tuple(got.shape)} in file, model expects {tuple(shape)}"
+            )
+        elif dtype != got.dtype:
+            problems.append(f"{key}: dtype {got.dtype} in file, model expects {dtype}")
+        elif got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            problems.append(f"{key}: holds NaN or Inf values")
+    if problems:
+        listed = "\n  ".join(problems)
+        raise AdapterFileError(
+            f"adapter {directory} does not fit the model ({len(problems)} problem(s)):\n  {listed}"
+        )
+
+
+def _check_savable(
+    tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], directory: Path
+) -> None:
+    """Every tensor to be written fits the model and holds finite values, or nothing is."""
+    problems = []
+    for name, tensor in tensors.items():
+        want = expected[name]
+        if not isinstance(tensor, torch.Tensor):
+            problems.append(f"{name}: a {type(tensor).__name__}, not a tensor")
+        elif tensor.device.type == "meta":
+            problems.append(f"{name}: on the meta device (no values to save)")
+        elif tuple(tensor.shape) != tuple(want.shape):
+            problems.append(
+                f"{name}: shape {tuple(tensor.shape)}, the model has {tuple(want.shape)}"
+            )
+        elif tensor.dtype != want.dtype:
+            problems.append(f"{name}: dtype {tensor.dtype}, the model has {want.dtype}")
+        elif tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            problems.append(f"{name}: holds NaN or Inf values")
+    if problems:
+        listed = "\n  ".join(problems[:10])
+        raise AdapterFileError(
+            f"save_adapter: refusing to write {directory} ({len(problems)} problem(s); nothing "
+            f"was written):\n  {listed}"
+        )

@@ -1,0 +1,345 @@
+"""`LoRAConfig`: every LoRA hyperparameter, and the one place that says what is valid.
+
+Owns: the config dataclass, its validation and normalisation (:meth:`LoRAConfig.validate`,
+run at construction *and* again by every operation that uses a config, so a mutated dataclass
+cannot slip through), module-name patterns (:class:`NamePattern`) and config comparison
+(:func:`config_diff`). Must not import: anything outside ``torch`` and ``core.errors``.
+
+The dataclass is also the Hydra structured-config schema of the ``lora`` config group, so its
+field types stay within what OmegaConf supports (no callables: ``target_fn`` is an argument of
+:func:`lora_lightning.inject_lora` instead).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from lora_lightning.core.errors import LoRAConfigError
+
+#: Names accepted by ``LoRAConfig.dtype`` (``auto`` = the dtype of the adapted base weight).
+DTYPES: dict[str, torch.dtype | None] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "auto": None,
+}
+INITS = ("kaiming", "gaussian")
+BIAS_MODES = ("none", "lora_only", "all")
+DROPOUT_MASKS = ("fast", "torch")
+
+#: Attention query/key/value projections of BERT-, RoBERTa-, Llama- and Mistral-style models.
+DEFAULT_TARGETS = [r"(.*\.)?(query|key|value|q_proj|k_proj|v_proj)"]
+
+#: An entry made only of these characters is a plain module name (PEFT's rule: it matches a
+#: module whose name is the entry or ends with ``.<entry>``); anything else is a regex.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+
+
+def _default_targets() -> list[str]:
+    return list(DEFAULT_TARGETS)
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA hyperparameters. A frozen layer ``W x`` becomes ``W x + s · B A dropout(x)``.
+
+    Args:
+        r: rank of ``A`` (``r x in``) and ``B`` (``out x r``); int >= 1.
+        alpha: scaling numerator: ``s = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``).
+        dropout: dropout probability on the adapter input, in [0, 1); 0 adds no dropout op.
+        seed: seeds A's initialisation per module (seed + module name), so every rank and
+            every run builds the same adapters whatever else is targeted.
+        dtype: adapter parameter dtype: float32, float16, bfloat16, float64, or ``auto``.
+        target_modules: module names; a plain name (``q_proj``, ``layer.0.query``) matches a
+            module called so or whose name ends with ``.<name>`` (as in PEFT), anything else
+            is a regex full-matched against the qualified name. Every entry must match.
+        exclude_modules: names or regexes (same rule) of modules never adapted.
+        rank_pattern: name/regex -> rank overriding ``r``; 0 means "no adapter on this module".
+        alpha_pattern: name/regex -> alpha overriding ``alpha``.
+        use_rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
+        init: A's init, ``kaiming`` (uniform, a=sqrt(5)) or ``gaussian`` (std 1/r).
+        bias: which biases train: ``none``, ``lora_only`` (of adapted modules), ``all``.
+        modules_to_save: names/regexes of modules trained in full and saved with the adapter.
+        group_shared_input: adapted Linear siblings reading the same input (query/key/value)
+            run their A matrices as one matmul behind one dropout mask. Same maths as
+            per-module adapters when dropout is 0; with dropout the siblings share a mask.
+        dropout_masks: how CPU dropout masks are drawn: ``fast`` cuts 16-bit uniforms from
+            random 64-bit words (the drop probability rounded to a multiple of 2**-16:
+            0.1 -> 0.1000061), ``torch`` draws ``torch.nn.Dropout``'s exact masks. With
+            ``group_shared_input=False`` and ``torch`` masks the draws are PEFT's, mask for mask.
+        fuse_shared_input: deprecated (configs before 0.2): ``true`` means
+            ``group_shared_input=true, dropout_masks=fast``; ``false`` means ``false, torch``.
+
+    Raises:
+        LoRAConfigError: on any invalid value, naming the field, the value and what is allowed.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    seed: int = 0
+    dtype: str = "float32"
+    target_modules: list[str] = field(default_factory=_default_targets)
+    exclude_modules: list[str] = field(default_factory=list)
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_rslora: bool = False
+    init: str = "kaiming"
+    bias: str = "none"
+    modules_to_save: list[str] = field(default_factory=list)
+    group_shared_input: bool = True
+    dropout_masks: str = "fast"
+    fuse_shared_input: Optional[bool] = None  # noqa: UP045 - OmegaConf needs Optional
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> LoRAConfig:
+        """Check every field and normalise it in place (plain containers, Python numbers).
+
+        Called at construction and again by every operation that uses the config, so a field
+        changed after construction (``config.r = -1``) is caught before it is used. Integral
+        and real numbers of any type (``numpy.int64(4)``) are accepted and stored as
+        ``int``/``float``.
+
+        Returns:
+            ``self``, for chaining.
+
+        Raises:
+            LoRAConfigError: naming the field, the bad value and what is allowed.
+        """
+        self.r = _integer("r", self.r, minimum=1)
+        self.alpha = _positive_number("alpha", self.alpha)
+        self.dropout = _number_in("dropout", self.dropout, 0.0, 1.0)
+        self.seed = _integer("seed", self.seed, minimum=0)
+        _check_choice("dtype", self.dtype, tuple(DTYPES))
+        _check_choice("init", self.init, INITS)
+        _check_choice("bias", self.bias, BIAS_MODES)
+        _check_choice("dropout_masks", self.dropout_masks, DROPOUT_MASKS)
+        self.use_rslora = _flag("use_rslora", self.use_rslora)
+        self.group_shared_input = _flag("group_shared_input", self.group_shared_input)
+        if self.fuse_shared_input is not None:
+            legacy = _flag("fuse_shared_input", self.fuse_shared_input)
+            self.group_shared_input = legacy
+            self.dropout_masks = "fast" if legacy else "torch"
+            self.fuse_shared_input = None
+        self.target_modules = _pattern_list("target_modules", self.target_modules)
+        self.exclude_modules = _pattern_list("exclude_modules", self.exclude_modules)
+        self.modules_to_save = _pattern_list("modules_to_save", self.modules_to_save)
+        if not self.target_modules:
+            raise LoRAConfigError(
+                "lora.target_modules=[] is invalid: give at least one regex or module name "
+                f"(default: {DEFAULT_TARGETS})"
+            )
+        self.rank_pattern = {
+            key: _integer(f"rank_pattern[{key!r}]", value, minimum=0)
+            for key, value in _pattern_dict("rank_pattern", self.rank_pattern).items()
+        }
+        self.alpha_pattern = {
+            key: _positive_number(f"alpha_pattern[{key!r}]", value)
+            for key, value in _pattern_dict("alpha_pattern", self.alpha_pattern).items()
+        }
+        return self
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        """The adapter dtype, or None for ``auto`` (follow the base weight)."""
+        return DTYPES[self.dtype]
+
+    def rank_for(self, name: str) -> int:
+        """The rank of module ``name``: the first matching ``rank_pattern`` entry, else r."""
+        return int(_first_match("rank_pattern", self.rank_pattern, name, self.r))
+
+    def alpha_for(self, name: str) -> float:
+        """The alpha of module ``name``: the first matching ``alpha_pattern``, else alpha."""
+        return float(_first_match("alpha_pattern", self.alpha_pattern, name, self.alpha))
+
+    def scaling(self, rank: int, alpha: float) -> float:
+        """``alpha / r``, or ``alpha / sqrt(r)`` with rank-stabilised LoRA."""
+        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable copy of every field (after validation)."""
+        self.validate()
+        values = dataclasses.asdict(self)
+        values.pop("fuse_shared_input")  # always folded into the two fields it stood for
+        return values
+
+    @classmethod
+    def from_dict(cls, values: Any) -> LoRAConfig:
+        """Build from a mapping; unknown keys are an error naming them and the valid fields."""
+        if not hasattr(values, "keys"):
+            raise LoRAConfigError(
+                f"a LoRA config must be a mapping of field -> value, got {type(values).__name__}"
+            )
+        values = {key: values[key] for key in values.keys()}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(map(str, set(values) - known))
+        if unknown:
+            raise LoRAConfigError(
+                f"unknown LoRA config field(s) {unknown}: valid fields are {sorted(known)}"
+            )
+        return cls(**values)
+
+
+def config_diff(
+    old: LoRAConfig | dict[str, Any],
+    new: LoRAConfig | dict[str, Any],
+    labels: tuple[str, str] | None = None,
+) -> list[str]:
+    """Human-readable ``field: old -> new`` for every field that differs (empty when equal);
+    with ``labels=("checkpoint", "now")``: ``field: checkpoint old vs now new``.
+
+    Both sides are normalised first (dicts through :meth:`LoRAConfig.from_dict`, which also
+    reads configs written before a field was renamed), so ``4`` equals ``4.0`` and a list
+    equals a tuple.
+
+    Raises:
+        LoRAConfigError: if either side is not a valid config.
+    """
+    before = _as_config(old).to_dict()
+    after = _as_config(new).to_dict()
+    first, second = labels or ("", "")
+    sep = f" vs {second} " if labels else " -> "
+    return [
+        f"{key}: {first + ' ' if first else ''}{before[key]!r}{sep}{after[key]!r}"
+        for key in after
+        if before[key] != after[key]
+    ]
+
+
+def _as_config(value: LoRAConfig | dict[str, Any]) -> LoRAConfig:
+    if isinstance(value, LoRAConfig):
+        return value.validate()
+    return LoRAConfig.from_dict(value)
+
+
+class NamePattern:
+    """One entry of ``target_modules``/``exclude_modules``/``modules_to_save``/patterns.
+
+    A plain name (letters, digits, ``_``, ``.``, ``-``) matches a module called exactly so or
+    whose qualified name ends with ``.<entry>`` (PEFT's rule for list entries: ``q_proj``
+    matches ``model.layers.0.self_attn.q_proj``); anything else is a regex full-matched
+    against the qualified name.
+    """
+
+    def __init__(self, field_name: str, entry: Any) -> None:
+        if not isinstance(entry, str):
+            raise LoRAConfigError(
+                f"lora.{field_name} entry {entry!r} ({type(entry).__name__}) is invalid: "
+                "expected a module name or regex string"
+            )
+        self.field_name = field_name
+        self.entry = entry
+        self.plain = bool(_PLAIN_NAME.fullmatch(entry))
+        try:
+            self._regex = re.compile(entry)
+        except re.error as err:
+            raise LoRAConfigError(
+                f"lora.{field_name} regex {entry!r} does not compile ({err}); expected a module "
+                r"name such as 'query' or a Python regular expression full-matched against "
+                r"module names such as '.*\.query'"
+            ) from None
+
+    def matches(self, name: str) -> bool:
+        """True if module ``name`` is selected by this entry."""
+        if self.plain:
+            return name == self.entry or name.endswith("." + self.entry)
+        return self._regex.fullmatch(name) is not None
+
+    def __repr__(self) -> str:
+        return repr(self.entry)
+
+
+def compile_patterns(field_name: str, entries: list[str]) -> list[NamePattern]:
+    """:class:`NamePattern` of every entry, or an error naming the field and the entry."""
+    return [NamePattern(field_name, entry) for entry in entries]
+
+
+def _first_match(field_name: str, patterns: dict[str, Any], name: str, default: Any) -> Any:
+    for key, value in patterns.items():
+        if NamePattern(field_name, key).matches(name):
+            return value
+    return default
+
+
+def _pattern_list(name: str, value: Any) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, (bytes, bytearray)) or not _iterable(value) or hasattr(value, "keys"):
+        raise LoRAConfigError(
+            f"lora.{name}={value!r} is invalid: expected a list of regex strings or module names"
+        )
+    items = list(value)
+    for entry in items:
+        NamePattern(name, entry)
+    return items
+
+
+def _pattern_dict(name: str, value: Any) -> dict[str, Any]:
+    if not hasattr(value, "keys"):
+        raise LoRAConfigError(
+            f"lora.{name}={value!r} is invalid: expected a mapping of regex -> number (or module name -> number)"
+        )
+    items = {key: value[key] for key in value.keys()}
+    for key in items:
+        NamePattern(name, key)
+    return items
+
+
+def _iterable(value: Any) -> bool:
+    try:
+        iter(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _integer(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise LoRAConfigError(f"lora.{name}={value!r} is invalid: expected an integer >= {minimum}")
+    return int(value)
+
+
+def _real(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _positive_number(name: str, value: Any) -> float:
+    number = _real(value)
+    if number is None or number <= 0:
+        raise LoRAConfigError(f"lora.{name}={value!r} is invalid: expected a number > 0")
+    return number
+
+
+def _number_in(name: str, value: Any, low: float, high: float) -> float:
+    number = _real(value)
+    if number is None or not low <= number < high:
+        raise LoRAConfigError(
+            f"lora.{name}={value!r} is invalid: expected a number in [{low:g}, {high:g})"
+        )
+    return number
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise LoRAConfigError(f"lora.{name}={value!r} is invalid: expected true or false")
+    return value
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in allowed:
+        raise LoRAConfigError(
+            f"lora.{name}={value!r} is invalid: expected one of {', '.join(allowed)}"
+        )

@@ -1,0 +1,95 @@
+"""Shared-input fusion: adapted siblings that read one input compute one ``A`` product.
+
+Owns: :class:`SharedInput` groups and :func:`group_shared_inputs`, which forms them. Enabled
+by ``LoRAConfig.group_shared_input``. Must not import: ``core.layers``/``core.inject`` (the
+layer asks its group for its rows; the group asks the layer only for its ``lora_A``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from lora_lightning.core.errors import LoRAStateError
+from lora_lightning.core.state import layer_state
+
+#: ``project(module, x, a) -> A dropout(x)``: the layer's own down-projection, given stacked A.
+Project = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class SharedInput:
+    """Adapted siblings that read the same input, e.g. an attention's query, key and value.
+
+    The first member called with an input computes ``[A_q; A_k; A_v] dropout(x)`` as one
+    matmul with one dropout mask; the others find their rows ready when called with the very
+    same tensor (same object, same version). With dropout 0 this is the per-module maths
+    regrouped; with dropout > 0 the siblings share a mask where PEFT draws one per module
+    (``LoRAConfig.group_shared_input=False`` gives PEFT's behaviour). A member called with
+    another input (cross-attention keys, say) simply recomputes.
+    """
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        self.members = members
+        self._clear()
+
+    def _rows(self, module: nn.Module) -> tuple[int, int]:
+        """``module``'s rows in the stacked ``A`` (found by identity, so deep copies work)."""
+        start = 0
+        for member in self.members:
+            stop = start + member.lora_A.weight.shape[0]
+            if member is module:
+                return start, stop
+            start = stop
+        raise LoRAStateError(f"{type(module).__name__} is not a member of this LoRA group")
+
+    def _clear(self) -> None:
+        self._key: tuple[Any, ...] | None = None
+        self._input: torch.Tensor | None = None
+        self._hidden: torch.Tensor | None = None
+        self._pending: set[int] = set()
+
+    def hidden(self, module: nn.Module, x: torch.Tensor, project: Project) -> torch.Tensor:
+        """``A dropout(x)`` of ``module`` (``(..., r)``), from the group's one ``A`` product."""
+        # Inference tensors (torch.inference_mode) keep no version counter.
+        version = -1 if x.is_inference() else x._version
+        key = (version, torch.is_grad_enabled(), module.training)
+        if self._input is not x or self._key != key or id(module) not in self._pending:
+            a = torch.cat([member.lora_A.weight for member in self.members])
+            self._hidden = project(module, x, a)
+            self._input, self._key = x, key
+            self._pending = {id(member) for member in self.members}
+        start, stop = self._rows(module)
+        hidden = self._hidden[..., start:stop]
+        self._pending.discard(id(module))
+        if not self._pending:  # every sibling served: hold no activation past this point
+            self._clear()
+        return hidden
+
+    def disband(self) -> None:
+        """Return every member to per-module computation (used when adapters are removed)."""
+        for member in self.members:
+            layer = layer_state(member)
+            if layer is not None:
+                layer.group = None
+        self._clear()
+
+
+def group_shared_inputs(modules: list[tuple[str, nn.Module]], kinds: tuple[str, ...]) -> None:
+    """Put adapted siblings of one parent, of a layer kind in ``kinds``, with the same input
+    size and adapter dtype into a :class:`SharedInput` group (groups of one are left alone)."""
+    groups: dict[tuple[Any, ...], list[nn.Module]] = {}
+    for name, module in modules:
+        layer = layer_state(module)
+        if layer is None or layer.group is not None or layer.kind not in kinds:
+            continue
+        parent = name.rpartition(".")[0]
+        a = module.lora_A.weight
+        groups.setdefault((parent, a.shape[1], a.dtype, id(layer.owner)), []).append(module)
+    for members in groups.values():
+        if len(members) > 1:
+            group = SharedInput(members)
+            for member in members:
+                layer_state(member).group = group

@@ -1,0 +1,102 @@
+"""`inject_lora`: apply a checked plan to a model, all or nothing.
+
+Owns: :func:`inject_lora` (plan with ``core.plan``, then apply) and :func:`apply_plan`, which
+attaches every planned adapter, groups shared inputs, places the marks and freezes what should
+not train. If anything fails while applying, every change is rolled back: the model keeps its
+parameters, hooks, ``requires_grad`` flags and attributes exactly. Must not import:
+``core.adapter``, ``core.merge``, Lightning, Hydra.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lora_lightning.core.config import LoRAConfig
+from lora_lightning.core.errors import LoRAStateError
+from lora_lightning.core.fusion import group_shared_inputs
+from lora_lightning.core.layers import MATMUL_KINDS, attach, detach
+from lora_lightning.core.plan import LoRAPlan, TargetFn, plan_lora
+from lora_lightning.core.state import (
+    AdapterSet,
+    clear_marks,
+    layer_state,
+    mark_only_lora_as_trainable,
+    mark_root,
+    mark_saved,
+    mark_trained_bias,
+)
+
+
+def inject_lora(
+    model: nn.Module, config: LoRAConfig | None = None, *, target_fn: TargetFn | None = None
+) -> list[str]:
+    """Add LoRA adapters to ``model`` in place and freeze everything that should not train.
+
+    Targets are the modules matched by ``config.target_modules`` (a plain name such as
+    ``q_proj`` matches as a name suffix, as in PEFT; anything else is a full-match regex), or
+    for which ``target_fn(name, module)`` is true, minus ``exclude_modules`` and modules whose
+    ``rank_pattern`` rank is 0. After injection only the adapter matrices, the
+    ``modules_to_save`` and the biases selected by ``config.bias`` require grad.
+
+    Everything is checked before the model is changed (see :func:`lora_lightning.core.plan.
+    plan_lora`); on any error the model is exactly as before. Idempotent: calling it again
+    with an equal config adds nothing and returns the same names. On a ``meta``-device model
+    no memory is allocated and nothing is initialised.
+
+    Returns:
+        The qualified names of the adapted modules, in model order.
+
+    Raises:
+        LoRAConfigError: invalid config values, or an entry of ``target_modules`` /
+            ``modules_to_save`` that matches no module (the message lists close names).
+        UnsupportedModuleError: if a target is not a supported layer type.
+        LoRAStateError: if the model already holds adapters from a different config.
+    """
+    return apply_plan(model, plan_lora(model, config, target_fn=target_fn))
+
+
+def apply_plan(model: nn.Module, plan: LoRAPlan) -> list[str]:
+    """Apply a plan made by ``plan_lora`` for this model; all or nothing.
+
+    Raises:
+        LoRAStateError: if the model changed since the plan was made (a target is gone,
+            another module now sits there, or it is adapted already).
+    """
+    model = getattr(model, "_orig_mod", model)
+    if plan.already_applied:
+        mark_only_lora_as_trainable(model)
+        return plan.names
+    modules = dict(model.named_modules())
+    stale = [t.name for t in plan.targets if t.name not in modules or layer_state(modules[t.name])]
+    if stale:
+        raise LoRAStateError(
+            f"the plan no longer fits the model: {stale[:5]} are missing or already adapted; "
+            "make a new plan with plan_lora(model, config)"
+        )
+    owner = AdapterSet(plan.config)
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    attached: list[nn.Module] = []
+    try:
+        for target in plan.targets:
+            module = modules[target.name]
+            attach(module, target.name, kind=target.kind, r=target.r, alpha=target.alpha,
+                   scaling=target.scaling, dtype=target.dtype, owner=owner)  # fmt: skip
+            attached.append(module)
+        if plan.config.group_shared_input:
+            group_shared_inputs([(t.name, modules[t.name]) for t in plan.targets], MATMUL_KINDS)
+        for name in plan.modules_to_save:
+            mark_saved(modules[name], owner)
+        for name in plan.trained_biases:
+            mark_trained_bias(modules[name], owner)
+        mark_root(model, owner)
+        mark_only_lora_as_trainable(model)
+    except BaseException:
+        for module in attached:
+            if layer_state(module) is not None:
+                detach(module)
+        clear_marks(model)
+        for param in model.parameters():
+            if id(param) in flags:
+                param.requires_grad_(flags[id(param)])
+        raise
+    return plan.names

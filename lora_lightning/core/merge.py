@@ -1,0 +1,138 @@
+"""Fold adapters into base weights (`merge_lora`), undo it (`unmerge_lora`), or remove them.
+
+Owns: merging and unmerging in place, :func:`merged_state_dict` (a deployable copy with the
+adapters folded in, the live model untouched), and :func:`unload_lora`. Every check happens
+before the first weight changes. Must not import: ``core.inject``, ``core.adapter``, Lightning.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lora_lightning.core.errors import LoRAStateError
+from lora_lightning.core.layers import delta_weight, detach
+from lora_lightning.core.state import adapted_layers, clear_marks, is_merged
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold ``s · B A`` into every adapted base weight; the adapters then stop contributing.
+
+    The sum is formed in float32 and cast back once, so bf16/fp16 bases lose as little as
+    possible. Dropout is never baked in. Outputs then equal the unmerged model's up to float
+    rounding, at the base model's inference cost.
+
+    Raises:
+        LoRAStateError: if the model has no adapters, is already merged, or an adapted weight
+            is tied to another module's (merging would change that module too).
+    """
+    _apply(model, merge=True)
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Exact inverse of :func:`merge_lora`, up to float rounding of the base dtype.
+
+    Raises:
+        LoRAStateError: if the model has no adapters or is not merged.
+    """
+    _apply(model, merge=False)
+
+
+def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Remove every LoRA part, leaving a plain model whose state-dict keys are the base's.
+
+    Args:
+        merge: fold the adapters into the base weights first (if not merged already);
+            with False the adapters' contribution is discarded (unmerged first if needed).
+
+    Returns:
+        ``model`` itself, modified in place (``modules_to_save`` keep their trained values).
+    """
+    layers = list(adapted_layers(model))
+    merged = is_merged(model)
+    if merge and not merged and layers:
+        merge_lora(model)
+    elif not merge and merged:
+        unmerge_lora(model)
+    for _, module, _ in layers:
+        detach(module)
+    clear_marks(model)
+    return model
+
+
+@torch.no_grad()
+def merged_weight(module: nn.Module, sign: int = 1) -> torch.Tensor:
+    """``W + sign · s·B·A`` of one adapted layer, as a new tensor in the base weight's dtype.
+
+    The sum is formed in at least float32 (float64 stays float64) and rounded once, at the
+    cast back; the layer itself is not changed.
+    """
+    weight = module.weight
+    delta = delta_weight(module).to(weight.device)
+    wide = weight.to(torch.promote_types(weight.dtype, delta.dtype))
+    return (wide + sign * delta).to(weight.dtype)
+
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state dict with ``s·B·A`` folded into copies of the adapted weights.
+
+    Keys are exactly the base model's (no ``lora_`` keys), values are CPU copies, and the live
+    model is not changed (merging in place and back would move the frozen weights by float
+    rounding). A layer the user merged already is copied as it is.
+    """
+    merged = {
+        key: value.detach().to("cpu").contiguous().clone()
+        for key, value in model.state_dict().items()
+        if ".lora_" not in key
+    }
+    for name, module, layer in adapted_layers(model):
+        if not layer.merged:
+            key = f"{name}.weight" if name else "weight"
+            merged[key] = merged_weight(module).to("cpu").contiguous()
+    return merged
+
+
+def tied_weights(model: nn.Module) -> dict[str, list[str]]:
+    """Adapted layer name -> the other parameter names sharing its weight (tied weights)."""
+    names_by_tensor: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_by_tensor.setdefault(id(param), []).append(name)
+    tied = {}
+    for name, module, _ in adapted_layers(model):
+        own = f"{name}.weight" if name else "weight"
+        others = [n for n in names_by_tensor.get(id(module.weight), []) if n != own]
+        if others:
+            tied[name] = others
+    return tied
+
+
+@torch.no_grad()
+def _apply(model: nn.Module, merge: bool) -> None:
+    verb = "merge" if merge else "unmerge"
+    layers = list(adapted_layers(model))
+    if not layers:
+        raise LoRAStateError(
+            f"{verb}_lora: the model has no LoRA adapters; "
+            "call inject_lora(model, config) or load_adapter(model, directory) first"
+        )
+    wrong = [name for name, _, layer in layers if layer.merged == merge]
+    if wrong:
+        state = "already merged" if merge else "not merged"
+        raise LoRAStateError(
+            f"{verb}_lora: {len(wrong)} adapted module(s) are {state} (e.g. {wrong[0]!r}); "
+            "merge_lora and unmerge_lora must alternate"
+        )
+    tied = tied_weights(model)
+    if tied and merge:
+        name, others = next(iter(tied.items()))
+        raise LoRAStateError(
+            f"merge_lora: the weight of adapted layer {name!r} is tied to {others[:3]} (shared "
+            "tensor, e.g. GPT-2's lm_head and wte); merging would change those too, so merged "
+            "and unmerged outputs would differ. Keep the adapter unmerged, untie the weights "
+            "first (give the layer its own copy of the weight), or use merged_state_dict(model)"
+            " only where the tie does not matter"
+        )
+    for _, module, layer in layers:
+        module.weight.copy_(merged_weight(module, sign=1 if merge else -1))
+        layer.merged = merge

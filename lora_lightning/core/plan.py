@@ -1,0 +1,253 @@
+"""Planning: what an injection will do, worked out and checked before the model is touched.
+
+Owns: :class:`LoRAPlan` / :class:`TargetPlan` and :func:`plan_lora`, a pure function of
+(model, config, optional target function) that selects targets, resolves each target's rank,
+alpha, scaling, dtype and adapter shapes, lists what trains (``modules_to_save``, biases), and
+raises on everything that can be wrong: an invalid or mutated config, an entry that matches
+nothing, an unsupported layer, adapters from another config already in the model. It reads
+the model and never changes it. Must not import: ``core.inject``, ``core.adapter``, Lightning.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lora_lightning.core.config import LoRAConfig, NamePattern, compile_patterns, config_diff
+from lora_lightning.core.errors import LoRAConfigError, LoRAStateError, UnsupportedModuleError
+from lora_lightning.core.layers import adapter_shapes, layer_kind, unsupported_reason
+from lora_lightning.core.state import adapted_layers, owner_of, select_trainable
+
+TargetFn = Callable[[str, nn.Module], bool]
+_LORA_PART = re.compile(r"(^|.*\.)lora_(A|B)$")
+
+
+@dataclass(frozen=True)
+class TargetPlan:
+    """One layer to adapt: ``W x`` -> ``W x + scaling · B A dropout(x)``."""
+
+    name: str
+    kind: str  # core.layers kind: linear, gpt2_conv1d, conv, embedding
+    r: int
+    alpha: float
+    scaling: float
+    dtype: torch.dtype  # adapter dtype
+    shape_a: tuple[int, ...]
+    shape_b: tuple[int, ...]
+    on_meta: bool  # the base weight has no values (meta device): nothing can be loaded
+
+
+@dataclass(frozen=True)
+class LoRAPlan:
+    """Everything an injection does, checked: apply it with ``core.inject.apply_plan``."""
+
+    config: LoRAConfig
+    targets: tuple[TargetPlan, ...]
+    modules_to_save: tuple[str, ...]
+    trained_biases: tuple[str, ...]  # adapted layers whose bias trains (bias="lora_only")
+    already_applied: bool  # the model holds exactly these adapters from an equal config
+
+    @property
+    def names(self) -> list[str]:
+        """Qualified names of the layers to adapt, in model order."""
+        return [target.name for target in self.targets]
+
+    def adapter_tensors(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """``<name>.lora_A.weight`` / ``lora_B`` -> (shape, dtype) of every adapter matrix."""
+        specs = {}
+        for t in self.targets:
+            specs[f"{t.name}.lora_A.weight"] = (t.shape_a, t.dtype)
+            specs[f"{t.name}.lora_B.weight"] = (t.shape_b, t.dtype)
+        return specs
+
+    def trainable_tensors(self, model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Name -> (shape, dtype) of every tensor that trains once the plan is applied (the
+        keys ``lora_state_dict`` will have): adapters, ``modules_to_save``, trained biases."""
+        params = dict(getattr(model, "_orig_mod", model).named_parameters(remove_duplicate=False))
+        names = select_trainable(
+            model,
+            saved=list(self.modules_to_save),
+            bias_modules=set(self.trained_biases),
+            all_biases=self.config.bias == "all",
+        )
+        specs = {n: (tuple(params[n].shape), params[n].dtype) for n in names}
+        return {**specs, **self.adapter_tensors()}
+
+    def summary(self) -> str:
+        """One line per target (name, kind, rank, alpha, scaling, shapes), for people."""
+        rows = [
+            f"{t.name}  {t.kind}  r={t.r}  alpha={t.alpha:g}  scaling={t.scaling:g}  "
+            f"A{list(t.shape_a)} B{list(t.shape_b)} {str(t.dtype).removeprefix('torch.')}"
+            for t in self.targets
+        ]
+        rows += [f"{name}  trained in full" for name in self.modules_to_save]
+        return "\n".join(rows)
+
+
+def plan_lora(
+    model: nn.Module, config: LoRAConfig | None = None, *, target_fn: TargetFn | None = None
+) -> LoRAPlan:
+    """Work out and check what ``inject_lora(model, config, target_fn=...)`` would do.
+
+    Targets are the modules matched by an entry of ``config.target_modules`` (a plain name
+    matches as a name suffix, as in PEFT; anything else is a full-match regex), or for which
+    ``target_fn(name, module)`` is true, minus ``exclude_modules``, minus modules inside a
+    ``modules_to_save`` module, minus those whose ``rank_pattern`` rank is 0.
+
+    Raises:
+        LoRAConfigError: an invalid config value; a ``target_modules`` or ``modules_to_save``
+            entry that matches no module (with close names among the layers LoRA can adapt);
+            no target left.
+        UnsupportedModuleError: a target LoRA cannot adapt (every such target is listed).
+        LoRAStateError: the model already holds adapters from another config or other
+            targets, or from several injections.
+    """
+    config = (config if config is not None else LoRAConfig()).validate()
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper: plan the real model
+    modules = [(n, m) for n, m in model.named_modules() if n and not _LORA_PART.fullmatch(n)]
+    excludes = compile_patterns("exclude_modules", config.exclude_modules)
+    candidates = [(n, m) for n, m in modules if not any(p.matches(n) for p in excludes)]
+    chosen = _choose_targets(model, modules, candidates, config, target_fn)
+    saved = _match_every_entry(
+        model, modules, compile_patterns("modules_to_save", config.modules_to_save)
+    )
+    saved_names = [n for n, _ in saved]
+    kept = [(n, m) for n, m in chosen if not _inside_any(n, saved_names) and config.rank_for(n) > 0]
+    if not kept:
+        raise LoRAConfigError(
+            f"no module is left to adapt: the targets matched {[n for n, _ in chosen][:6]}, "
+            "but each of them is inside lora.modules_to_save or has rank 0 in "
+            "lora.rank_pattern; narrow those, or target other modules"
+        )
+    unsupported = [(n, unsupported_reason(m)) for n, m in kept if unsupported_reason(m)]
+    if unsupported:
+        listed = "; ".join(f"module {n!r} is {why}" for n, why in unsupported[:5])
+        more = f" (and {len(unsupported) - 5} more)" if len(unsupported) > 5 else ""
+        raise UnsupportedModuleError(
+            f"{len(unsupported)} target(s) cannot be adapted: {listed}{more}; adjust "
+            "lora.target_modules or lora.exclude_modules"
+        )
+    targets = tuple(_target_plan(name, module, config) for name, module in kept)
+    biases = tuple(
+        n for n, m in kept if config.bias == "lora_only" and getattr(m, "bias", None) is not None
+    )
+    plan = LoRAPlan(config, targets, tuple(saved_names), biases, already_applied=False)
+    return _against_existing_adapters(model, plan)
+
+
+def _target_plan(name: str, module: nn.Module, config: LoRAConfig) -> TargetPlan:
+    kind = layer_kind(module)
+    r, alpha = config.rank_for(name), config.alpha_for(name)
+    shape_a, shape_b = adapter_shapes(module, kind, r)
+    return TargetPlan(
+        name=name,
+        kind=kind,
+        r=r,
+        alpha=alpha,
+        scaling=config.scaling(r, alpha),
+        dtype=config.torch_dtype or module.weight.dtype,
+        shape_a=tuple(shape_a),
+        shape_b=tuple(shape_b),
+        on_meta=module.weight.device.type == "meta",
+    )
+
+
+def _against_existing_adapters(model: nn.Module, plan: LoRAPlan) -> LoRAPlan:
+    """Same config and targets as the adapters already there: a no-op; anything else: refuse."""
+    owner = owner_of(model)
+    if owner is None:
+        return plan
+    differ = config_diff(owner.config, plan.config)
+    if differ:
+        raise LoRAStateError(
+            "this model already holds LoRA adapters from a different config (changed: "
+            f"{'; '.join(differ)}); call unload_lora(model) first, or inject with the same config"
+        )
+    present = {name: layer.r for name, _, layer in adapted_layers(model)}
+    planned = {t.name: t.r for t in plan.targets}
+    if present != planned:
+        only_model = sorted(set(present) - set(planned))[:4]
+        only_plan = sorted(set(planned) - set(present))[:4]
+        raise LoRAStateError(
+            "this model already holds LoRA adapters on other layers than this injection would "
+            f"adapt (adapted but not targeted now: {only_model}; targeted but not adapted: "
+            f"{only_plan}); call unload_lora(model) first"
+        )
+    return LoRAPlan(
+        plan.config, plan.targets, plan.modules_to_save, plan.trained_biases, already_applied=True
+    )
+
+
+def _choose_targets(
+    model: nn.Module,
+    modules: list[tuple[str, nn.Module]],
+    candidates: list[tuple[str, nn.Module]],
+    config: LoRAConfig,
+    target_fn: TargetFn | None,
+) -> list[tuple[str, nn.Module]]:
+    if target_fn is not None:
+        chosen = [(n, m) for n, m in candidates if target_fn(n, m)]
+        if not chosen:
+            raise LoRAConfigError(
+                "target_fn selected no module; it is called as target_fn(name, module) for "
+                f"every module, e.g. names {_adaptable(modules)[:6]}"
+            )
+        return chosen
+    patterns = compile_patterns("target_modules", config.target_modules)
+    kept = {n for n, _ in candidates}
+    excluded = [n for n, _ in modules if n not in kept]
+    return _match_every_entry(model, candidates, patterns, excluded=excluded)
+
+
+def _match_every_entry(
+    model: nn.Module,
+    modules: list[tuple[str, nn.Module]],
+    patterns: list[NamePattern],
+    excluded: list[str] | None = None,
+) -> list[tuple[str, nn.Module]]:
+    """Modules matched by any entry; an entry that matches no module is an error naming it."""
+    names = [n for n, _ in modules]
+    unmatched = [p for p in patterns if not any(p.matches(n) for n in names)]
+    if unmatched:
+        field = unmatched[0].field_name
+        adaptable = _adaptable(modules) if field == "target_modules" else names
+        lines = []
+        for p in unmatched:
+            hidden = [n for n in excluded or [] if p.matches(n)]
+            note = f" (it matches only excluded modules {hidden[:3]})" if hidden else ""
+            lines.append(f"{p.entry!r}{note}: close names {_close_names(adaptable, p.entry)}")
+        entries = [p.entry for p in patterns]
+        raise LoRAConfigError(
+            f"lora.{field}={entries} matched no module of {type(model).__name__} for "
+            + "; ".join(lines)
+            + ". A plain name matches a module called so or ending in "
+            r"'.<name>'; a regex ('.*\.query') is full-matched against module names"
+        )
+    return [(n, m) for n, m in modules if any(p.matches(n) for p in patterns)]
+
+
+def _adaptable(modules: list[tuple[str, nn.Module]]) -> list[str]:
+    """Names of the modules LoRA could adapt (hints point at these, not at metric objects)."""
+    return [n for n, m in modules if layer_kind(m) is not None]
+
+
+def _inside_any(name: str, parents: list[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in parents)
+
+
+def _close_names(names: list[str], entry: str, n: int = 6) -> list[str]:
+    plain = re.sub(r"[^\w.]", "", entry) or entry
+    leaf = plain.rsplit(".", 1)[-1]
+    leaves = {name: name.rsplit(".", 1)[-1] for name in names}
+    # Most likely meant: modules whose last name part contains, or nearly spells, the entry's
+    # last part (``query`` -> ``...self.query``, ``c_atn`` -> ``...c_attn``).
+    found = [name for name in names if leaf and leaf in leaves[name]]
+    near = set(difflib.get_close_matches(leaf, sorted(set(leaves.values())), n=n))
+    found += [name for name in names if leaves[name] in near]
+    found += difflib.get_close_matches(plain, names, n=n, cutoff=0.0)
+    return list(dict.fromkeys(found))[:n] or names[:n]

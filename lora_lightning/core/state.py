@@ -1,0 +1,265 @@
+"""The LoRA state of a model: the one owner of every mark LoRA puts on modules.
+
+Owns: the marks (plain ``__dict__`` attributes, so they add no state-dict keys) and every query
+about them: which layers are adapted and with what rank/alpha/scaling (:class:`LoRALayer`),
+the config the model was adapted with (:class:`AdapterSet`, stored once and referenced by every
+mark of one injection), which modules train in full, which biases train, what is trainable,
+and the parameter counts and state dicts that follow. No other module reads or writes a mark.
+Must not import: ``core.layers``/``core.inject`` (they build on this), Lightning, Hydra.
+
+::
+
+    model ─┬─ encoder.layer.0.attention.self.query   mark: LoRALayer(r, alpha, scaling, ─┐
+           ├─ encoder.layer.0.attention.self.key     mark: LoRALayer(...)  ───────────────┤
+           ├─ classifier                             mark: saved ─────────────────────────┤
+           └─ (root)                                 mark: root ──────────────────────────┤
+                                                                 AdapterSet(config) <─────┘
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lora_lightning.core.config import LoRAConfig
+from lora_lightning.core.errors import LoRAStateError
+
+_LAYER = "_lora_layer"  # on an adapted layer: its LoRALayer
+_SAVED = "_lora_saved"  # on a module trained in full: the AdapterSet
+_BIAS = "_lora_bias"  # on an adapted layer whose bias trains (bias="lora_only"): the AdapterSet
+_ROOT = "_lora_root"  # on the module inject_lora was called on: the AdapterSet
+_MARKS = (_LAYER, _SAVED, _BIAS, _ROOT)
+
+#: Names of LoRA's own child modules, never targets themselves.
+LORA_PARTS = ("lora_A", "lora_B")
+
+
+@dataclass(eq=False)
+class AdapterSet:
+    """One injection: the config it used. Every mark it placed refers to this one object."""
+
+    config: LoRAConfig
+
+
+@dataclass(eq=False)
+class LoRALayer:
+    """Runtime state of one adapted layer (kept in the layer's ``__dict__``).
+
+    ``r``, ``alpha`` and ``scaling`` are this layer's values from the plan; the dropout
+    probability and mask generator are the owning :class:`AdapterSet`'s config's (held once).
+    """
+
+    kind: str
+    r: int
+    alpha: float
+    scaling: float
+    owner: AdapterSet
+    merged: bool = False
+    handle: Any = None  # the forward hook's RemovableHandle
+    group: Any = None  # a core.fusion.SharedInput when siblings share one A product
+
+    @property
+    def dropout(self) -> float:
+        """The configured dropout probability (applied only while the layer trains)."""
+        return self.owner.config.dropout
+
+
+# ------------------------------------------------------------------------------ writing marks
+def set_layer(module: nn.Module, layer: LoRALayer) -> None:
+    module.__dict__[_LAYER] = layer
+
+
+def mark_saved(module: nn.Module, owner: AdapterSet) -> None:
+    module.__dict__[_SAVED] = owner
+
+
+def mark_trained_bias(module: nn.Module, owner: AdapterSet) -> None:
+    module.__dict__[_BIAS] = owner
+
+
+def mark_root(module: nn.Module, owner: AdapterSet) -> None:
+    module.__dict__[_ROOT] = owner
+
+
+def pop_layer(module: nn.Module) -> LoRALayer:
+    """Remove and return the layer mark of ``module``."""
+    return module.__dict__.pop(_LAYER)
+
+
+def clear_marks(model: nn.Module) -> None:
+    """Remove every LoRA mark in ``model`` (its layers must be detached already)."""
+    for module in model.modules():
+        for mark in _MARKS:
+            module.__dict__.pop(mark, None)
+
+
+# ------------------------------------------------------------------------------------ queries
+def layer_state(module: nn.Module) -> LoRALayer | None:
+    """The :class:`LoRALayer` of ``module``, or None if it is not adapted."""
+    return module.__dict__.get(_LAYER)
+
+
+def adapted_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, LoRALayer]]:
+    """Yield ``(name, module, layer)`` for every adapted layer, in model order."""
+    for name, module in model.named_modules():
+        layer = module.__dict__.get(_LAYER)
+        if layer is not None:
+            yield name, module, layer
+
+
+def saved_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Yield ``(name, module)`` for every module in ``modules_to_save``."""
+    for name, module in model.named_modules():
+        if module.__dict__.get(_SAVED) is not None:
+            yield name, module
+
+
+def adapter_sets(model: nn.Module) -> list[AdapterSet]:
+    """The distinct injections whose marks are in ``model`` (normally zero or one)."""
+    found: dict[int, AdapterSet] = {}
+    for module in model.modules():
+        for mark in _MARKS:
+            value = module.__dict__.get(mark)
+            if value is not None:
+                owner = value.owner if isinstance(value, LoRALayer) else value
+                found.setdefault(id(owner), owner)
+    return list(found.values())
+
+
+def owner_of(model: nn.Module) -> AdapterSet | None:
+    """The one injection in ``model``, or None.
+
+    Raises:
+        LoRAStateError: if parts of the model were adapted by different injections.
+    """
+    owners = adapter_sets(model)
+    if len(owners) > 1:
+        raise LoRAStateError(
+            f"the model holds adapters from {len(owners)} separate inject_lora/load_adapter "
+            "calls with different configs; call unload_lora(model) and inject once"
+        )
+    return owners[0] if owners else None
+
+
+def config_of(model: nn.Module) -> LoRAConfig | None:
+    """The config ``model`` (or any submodule of it) was adapted with, or None."""
+    owner = owner_of(model)
+    return owner.config if owner is not None else None
+
+
+def is_merged(model: nn.Module) -> bool:
+    """True if any adapted layer of ``model`` holds its adapter folded into the weight."""
+    return any(layer.merged for _, _, layer in adapted_layers(model))
+
+
+def is_adapter_parameter(name: str) -> bool:
+    """True for the qualified name of an adapter matrix (``...lora_A.weight``/``lora_B``)."""
+    return name.endswith(("lora_A.weight", "lora_B.weight"))
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    """Qualified names of the parameters LoRA trains: adapters, modules_to_save, chosen biases.
+
+    Every alias of a shared (tied) parameter is listed, in model order, each name once.
+    """
+    config = config_of(model)
+    return select_trainable(
+        model,
+        saved=[name for name, _ in saved_modules(model)],
+        bias_modules={n for n, m in model.named_modules() if m.__dict__.get(_BIAS) is not None},
+        all_biases=config is not None and config.bias == "all",
+    )
+
+
+def select_trainable(
+    model: nn.Module, *, saved: list[str], bias_modules: set[str], all_biases: bool
+) -> list[str]:
+    """The rule behind :func:`trainable_names`, on explicit inputs (so a plan can apply it
+    before any mark exists): adapter matrices, every parameter under a ``saved`` module, and
+    the bias of each module in ``bias_modules`` (or every bias with ``all_biases``)."""
+    names = []
+    saved_prefixes = [f"{n}." if n else "" for n in saved]
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        prefix = f"{module_name}." if module_name else ""
+        trained_bias = all_biases or module_name in bias_modules
+        for param_name, _ in module.named_parameters(recurse=False):
+            full = prefix + param_name
+            if (
+                is_adapter_parameter(full)
+                or any(full.startswith(p) for p in saved_prefixes)
+                or (param_name == "bias" and trained_bias)
+            ):
+                names.append(full)
+    return list(dict.fromkeys(names))
+
+
+def mark_only_lora_as_trainable(model: nn.Module) -> None:
+    """Set ``requires_grad`` True exactly on :func:`trainable_names`, False elsewhere."""
+    trainable = set(trainable_names(model))
+    for name, param in model.named_parameters(remove_duplicate=False):
+        param.requires_grad_(name in trainable)
+    # A parameter shared with a trained one trains (it is the same tensor).
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name in trainable:
+        params[name].requires_grad_(True)
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a LoRA run produces, keyed as in ``model.state_dict()``.
+
+    That is ``<path>.lora_A.weight`` / ``<path>.lora_B.weight`` of every adapted module, the
+    parameters of ``modules_to_save``, and the biases that ``config.bias`` trains. Frozen base
+    weights are never included. Tensors are detached and share storage with the model.
+    """
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper: clean names
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return {name: params[name].detach() for name in trainable_names(model)}
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    """Parameter counts of a model (each shared parameter counted once)."""
+
+    trainable: int
+    total: int
+    adapter: int
+    adapted_modules: int
+
+    @property
+    def trainable_percent(self) -> float:
+        """``100 * trainable / total`` (0 for an empty model)."""
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+
+def count_parameters(model: nn.Module) -> ParameterCounts:
+    """Count trainable, total and adapter (A/B) parameters; works on ``meta`` models too."""
+    trainable = total = adapter = 0
+    for name, param in model.named_parameters():
+        total += param.numel()
+        trainable += param.numel() if param.requires_grad else 0
+        adapter += param.numel() if is_adapter_parameter(name) else 0
+    return ParameterCounts(
+        trainable=trainable,
+        total=total,
+        adapter=adapter,
+        adapted_modules=sum(1 for _ in adapted_layers(model)),
+    )
+
+
+def export_root(model: nn.Module) -> tuple[str, nn.Module]:
+    """The submodule whose module paths an adapter file should use, and its attribute path.
+
+    The outermost Hugging Face model (an object with ``config`` and ``save_pretrained``)
+    holding every adapter and every other trained tensor (``modules_to_save``, biases), so
+    PEFT loads the adapter onto the stock model; otherwise ``model`` itself (path ``""``).
+    """
+    names = [name for name, _, _ in adapted_layers(model)] + trainable_names(model)
+    for name, module in model.named_modules():
+        if name and hasattr(module, "save_pretrained") and hasattr(module, "config"):
+            if all(n.startswith(name + ".") for n in names):
+                return name, module
+    return "", model

@@ -1,0 +1,30 @@
+"""The Lightning integration: :class:`LoRACallback` and its checkpoint functions.
+
+=================  ===============================================================
+module             owns
+=================  ===============================================================
+``callback``       ``LoRACallback``: hooks only, calling the core
+``checkpoint``     trimming, validating and fingerprinting checkpoint dicts (pure)
+``checkpoint_io``  the atomic, adapter-exporting ``CheckpointIO`` wrapper
+=================  ===============================================================
+
+Uses the core; the core never imports this package. Must not import: ``app/``, Hydra, W&B.
+"""
+
+from lora_lightning.lightning.callback import LoRACallback
+from lora_lightning.lightning.checkpoint import (
+    CHECKPOINT_KEY,
+    adapter_dir_for,
+    base_fingerprint,
+    trim_checkpoint,
+    validate_checkpoint,
+)
+
+__all__ = [
+    "CHECKPOINT_KEY",
+    "LoRACallback",
+    "adapter_dir_for",
+    "base_fingerprint",
+    "trim_checkpoint",
+    "validate_checkpoint",
+]

@@ -1,0 +1,77 @@
+"""A ``CheckpointIO`` that writes checkpoints atomically and keeps an adapter beside each.
+
+Owns: :class:`AdapterExportingIO`, which wraps the strategy's ``CheckpointIO``. It is handed an
+export function (not the callback), so it knows nothing of LoRA beyond "after writing a
+checkpoint, call this". Reading a checkpoint that cannot be read is a
+``CheckpointMismatchError``. Must not import: ``lora_lightning.lightning.callback``, ``app/``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
+
+from lora_lightning.core.errors import CheckpointMismatchError
+from lora_lightning.core.files import atomic_write_file, remove_directory
+from lora_lightning.lightning.checkpoint import adapter_dir_for
+
+#: ``export(checkpoint, path)``: called after ``checkpoint`` was written to ``path``.
+ExportFn = Callable[[dict[str, Any], Any], None]
+
+
+class AdapterExportingIO(CheckpointIO):
+    """Delegates to ``inner``; after each save calls ``export``; removes the adapter with the
+    checkpoint."""
+
+    def __init__(self, inner: CheckpointIO, export: ExportFn) -> None:
+        self.inner = inner
+        self.export = export
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None
+    ) -> None:
+        if type(self.inner) is TorchCheckpointIO and storage_options is None and _local(path):
+            # Lightning's _atomic_save writes a temp file in the *system* temp folder and
+            # moves it: across filesystems the move copies into the destination, so a crash
+            # or a full disk mid-copy destroys the previous file (last.ckpt). Write beside
+            # the destination, fsync, rename.
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_file(Path(path), lambda tmp: torch.save(checkpoint, tmp))
+        else:
+            self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
+        self.export(checkpoint, path)
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: Any = None) -> Any:
+        # Unset: keep the inner IO's default map_location, and never unpickle arbitrary
+        # objects unless the caller asked for it (trainer.fit(..., weights_only=False)).
+        kwargs = {} if map_location is None else {"map_location": map_location}
+        try:
+            return self.inner.load_checkpoint(
+                path, weights_only=True if weights_only is None else weights_only, **kwargs
+            )
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # noqa: BLE001 - any unreadable file gets one clear error
+            reason = f"{type(err).__name__}: {(str(err).strip() or '?').splitlines()[0][:160]}"
+            raise CheckpointMismatchError(
+                f"checkpoint {path} could not be read ({reason}); it is empty, truncated, "
+                "corrupted, not a PyTorch checkpoint, or holds objects a weights-only load "
+                "refuses to unpickle. Resume from another checkpoint (e.g. an earlier one) or "
+                "start without ckpt_path"
+            ) from err
+
+    def remove_checkpoint(self, path: Any) -> None:
+        self.inner.remove_checkpoint(path)
+        remove_directory(adapter_dir_for(path))
+
+    def teardown(self) -> None:
+        self.inner.teardown()
+
+
+def _local(path: Any) -> bool:
+    return isinstance(path, (str, os.PathLike)) and "://" not in str(path)
