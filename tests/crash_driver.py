@@ -253,7 +253,7 @@ def _arm(kill_at: int) -> None:
     every weights or checkpoint write (the file is cut to half its bytes, then the process
     dies).
     """
-    import lora_lightning.core.adapter as adapter
+    import lora_lightning.core.files as adapter
 
     counter = iter(range(1_000_000))
 

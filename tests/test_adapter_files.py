@@ -26,7 +26,7 @@ from models import (
 )
 from torch import nn
 
-import lora_lightning.core.adapter
+import lora_lightning.core.files
 from lora_lightning import (
     LoRAConfig,
     LoRAStateError,
@@ -320,7 +320,7 @@ def test_failed_save_leaves_the_previous_adapter_intact_and_no_partial_file(tmp_
         Path(filename).write_bytes(data[: len(data) // 2])  # half-written when the disk fills
         raise OSError(errno.ENOSPC, "No space left on device", str(filename))
 
-    monkeypatch.setattr(lora_lightning.core.adapter, "save_file", save_file_then_disk_full)
+    monkeypatch.setattr(lora_lightning.core.files, "save_file", save_file_then_disk_full)
     new = mlp()
     inject_lora(new, LoRAConfig(r=4, target_modules=[r"layers\.\d"]))
     randomize_adapters(new, seed=2)
@@ -338,7 +338,7 @@ def test_failed_save_into_a_new_directory_leaves_no_adapter_file(tmp_path, monke
         Path(filename).write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device", str(filename))
 
-    monkeypatch.setattr(lora_lightning.core.adapter, "save_file", disk_full)
+    monkeypatch.setattr(lora_lightning.core.files, "save_file", disk_full)
     with pytest.raises(OSError):
         save_adapter(adapted("bert_linear"), tmp_path / "adapter")
     # The directory never appears (files go to a hidden sibling, renamed only when complete),

@@ -39,7 +39,7 @@ from crash_driver import TinyNet, adapted_tiny_net, make_trainer, tiny_module_cl
 from lightning.fabric.plugins import TorchCheckpointIO
 from safetensors.torch import load_file
 
-import lora_lightning.core.adapter as adapter_module
+import lora_lightning.core.files as adapter_module
 from lora_lightning import load_adapter, save_adapter
 from lora_lightning.lightning.checkpoint_io import AdapterExportingIO
 

@@ -16,13 +16,13 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from lora_lightning.core import files, peft_format
 from lora_lightning.core.errors import AdapterFileError, LoRAError, LoRAStateError
+from lora_lightning.core.files import CONFIG_FILE
 from lora_lightning.core.inject import apply_plan
-from lora_lightning.core.peft_format import CONFIG_FILE, WEIGHTS_FILE, to_peft_key
+from lora_lightning.core.peft_format import to_peft_key
 from lora_lightning.core.plan import plan_lora
 from lora_lightning.core.state import (
     adapted_layers,
@@ -87,14 +87,7 @@ def save_adapter(
     peft_config = peft_format.peft_config(config, layers, [n for n, _ in saved_modules(model)])
     peft_config["base_model_name_or_path"] = base_model_name_or_path
     config_text = json.dumps(peft_config, indent=2, sort_keys=True) + "\n"
-    # Weights first, config last: the config is what makes a directory an adapter.
-    return files.write_directory(
-        Path(directory),
-        {
-            WEIGHTS_FILE: lambda tmp: save_file(peft_tensors, str(tmp)),
-            CONFIG_FILE: lambda tmp: tmp.write_text(config_text),
-        },
-    )
+    return files.write_adapter_files(Path(directory), config_text, peft_tensors)
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> list[str]:
@@ -117,8 +110,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> list[st
     """
     model = getattr(model, "_orig_mod", model)
     directory = Path(directory)
-    peft_config = peft_format.read_adapter_config(directory)
-    tensors = peft_format.read_weights(directory)
+    text, tensors = files.read_adapter_files(directory)
+    peft_config = peft_format.parse_adapter_config(text, directory / CONFIG_FILE)
     file_modules = peft_format.file_modules(tensors, directory)
     if is_merged(model):
         raise LoRAStateError(

@@ -1,9 +1,11 @@
 """Bytes on disk: atomic file and directory writes that never lose what was there.
 
-Owns: :func:`atomic_write_file` (temp file beside the destination, fsync, rename),
-:func:`write_directory` (every file of an adapter written in a staging folder, then moved into
-place), :func:`remove_directory`. Knows nothing of LoRA or of the PEFT format. Must not
-import: any other ``lora_lightning`` module but ``core.errors``.
+Owns: reading and writing adapter directories as bytes (:func:`write_adapter_files`,
+:func:`read_adapter_files`: which files, in which order, never a mix of two saves),
+:func:`atomic_write_file` (temp file beside the destination, fsync, rename),
+:func:`write_directory`, :func:`remove_directory`. Knows nothing of LoRA maths or of what the
+keys and fields mean (``core.peft_format``). Must not import: any other ``lora_lightning``
+module but ``core.errors``.
 """
 
 from __future__ import annotations
@@ -13,8 +15,72 @@ import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lora_lightning.core.errors import AdapterFileError
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
 #: ``write(path)`` writes one file's bytes to ``path``.
 Writer = Callable[[Path], None]
+
+
+def write_adapter_files(
+    directory: Path, config_text: str, tensors: dict[str, torch.Tensor]
+) -> Path:
+    """Write an adapter directory: ``adapter_model.safetensors`` (``tensors``, contiguous CPU
+    tensors) and ``adapter_config.json`` (``config_text``), without ever losing what was there.
+
+    Raises:
+        AdapterFileError: the destination cannot be written (naming the path and why).
+    """
+    # Weights first, config last: the config is what makes a directory an adapter.
+    return write_directory(
+        directory,
+        {
+            WEIGHTS_FILE: lambda tmp: save_file(tensors, str(tmp)),
+            CONFIG_FILE: lambda tmp: tmp.write_text(config_text),
+        },
+    )
+
+
+def read_adapter_files(directory: Path) -> tuple[str, dict[str, torch.Tensor]]:
+    """Read an adapter directory: ``(adapter_config.json text, tensors)``; never unpickles.
+
+    Raises:
+        AdapterFileError: not a folder, a file missing, a pickle-only ``adapter_model.bin``,
+            an unreadable file; the message names the path.
+    """
+    if not directory.is_dir():
+        state = "is a file, not a folder" if directory.exists() else "does not exist"
+        raise AdapterFileError(
+            f"adapter directory {directory} {state}; expected a folder with "
+            f"{CONFIG_FILE} and {WEIGHTS_FILE}"
+        )
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise AdapterFileError(f"{path} is missing; an adapter directory needs {CONFIG_FILE}")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise AdapterFileError(f"{path} could not be read ({err})") from None
+    path = directory / WEIGHTS_FILE
+    if not path.is_file():
+        if (directory / "adapter_model.bin").exists():
+            raise AdapterFileError(
+                f"{directory} holds only adapter_model.bin, a pickle file that can run "
+                "arbitrary code when loaded, so it is refused; convert it to "
+                f"{WEIGHTS_FILE} in a trusted environment"
+            )
+        raise AdapterFileError(f"{path} is missing; an adapter directory needs {WEIGHTS_FILE}")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterFileError(f"{path} is not a readable safetensors file ({err})") from None
+    return text, tensors
 
 
 def atomic_write_file(path: Path, write: Writer) -> None:

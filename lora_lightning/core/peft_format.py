@@ -23,42 +23,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
 from lora_lightning.core.config import DTYPES, LoRAConfig
 from lora_lightning.core.errors import AdapterFileError
+from lora_lightning.core.files import CONFIG_FILE, WEIGHTS_FILE  # noqa: E402 - re-exported
 from lora_lightning.core.layers import EMBEDDING, GPT2_CONV1D
 from lora_lightning.core.state import LoRALayer
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _ADAPTER_KEY = re.compile(
     r"(?P<path>.+)\.(?:lora_(?P<ab>[AB])\.weight|lora_embedding_(?P<eab>[AB]))"
 )
 
 
-def read_adapter_config(directory: Path) -> dict[str, Any]:
-    """Read and type-check ``adapter_config.json``; a non-LoRA adapter is an error.
+def parse_adapter_config(text: str, path: Path) -> dict[str, Any]:
+    """Parse and type-check the text of ``adapter_config.json`` (read from ``path``); a
+    non-LoRA adapter or a PEFT feature this project does not implement is an error.
 
     Raises:
         AdapterFileError: naming the file, the field and what would be valid.
     """
-    if not directory.is_dir():
-        state = "is a file, not a folder" if directory.exists() else "does not exist"
-        raise AdapterFileError(
-            f"adapter directory {directory} {state}; expected a folder with "
-            f"{CONFIG_FILE} and {WEIGHTS_FILE}"
-        )
-    path = directory / CONFIG_FILE
-    if not path.is_file():
-        raise AdapterFileError(f"{path} is missing; an adapter directory needs {CONFIG_FILE}")
     try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterFileError(f"{path} is not valid JSON ({err})") from None
+        config = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise AdapterFileError(f"{path} is not valid JSON ({type(err).__name__}: {err})") from None
     if not isinstance(config, dict):
         raise AdapterFileError(f"{path} must hold a JSON object, got {type(config).__name__}")
     if config.get("peft_type") != "LORA":
@@ -107,22 +96,6 @@ def read_adapter_config(directory: Path) -> dict[str, Any]:
             f"{path}: modules_to_save={saved!r} is invalid; expected a list of module names or null"
         )
     return config
-
-
-def read_weights(directory: Path) -> dict[str, torch.Tensor]:
-    path = directory / WEIGHTS_FILE
-    if not path.is_file():
-        if (directory / "adapter_model.bin").exists():
-            raise AdapterFileError(
-                f"{directory} holds only adapter_model.bin, a pickle file that can run "
-                "arbitrary code when loaded, so it is refused; convert it to "
-                f"{WEIGHTS_FILE} in a trusted environment"
-            )
-        raise AdapterFileError(f"{path} is missing; an adapter directory needs {WEIGHTS_FILE}")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise AdapterFileError(f"{path} is not a readable safetensors file ({err})") from None
 
 
 def file_modules(tensors: dict[str, torch.Tensor], directory: Path) -> dict[str, int]:
