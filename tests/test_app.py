@@ -2,6 +2,8 @@
 
 The subprocess tests use a tiny BERT saved to disk (the real MiniLM tokenizer, 2 layers of
 width 32) so each job takes seconds; `test_default_job_on_real_minilm...` uses the real model.
+The helpers here (`tiny_model_dir`, `tiny_args`, `train_py`, `compose_train`...) serve the other
+`test_app_*.py` files too.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 
 
-def _compose(overrides: list[str] | None = None):
+def compose_train(overrides: list[str] | None = None):
     register_configs()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name="train", overrides=overrides or [], return_hydra_config=True)
@@ -33,14 +35,14 @@ def _compose(overrides: list[str] | None = None):
 
 # ----------------------------------------------------------------------------- composition
 def test_default_config_composes_with_every_group():
-    cfg = _compose()
+    cfg = compose_train()
     assert set(cfg) >= {"lora", "model", "data", "trainer", "logger", "callbacks", "paths"}
     assert cfg.model._target_ == "lora_lightning.tasks.TextClassifier"
     assert "wandb" in cfg.logger
 
 
 def test_lora_group_builds_a_valid_lora_config():
-    cfg = _compose(["lora.r=4", "lora.alpha=8"])
+    cfg = compose_train(["lora.r=4", "lora.alpha=8"])
     config = LoRAConfig(**OmegaConf.to_container(cfg.lora, resolve=True))
     assert (config.r, config.alpha) == (4, 8.0)
     assert config.modules_to_save == [r"(.*\.)?classifier"]
@@ -48,13 +50,13 @@ def test_lora_group_builds_a_valid_lora_config():
 
 def test_typo_in_lora_group_is_rejected_naming_the_key():
     with pytest.raises(Exception) as info:
-        _compose(["lora.rr=8"])
+        compose_train(["lora.rr=8"])
     assert "Key 'rr' not in 'LoRAConfig'" in f"{info.value} {info.value.__cause__}"
 
 
 def test_wrong_type_in_lora_group_is_rejected():
     with pytest.raises(Exception, match=r"lora\.r"):
-        _compose(["lora.r=eight"])
+        compose_train(["lora.r=eight"])
 
 
 @pytest.mark.parametrize(
@@ -74,22 +76,22 @@ def test_wrong_type_in_lora_group_is_rejected():
     ids=lambda o: o[0],
 )
 def test_each_config_option_composes(overrides):
-    cfg = _compose(overrides)
+    cfg = compose_train(overrides)
     assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
 
 
 def test_full_data_experiment_uses_all_training_data():
-    cfg = _compose(["experiment=sst2_full"])
+    cfg = compose_train(["experiment=sst2_full"])
     assert cfg.data.train_limit is None and cfg.trainer.max_epochs == 3
 
 
 def test_rank_sweep_experiment_sweeps_ranks():
-    cfg = _compose(["experiment=rank_sweep"])
+    cfg = compose_train(["experiment=rank_sweep"])
     assert cfg.hydra.sweeper.params["lora.r"] == "1,2,4,8,16"
 
 
 def test_deleting_the_lora_group_leaves_no_lora_config():
-    assert "lora" not in _compose(["~lora"])
+    assert "lora" not in compose_train(["~lora"])
 
 
 # ------------------------------------------------------------------------- subprocess runs
@@ -116,7 +118,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return path
 
 
-def _tiny_args(model_dir: Path) -> list[str]:
+def tiny_args(model_dir: Path) -> list[str]:
     return [
         f"model.model_name_or_path={model_dir}",
         f"data.tokenizer={model_dir}",
@@ -129,34 +131,34 @@ def _tiny_args(model_dir: Path) -> list[str]:
     ]
 
 
-def _env() -> dict[str, str]:
+def subprocess_env() -> dict[str, str]:
     env = dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     env.pop("WANDB_API_KEY", None)
     return env
 
 
-def _train(args: list[str], timeout: int = 300, launcher: list[str] | None = None):
+def train_py(args: list[str], timeout: int = 300, launcher: list[str] | None = None):
     command = [*(launcher or [sys.executable]), str(ROOT / "train.py"), *args]
     result = subprocess.run(
-        command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout
+        command, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
 
 
-def _wandb_runs(directory: Path) -> list[Path]:
+def wandb_runs(directory: Path) -> list[Path]:
     return sorted(directory.glob("wandb/offline-run-*/run-*.wandb"))
 
 
 def test_train_py_writes_adapter_results_and_offline_wandb_run(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    _train([*_tiny_args(tiny_model_dir), "test=true", f"hydra.run.dir={out}"])
+    train_py([*tiny_args(tiny_model_dir), "test=true", f"hydra.run.dir={out}"])
     results = json.loads((out / "results.json").read_text())
     assert results["adapter_dir"] == str(out / "adapter")
     assert {"val/acc", "test/acc", "test/f1"} <= set(results["metrics"])
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert list((out / "checkpoints").glob("*_adapter/adapter_config.json"))
-    (run,) = _wandb_runs(out)
+    (run,) = wandb_runs(out)
     logged = run.read_bytes()
     # The resolved config, the lora/ counts and the metrics all reach the W&B run.
     for key in (b"lora/trainable_params", b"model_name_or_path", b"val/acc", b"train/loss"):
@@ -168,7 +170,7 @@ def test_exported_adapter_loads_onto_the_stock_hf_model_in_peft(tiny_model_dir, 
     from transformers import AutoModelForSequenceClassification
 
     out = tmp_path / "run"
-    _train([*_tiny_args(tiny_model_dir), "logger=none", f"hydra.run.dir={out}"])
+    train_py([*tiny_args(tiny_model_dir), "logger=none", f"hydra.run.dir={out}"])
     ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
 
     def stock():
@@ -182,14 +184,14 @@ def test_exported_adapter_loads_onto_the_stock_hf_model_in_peft(tiny_model_dir, 
 
 def test_evaluate_command_scores_a_saved_adapter_on_a_tsv(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    _train([*_tiny_args(tiny_model_dir), "logger=none", f"hydra.run.dir={out}"])
+    train_py([*tiny_args(tiny_model_dir), "logger=none", f"hydra.run.dir={out}"])
     data = tmp_path / "split.tsv"
     data.write_text("label\tsentence\n1\ta great film\n0\ta dull mess\n1\tlovely\n")
     result = subprocess.run(
         [sys.executable, "-m", "lora_lightning.tasks.evaluate", str(out / "adapter"),
          "--data", str(data), "--model", str(tiny_model_dir), "--accelerator", "cpu",
          "--json", str(tmp_path / "metrics.json")],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
+        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -198,7 +200,7 @@ def test_evaluate_command_scores_a_saved_adapter_on_a_tsv(tiny_model_dir, tmp_pa
 
 def test_full_fine_tuning_runs_without_the_lora_group(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    _train([*_tiny_args(tiny_model_dir), "~lora", "logger=none", f"hydra.run.dir={out}"])
+    train_py([*tiny_args(tiny_model_dir), "~lora", "logger=none", f"hydra.run.dir={out}"])
     results = json.loads((out / "results.json").read_text())
     assert results["adapter_dir"] is None
     assert results["parameters"]["trainable"] == results["parameters"]["total"]
@@ -207,12 +209,12 @@ def test_full_fine_tuning_runs_without_the_lora_group(tiny_model_dir, tmp_path):
 @pytest.mark.slow
 def test_multirun_gives_each_job_its_folder_adapter_and_wandb_run(tiny_model_dir, tmp_path):
     sweep = tmp_path / "sweep"
-    _train(["-m", "lora.r=1,2", *_tiny_args(tiny_model_dir), f"hydra.sweep.dir={sweep}"])
+    train_py(["-m", "lora.r=1,2", *tiny_args(tiny_model_dir), f"hydra.sweep.dir={sweep}"])
     runs = []
     for job, rank in (("0", 1), ("1", 2)):
         config = json.loads((sweep / job / "adapter" / "adapter_config.json").read_text())
         assert config["r"] == rank
-        (run,) = _wandb_runs(sweep / job)
+        (run,) = wandb_runs(sweep / job)
         runs.append(run.name)
         logged = run.read_bytes()
         assert f"lora.r={rank}".encode() in logged  # readable run name
@@ -223,8 +225,8 @@ def test_multirun_gives_each_job_its_folder_adapter_and_wandb_run(tiny_model_dir
 @pytest.mark.slow
 def test_two_process_cpu_ddp_through_train_py(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    result = _train(
-        [*_tiny_args(tiny_model_dir), "trainer.devices=2", "trainer.strategy=ddp",
+    result = train_py(
+        [*tiny_args(tiny_model_dir), "trainer.devices=2", "trainer.strategy=ddp",
          "logger=csv", f"hydra.run.dir={out}"]
     )  # fmt: skip
     assert "GLOBAL_RANK: 1" in result.stdout + result.stderr
@@ -236,8 +238,8 @@ def test_two_process_cpu_ddp_through_train_py(tiny_model_dir, tmp_path):
 @pytest.mark.slow
 def test_multirun_with_two_ddp_processes_per_job(tiny_model_dir, tmp_path):
     sweep = tmp_path / "sweep"
-    result = _train(
-        ["-m", "lora.r=1,2", *_tiny_args(tiny_model_dir), "trainer.devices=2",
+    result = train_py(
+        ["-m", "lora.r=1,2", *tiny_args(tiny_model_dir), "trainer.devices=2",
          "trainer.strategy=ddp", f"hydra.sweep.dir={sweep}"],
         timeout=600,
     )  # fmt: skip
@@ -246,7 +248,7 @@ def test_multirun_with_two_ddp_processes_per_job(tiny_model_dir, tmp_path):
     for job, rank in (("0", 1), ("1", 2)):
         config = json.loads((sweep / job / "adapter" / "adapter_config.json").read_text())
         assert config["r"] == rank
-        assert len(_wandb_runs(sweep / job)) == 1  # rank zero alone created the W&B run
+        assert len(wandb_runs(sweep / job)) == 1  # rank zero alone created the W&B run
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
 
 
@@ -260,7 +262,7 @@ def _free_port() -> int:
 def test_two_nodes_launched_with_torchrun_on_loopback(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     port = _free_port()
-    args = [*_tiny_args(tiny_model_dir), "trainer.num_nodes=2", "trainer.devices=1",
+    args = [*tiny_args(tiny_model_dir), "trainer.num_nodes=2", "trainer.devices=1",
             "trainer.strategy=ddp", "logger=csv", f"hydra.run.dir={out}"]  # fmt: skip
 
     def torchrun(node: int) -> list[str]:
@@ -271,10 +273,10 @@ def test_two_nodes_launched_with_torchrun_on_loopback(tiny_model_dir, tmp_path):
 
     node1 = subprocess.Popen(
         [*torchrun(1), str(ROOT / "train.py"), *args],
-        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
-        result = _train(args, launcher=torchrun(0))
+        result = train_py(args, launcher=torchrun(0))
         node1_output, _ = node1.communicate(timeout=120)
     finally:
         node1.kill()
@@ -293,7 +295,7 @@ def test_default_job_on_real_minilm_exports_an_adapter_peft_predicts_identically
     from lora_lightning.tasks import minilm_path, read_labelled_tsv, sst2_path
 
     out = tmp_path / "run"
-    _train(
+    train_py(
         ["data.train_limit=128", "data.val_limit=64", "trainer.max_steps=4", "data.num_workers=0",
          "trainer.accelerator=cpu", "test=false", "logger=none", f"hydra.run.dir={out}"],
         timeout=600,
@@ -320,9 +322,9 @@ def test_default_job_on_real_minilm_exports_an_adapter_peft_predicts_identically
 @pytest.mark.slow
 def test_optuna_sweep_runs_trials_and_returns_the_optimized_metric(tiny_model_dir, tmp_path):
     sweep = tmp_path / "optuna"
-    _train(
+    train_py(
         ["-m", "hparams_search=sst2_optuna", "hydra.sweeper.n_trials=2",
-         "hydra.sweeper.sampler.n_startup_trials=2", *_tiny_args(tiny_model_dir),
+         "hydra.sweeper.sampler.n_startup_trials=2", *tiny_args(tiny_model_dir),
          "logger=none", f"hydra.sweep.dir={sweep}"],
         timeout=600,
     )  # fmt: skip
@@ -336,7 +338,7 @@ def test_console_script_composes_the_same_config():
     assert script.is_file(), "pip install -e . installs the lora-lightning-train console script"
     result = subprocess.run(
         [str(script), "lora.r=4", "--cfg", "job"],
-        cwd="/", env=_env(), capture_output=True, text=True, timeout=120,
+        cwd="/", env=subprocess_env(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert OmegaConf.create(result.stdout).lora.r == 4

@@ -1,0 +1,109 @@
+"""Checks of a composed config that run before any model or data is loaded.
+
+Owns the rules that turn a bad value into a :class:`ConfigError` naming the key, the value and
+what is valid: the ``lora`` and ``lora_export`` groups (through the library's own validation:
+``LoRACallback(config, **export)``), the resume settings, data files, and building everything
+from ``_target_`` with the owning group's name on any argument error. Also warns when more CPU
+processes than cores are started. Must not import W&B or the default task (it checks configs,
+it does not train).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+from hydra.errors import InstantiationException
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.accelerators import CPUAccelerator
+from omegaconf import DictConfig, OmegaConf
+
+from lora_lightning import LoRACallback, LoRAError
+from lora_lightning.app.config import CALLBACK_EXPORT_FIELDS
+from lora_lightning.app.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+RESUME_MODES = (None, "auto")
+
+
+def lora_callback(cfg: DictConfig) -> LoRACallback | None:
+    """The ``LoRACallback`` the ``lora`` and ``lora_export`` groups describe (None without ``lora``).
+
+    Raises:
+        LoRAError: an invalid LoRA field or export option (the message names ``lora.<field>``).
+    """
+    if cfg.get("lora") is None:
+        return None
+    lora = OmegaConf.to_container(cfg.lora, resolve=True)
+    export = OmegaConf.to_container(cfg.get("lora_export") or {}, resolve=True)
+    options = {key: export[key] for key in CALLBACK_EXPORT_FIELDS if key in export}
+    try:
+        return LoRACallback(lora, **options)
+    except TypeError as err:  # a value the schema let through but the callback refuses
+        raise ConfigError(f"lora_export: {err}") from err
+
+
+def check_resume(cfg: DictConfig) -> None:
+    """``resume`` is null or ``auto``; ``ckpt_path``, when set, is an existing file."""
+    resume = cfg.get("resume")
+    if resume not in RESUME_MODES:
+        raise ConfigError(
+            f"resume={resume!r} is invalid: expected null (start fresh unless ckpt_path is set) "
+            "or auto (continue from the run folder's newest checkpoint)"
+        )
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is None:
+        return
+    if resume == "auto":
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} and resume=auto are both set: use ckpt_path to resume from "
+            "that file, or resume=auto to find the run folder's newest checkpoint"
+        )
+    if not Path(ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+
+
+def check_files(cfg: DictConfig, group: str) -> None:
+    """Every ``<group>.*_file`` that is set names an existing file."""
+    node = cfg.get(group) or {}
+    for key, value in node.items():
+        if key.endswith("_file") and value is not None and not Path(str(value)).is_file():
+            raise ConfigError(f"{group}.{key}={value}: no such file")
+
+
+def instantiate(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
+    """Build ``cfg.<key>`` from its ``_target_``; a bad argument is a ConfigError naming ``key``.
+
+    The task's and Lightning's constructors check their arguments before loading anything, so a
+    bad value is reported here, in one line, before any weights or data are read.
+    """
+    try:
+        return hydra.utils.instantiate(OmegaConf.select(cfg, key), **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, (LoRAError, ModuleNotFoundError)):
+            raise cause from err
+        if isinstance(cause, (ValueError, TypeError, MisconfigurationException)):
+            reason = " ".join(str(cause).split())
+            raise ConfigError(f"{key}: {reason}") from err
+        raise
+
+
+def warn_if_cpu_oversubscribed(trainer: pl.Trainer) -> None:
+    """Warn when more CPU training processes than cores run on this machine."""
+    if not isinstance(trainer.accelerator, CPUAccelerator) or trainer.num_devices < 2:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if cores is not None and trainer.num_devices > cores:
+        message = (
+            f"trainer.devices={trainer.num_devices} starts {trainer.num_devices} CPU processes "
+            f"on {cores} cores: they compete for the cores and train slower than fewer "
+            f"processes; use trainer.devices={cores} or fewer"
+        )
+        if trainer.is_global_zero:
+            log.warning(message)

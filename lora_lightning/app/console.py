@@ -1,0 +1,92 @@
+"""What the terminal shows, and what ``<output_dir>/train.log`` keeps.
+
+Owns: routing Lightning's and transformers' loggers (and Python warnings) through the handlers
+Hydra configures from ``conf/hydra/job_logging/app.yaml`` (console + ``train.log``), the filter
+that keeps known dependency noise off the console (``train.log`` still gets it), and the final
+block printed last. Must not import W&B, Hydra's application code or the default task.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+from typing import Any
+
+log = logging.getLogger("lora_lightning.app")
+
+#: Console lines that carry no information for this application's users (kept in train.log).
+NOISE = (
+    re.compile(r"💡 Tip: "),  # Lightning advertising its cloud products
+    re.compile(r"Loading `train_dataloader` to estimate number of stepping batches"),
+    re.compile(r"`Trainer\(val_check_interval=1\.0\)` was configured"),
+    re.compile(r"isinstance\(treespec, LeafSpec\)` is deprecated"),  # Lightning on torch >= 2.10
+)
+
+
+class ConsoleNoiseFilter(logging.Filter):
+    """Drops the records matching :data:`NOISE`, and shortens transformers' load report.
+
+    The load report (``<Model> LOAD REPORT`` with a table of new or unused weights) becomes
+    its first line; the full report stays in ``train.log``.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if any(pattern.search(message) for pattern in NOISE):
+            return False
+        if record.name.startswith("transformers") and "LOAD REPORT" in message:
+            first = re.sub(r"\x1b\[[0-9;]*m", "", message).strip().splitlines()[0]
+            record.msg, record.args = f"{first.strip()} (full report in train.log)", None
+        return True
+
+
+def route_dependency_logs() -> None:
+    """Send Lightning's, transformers' and Python's warnings through Hydra's log handlers.
+
+    Lightning gives its loggers a handler of their own and stops propagation when it is imported
+    before logging is configured (always, here), which left ``train.log`` empty.
+    """
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.propagate = True
+    logging.captureWarnings(True)
+    os.environ.setdefault("WANDB_QUIET", "true")  # W&B's banner and run summary off the console
+    if importlib.util.find_spec("transformers") is not None:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_default_handler()
+        hf_logging.enable_propagation()
+        hf_logging.disable_progress_bar()  # "Loading weights" bars, on every model load
+
+
+def final_block(
+    summary: dict[str, Any],
+    lora: dict[str, Any] | None,
+    wandb_dir: str | None,
+    artifact: str | None,
+) -> str:
+    """The last lines of a job: LoRA counts, metrics, where everything was written, wall time."""
+    counts = summary["parameters"]
+    lines = []
+    if lora is not None:
+        lines.append(
+            f"  LoRA         r={lora['r']} alpha={lora['alpha']} dropout={lora['dropout']}, "
+            f"{counts['adapted_modules']} adapted modules"
+        )
+    lines.append(
+        f"  trainable    {counts['trainable']:,} of {counts['total']:,} parameters "
+        f"({counts['trainable_percent']:.2f}%)"
+    )
+    lines += [f"  {key:<12} {value:.4f}" for key, value in sorted(summary["metrics"].items())]
+    lines.append(f"  adapter      {summary['adapter_dir']}")
+    lines.append(f"  results      {summary['output_dir']}/results.json")
+    if wandb_dir is not None:
+        lines.append(f"  W&B offline  wandb sync {wandb_dir}")
+    if artifact is not None:
+        lines.append(f"  artifact     {artifact} (W&B, type model)")
+    lines.append(f"  wall time    {summary['wall_time_s']} s")
+    return "Finished\n" + "\n".join(lines)

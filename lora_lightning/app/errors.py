@@ -1,0 +1,53 @@
+"""The application's failures that are the user's to fix, and how they reach the terminal.
+
+Owns: :class:`ConfigError` (a config value that cannot work), :class:`Preempted` (the job was
+stopped by SIGTERM after saving a checkpoint) and :func:`report`, which turns those, and any
+:class:`lora_lightning.LoRAError`, into one line on stderr and an exit status. Anything else is a
+bug and keeps its traceback. Imports only the library's public error type; it must not import
+Lightning, Hydra or W&B.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import NoReturn
+
+from lora_lightning import LoRAError
+
+#: Exit status of a job stopped by SIGTERM (128 + 15, what a shell reports for the signal).
+PREEMPTED_EXIT = 143
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key, the value and what is valid."""
+
+
+class Preempted(RuntimeError):
+    """SIGTERM (or the SLURM requeue signal) stopped training after a checkpoint was saved."""
+
+
+def one_line(error: BaseException) -> str | None:
+    """The error as one line for the user, or None when it is a bug that needs its traceback."""
+    if isinstance(error, Preempted):
+        return f"stopped: {error}"
+    if isinstance(error, (ConfigError, LoRAError)):
+        return "error: " + " ".join(str(error).split())
+    if isinstance(error, ModuleNotFoundError) and "pip install" in str(error):
+        return "error: " + " ".join(str(error).split())  # a missing extra, named by the task
+    return None
+
+
+def report(error: BaseException) -> NoReturn:
+    """Print ``error`` as one line and exit non-zero; re-raise it if it is a bug.
+
+    ``HYDRA_FULL_ERROR=1`` re-raises every error, so Hydra prints the full traceback.
+    """
+    message = one_line(error)
+    if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise error
+    if isinstance(error, Preempted):
+        print(message, file=sys.stderr, flush=True)
+        raise SystemExit(PREEMPTED_EXIT)
+    print(f"{message} (HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr, flush=True)
+    raise SystemExit(1)

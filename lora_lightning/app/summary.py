@@ -1,0 +1,136 @@
+"""The comparison of a sweep's jobs, written when a multirun ends.
+
+Owns :class:`SweepSummary`, a Hydra callback (``hydra.callbacks.sweep_summary`` in
+``conf/train.yaml``) that reads each job's ``results.json`` and writes, in the sweep folder,
+``summary.csv``, ``summary.md`` and ``summary.png`` (the optimised metric against trainable
+parameters and against each swept value), then prints the table. Works for every sweeper and
+launcher (basic, Optuna, submitit): it only reads files. Must not import Lightning, torch or the
+default task; matplotlib is optional (without it the plot is skipped, with a note).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+
+def collect(sweep_dir: Path) -> list[dict[str, Any]]:
+    """One row per job folder of ``sweep_dir`` that has a ``results.json``, in job order."""
+    rows = []
+    folders = [p for p in sweep_dir.iterdir() if (p / "results.json").is_file()]
+    for folder in sorted(folders, key=lambda p: (len(p.name), p.name)):
+        results = json.loads((folder / "results.json").read_text())
+        overrides = dict(o.split("=", 1) for o in results.get("overrides", []) if "=" in o)
+        rows.append({"job": folder.name, "overrides": overrides, **results})
+    return rows
+
+
+def swept_keys(rows: list[dict[str, Any]]) -> list[str]:
+    """The override keys whose value differs between jobs, in first-seen order."""
+    keys = list(dict.fromkeys(k for row in rows for k in row["overrides"]))
+    return [k for k in keys if len({row["overrides"].get(k) for row in rows}) > 1]
+
+
+def table(rows: list[dict[str, Any]], metric: str | None) -> tuple[list[str], list[list[Any]]]:
+    """Header and rows: job, swept values, metrics (``metric`` first), parameter counts, time."""
+    swept = swept_keys(rows)
+    metrics = sorted({k for row in rows for k in row["metrics"]})
+    if metric in metrics:
+        metrics.remove(metric)
+        metrics.insert(0, metric)
+    header = ["job", *swept, *metrics, "trainable_params", "trainable_%", "wall_time_s"]
+    body = []
+    for row in rows:
+        counts = row["parameters"]
+        body.append(
+            [row["job"], *(row["overrides"].get(k, "") for k in swept)]
+            + [_round(row["metrics"].get(k)) for k in metrics]
+            + [counts["trainable"], round(counts["trainable_percent"], 3), row["wall_time_s"]]
+        )
+    return header, body
+
+
+def markdown(header: list[str], body: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in body]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], metric: str, path: Path) -> bool:
+    """``metric`` against trainable parameters, and against each swept value; False without
+    matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [row for row in rows if metric in row["metrics"]]
+    swept = swept_keys(rows)
+    figure, axes = plt.subplots(1, 1 + len(swept), figsize=(4.5 * (1 + len(swept)), 3.6))
+    axes = axes if len(swept) else [axes]
+    values = [row["metrics"][metric] for row in rows]
+    axes[0].scatter([row["parameters"]["trainable"] for row in rows], values)
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("trainable parameters")
+    for axis, key in zip(axes[1:], swept, strict=True):
+        xs = [row["overrides"].get(key, "") for row in rows]
+        numeric = all(_is_number(x) for x in xs)
+        axis.scatter([float(x) for x in xs] if numeric else xs, values)
+        axis.set_xlabel(key)
+    for axis in axes:
+        axis.set_ylabel(metric)
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
+def write_summary(sweep_dir: Path, metric: str | None) -> str | None:
+    """Write ``summary.csv``, ``summary.md`` and ``summary.png``; return the table (None if no
+    job finished)."""
+    rows = collect(sweep_dir)
+    if not rows:
+        return None
+    header, body = table(rows, metric)
+    with open(sweep_dir / "summary.csv", "w", newline="") as file:
+        csv.writer(file).writerows([header, *body])
+    text = markdown(header, body)
+    (sweep_dir / "summary.md").write_text(text)
+    if metric is None or not plot(rows, metric, sweep_dir / "summary.png"):
+        text += "(no plot: it needs matplotlib and an optimized_metric)\n"
+    return text
+
+
+class SweepSummary(Callback):
+    """Hydra callback: summarise the sweep's jobs when a multirun ends."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if not sweep_dir.is_dir():
+            return
+        text = write_summary(sweep_dir, config.get("optimized_metric"))
+        if text is not None:
+            print(f"Sweep summary ({sweep_dir}/summary.md, .csv, .png)\n{text}", flush=True)
+
+
+def _round(value: float | None) -> float | str:
+    return "" if value is None else round(value, 4)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,247 @@
+"""One job of ``python train.py``: config in, trained adapter out.
+
+Owns :func:`run` (check, build, fit, test, report) and :func:`main` (the Hydra entry point of
+``train.py`` and the ``lora-lightning-train`` console script). Everything is built from the
+composed config with ``_target_`` instantiation; the only LoRA wiring is here: the ``lora``
+group (a validated :class:`LoRAConfig`) and ``lora_export`` become a :class:`LoRACallback`.
+Deleting the group (``python train.py '~lora'``) trains the same task with full fine-tuning,
+which the experiments use as the baseline. Imports the library's public API only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from lora_lightning import count_parameters
+from lora_lightning.app import checks, console, signals, tracking
+from lora_lightning.app.config import CONF_DIR, register_configs
+from lora_lightning.app.errors import PREEMPTED_EXIT, Preempted, report
+
+log = logging.getLogger("lora_lightning.app")
+
+
+def run(
+    cfg: DictConfig, prepare_model: Callable[[pl.LightningModule], Any] | None = None
+) -> float | None:
+    """Train and evaluate one job; return ``cfg.optimized_metric`` for sweepers.
+
+    Every config value that can be checked cheaply is checked before the model loads: LoRA and
+    export fields, resume settings, data files, then the trainer, the logger and the datamodule
+    are built (their constructors check their arguments), and the model last.
+    ``prepare_model(model)``, if given, runs on the model before training (the experiments use it
+    to put Hugging Face PEFT in place of this project, as a baseline).
+
+    Writes, in the job's output folder: the adapter (``adapter/``), checkpoints with their
+    adapters, ``train.log``, logger files, and ``results.json`` (metrics, counts, adapter path,
+    wall time).
+
+    Raises:
+        ConfigError, LoRAError: a bad config value (``main`` prints it as one line).
+        Preempted: SIGTERM stopped training after ``checkpoints/preempted.ckpt`` was saved.
+    """
+    started = time.perf_counter()
+    environment = dict(os.environ)
+    os.environ.setdefault("WANDB_MODE", "offline")  # never require an account or network
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    console.route_dependency_logs()
+    _prepare_ddp_relaunch_in_multirun()
+    _fill_run_names(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    exit_code = 1
+    try:
+        lora_callback = checks.lora_callback(cfg)
+        checks.check_resume(cfg)
+        checks.check_files(cfg, "data")
+        if cfg.get("seed") is not None:
+            pl.seed_everything(cfg.seed, workers=True)
+        preemption = signals.Preemption(signals.checkpoint_dir(output_dir))
+        callbacks = [preemption, *_instantiate_all(cfg, "callbacks")]
+        if lora_callback is not None:
+            callbacks.insert(0, lora_callback)
+        loggers = _instantiate_all(cfg, "logger")
+        if not loggers:  # Lightning refuses a LearningRateMonitor without a logger (logger=none)
+            callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+        trainer: pl.Trainer = checks.instantiate(
+            cfg, "trainer", callbacks=callbacks, logger=loggers or False
+        )
+        checks.warn_if_cpu_oversubscribed(trainer)
+        datamodule = checks.instantiate(cfg, "data")
+        preemption.attach(datamodule)
+        model = checks.instantiate(cfg, "model")
+        if prepare_model is not None:
+            prepare_model(model)
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        for logger in loggers:
+            logger.log_hyperparams(resolved)
+        ckpt_path = signals.resume_checkpoint(cfg.get("ckpt_path"), cfg.get("resume"), output_dir)
+        if ckpt_path is not None:
+            log.info(f"Resuming from {ckpt_path}")
+
+        try:
+            if cfg.get("train", True):
+                trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        except SIGTERMException:
+            exit_code = PREEMPTED_EXIT
+            raise Preempted(
+                f"SIGTERM: checkpoint saved to {preemption.saved}; rerun the same command with "
+                "resume=auto (and the same hydra.run.dir) or ckpt_path=<that file> to continue"
+            ) from None
+        metrics = _floats(trainer.callback_metrics)
+        if cfg.get("test", True):
+            test_ckpt = None if cfg.get("train", True) else ckpt_path
+            trainer.test(model, datamodule=datamodule, ckpt_path=test_ckpt, verbose=False)
+            metrics.update(_floats(trainer.callback_metrics))
+        summary = _results(cfg, trainer, model, lora_callback, metrics, started)
+        if trainer.is_global_zero:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            (output_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+        artifact = _log_artifact(cfg, lora_callback)
+        wandb_dir = tracking.offline_run_dir()
+        exit_code = 0
+    finally:
+        tracking.finish_run(exit_code)
+        _reset_distributed(environment)
+    if trainer.is_global_zero:
+        # Printed after W&B finished, so that it is the last thing on the terminal.
+        lora = lora_callback.config.to_dict() if lora_callback is not None else None
+        log.info(console.final_block(summary, lora, wandb_dir, artifact))
+    metric = cfg.get("optimized_metric")
+    return metrics.get(metric) if metric else None
+
+
+def _results(
+    cfg: DictConfig,
+    trainer: pl.Trainer,
+    model: pl.LightningModule,
+    lora_callback: Any,
+    metrics: dict[str, float],
+    started: float,
+) -> dict[str, Any]:
+    """What ``results.json`` holds (and the sweep summary reads)."""
+    counts = count_parameters(model)
+    adapter_dir = lora_callback.last_adapter_dir if lora_callback is not None else None
+    return {
+        "metrics": metrics,
+        "adapter_dir": str(adapter_dir) if adapter_dir else None,
+        "adapter_bytes": _bytes_in(adapter_dir) if adapter_dir else None,
+        "parameters": {**asdict(counts), "trainable_percent": counts.trainable_percent},
+        "wall_time_s": round(time.perf_counter() - started, 1),
+        "output_dir": cfg.paths.output_dir,
+        "overrides": list(HydraConfig.get().overrides.task),
+    }
+
+
+def _log_artifact(cfg: DictConfig, lora_callback: Any) -> str | None:
+    if lora_callback is None or lora_callback.last_adapter_dir is None:
+        return None
+    if not cfg.get("lora_export", {}).get("log_artifact", True):
+        return None
+    return tracking.log_adapter_artifact(
+        lora_callback.last_adapter_dir, metadata=lora_callback.config.to_dict()
+    )
+
+
+def _instantiate_all(cfg: DictConfig, group: str) -> list[Any]:
+    nodes = cfg.get(group)
+    if not nodes:
+        return []
+    return [
+        checks.instantiate(cfg, f"{group}.{name}")
+        for name, node in nodes.items()
+        if node and "_target_" in node
+    ]
+
+
+def _fill_run_names(cfg: DictConfig) -> None:
+    """W&B run name from the job's overrides; one group per multirun sweep."""
+    hydra_cfg = HydraConfig.get()
+    overrides = [o for o in hydra_cfg.overrides.task if not o.startswith("hydra")]
+    with open_dict(cfg):
+        if cfg.paths.get("run_name") is None:
+            cfg.paths.run_name = "-".join([cfg.task_name, *overrides])[:128]
+        if cfg.paths.get("group") is None:
+            sweep = Path(hydra_cfg.sweep.dir).parts[-2:]
+            multirun = hydra_cfg.mode == RunMode.MULTIRUN
+            cfg.paths.group = "-".join([cfg.task_name, *sweep]) if multirun else cfg.task_name
+
+
+def _prepare_ddp_relaunch_in_multirun() -> None:
+    """Make Lightning's DDP re-launch run *this* sweep job, not the whole sweep again.
+
+    For ``strategy=ddp`` Lightning starts ranks > 0 as ``sys.argv`` plus
+    ``hydra.run.dir=<HydraConfig run.dir>``. Inside a multirun job ``sys.argv`` still holds
+    ``-m`` and the sweep (``lora.r=1,2,4``) and ``run.dir`` is not the job's folder, so the
+    extra ranks would start a sweep of their own (Lightning issue 11300). Point both at the
+    job: its own overrides, and its output folder as the run folder.
+    """
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return
+    flags = [
+        a
+        for a in sys.argv[1:]
+        if a not in ("-m", "--multirun") and ("=" not in a or a.startswith("-"))
+    ]
+    sys.argv = [sys.argv[0], *flags, *hydra_cfg.overrides.task]
+    OmegaConf.set_readonly(hydra_cfg, False)
+    with open_dict(hydra_cfg):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+    OmegaConf.set_readonly(hydra_cfg, True)
+
+
+def _reset_distributed(environment: dict[str, str]) -> None:
+    """Leave no DDP state behind for the next job of a multirun in this process.
+
+    Lightning's launcher exports ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_PORT``... and keeps
+    the process group: the next job would then believe its ranks were started externally and
+    talk to the previous job's (finished) processes.
+    """
+    if HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(environment)
+
+
+def _bytes_in(directory: Path) -> int:
+    return sum(f.stat().st_size for f in Path(directory).iterdir() if f.is_file())
+
+
+def _floats(metrics: dict[str, Any]) -> dict[str, float]:
+    return {key: float(value) for key, value in metrics.items()}
+
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """``python train.py`` and the ``lora-lightning-train`` console script.
+
+    A config error, a library error or a missing optional dependency ends the job with one line
+    on stderr and exit status 1 (``HYDRA_FULL_ERROR=1`` shows the traceback); a job stopped by
+    SIGTERM exits with 143 after saving a checkpoint.
+    """
+    try:
+        return run(cfg)
+    except Exception as error:  # noqa: BLE001 - report() re-raises what is not the user's
+        report(error)
