@@ -5,32 +5,36 @@ Packages, dependencies pointing one way (``tests/test_layering.py`` checks it)::
     app/ (Hydra application) ──> lightning/ (LoRACallback) ──> core/ (torch + safetensors)
     tasks/ (the default SST-2 task: knows nothing of LoRA; its evaluate CLI loads adapters)
 
-Importing this package loads the core only; :class:`LoRACallback` (and with it Lightning) is
-imported on first use.
+Importing this package loads nothing yet: the core loads on first use of a name, and
+:class:`LoRACallback` (and with it Lightning) only when it is used.
 """
 
-from lora_lightning.core import (
-    AdapterFileError,
-    CheckpointMismatchError,
-    LoRAConfig,
-    LoRAConfigError,
-    LoRAError,
-    LoRAPlan,
-    LoRAStateError,
-    ParameterCounts,
-    UnsupportedModuleError,
-    apply_plan,
-    count_parameters,
-    inject_lora,
-    load_adapter,
-    lora_state_dict,
-    merge_lora,
-    merged_state_dict,
-    plan_lora,
-    save_adapter,
-    unload_lora,
-    unmerge_lora,
-)
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load on first use
+    from lora_lightning.core import (
+        AdapterFileError,
+        CheckpointMismatchError,
+        LoRAConfig,
+        LoRAConfigError,
+        LoRAError,
+        LoRAPlan,
+        LoRAStateError,
+        ParameterCounts,
+        UnsupportedModuleError,
+        apply_plan,
+        count_parameters,
+        inject_lora,
+        load_adapter,
+        lora_state_dict,
+        merge_lora,
+        merged_state_dict,
+        plan_lora,
+        save_adapter,
+        unload_lora,
+        unmerge_lora,
+    )
+    from lora_lightning.lightning import LoRACallback
 
 __all__ = [
     "AdapterFileError",
@@ -60,9 +64,18 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):  # noqa: ANN202 - PEP 562 lazy import
-    # The callback imports Lightning; load it only when asked so the core stays torch-only.
+    # Names load on first use: ``import lora_lightning.tasks`` then imports no LoRA code, and
+    # the callback (which imports Lightning) loads only when asked, so the core stays torch-only.
     if name == "LoRACallback":
         from lora_lightning.lightning import LoRACallback
 
         return LoRACallback
+    if name in __all__:
+        import lora_lightning.core
+
+        return getattr(lora_lightning.core, name)
     raise AttributeError(f"module 'lora_lightning' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -126,11 +126,13 @@ def test_masks_follow_the_seed():
 
 @pytest.mark.parametrize("fuse", [True, False])
 def test_unfused_dropout_matches_peft_and_fused_shares_one_mask(fuse):
-    """``fuse_shared_input=False`` reproduces PEFT's per-module masks draw for draw."""
+    """``group_shared_input=False`` with ``dropout_masks="torch"`` reproduces PEFT's per-module
+    masks draw for draw."""
     ours = tiny_bert().train()
     theirs = copy.deepcopy(ours)
     inject_lora(ours, LoRAConfig(dropout=0.3, target_modules=[r".*\.(query|key|value)"],
-                                 modules_to_save=[], fuse_shared_input=fuse))  # fmt: skip
+                                 modules_to_save=[], group_shared_input=fuse,
+                                 dropout_masks="fast" if fuse else "torch"))  # fmt: skip
     randomize_adapters(ours, seed=2)
     theirs = peft.get_peft_model(
         theirs,

@@ -30,7 +30,7 @@ def _pair(dropout: float = 0.0):
     fused, plain = copy.deepcopy(base), copy.deepcopy(base)
     config = dict(r=2, dropout=dropout, target_modules=["query", "key", "value"])
     inject_lora(fused, LoRAConfig(**config))
-    inject_lora(plain, LoRAConfig(**config, fuse_shared_input=False))
+    inject_lora(plain, LoRAConfig(**config, group_shared_input=False))
     randomize_adapters(fused, seed=1)
     plain.load_state_dict(fused.state_dict())
     return fused, plain

@@ -20,7 +20,7 @@ parameters. Variants, all interleaved in one phase (order rotated every round):
 - ``lora_lightning_d0.1`` / ``peft_d0.1``: LoRA dropout 0.1 (the project's default config).
   Our default fuses query/key/value: one ``[A_q; A_k; A_v]`` matmul behind ONE dropout mask
   shared by the three; PEFT draws one mask per module (three dropouts and three A matmuls).
-- ``lora_lightning_unfused_d0.1`` (MiniLM only): ``fuse_shared_input=False``, PEFT's
+- ``lora_lightning_unfused_d0.1`` (MiniLM only): ``group_shared_input=False, dropout_masks="torch"``, PEFT's
   semantics (a mask per module), for reference.
 - ``floor_qkv_bias_only``: only the query/key/value biases train. The backward still carries
   gradients to every query/key/value output, as LoRA there needs, but the "adapter" is free:
@@ -144,7 +144,8 @@ def adapt_ours(model: nn.Module, dropout: float, fuse: bool = True) -> nn.Module
         dropout=dropout,
         target_modules=[r".*\.(query|key|value)"],
         modules_to_save=[],
-        fuse_shared_input=fuse,
+        group_shared_input=fuse,
+        dropout_masks="fast" if fuse else "torch",
     )
     inject_lora(model, config)
     return model
@@ -384,7 +385,7 @@ VARIANT_NOTES = {
     "full_finetune": "full fine-tuning (every parameter trains)",
     "lora_lightning_d0.1": "ours, dropout 0.1, q/k/v fused: one shared dropout mask",
     "peft_d0.1": "PEFT, dropout 0.1: one dropout mask per module",
-    "lora_lightning_unfused_d0.1": "ours, dropout 0.1, fuse_shared_input=False: a mask per "
+    "lora_lightning_unfused_d0.1": "ours, dropout 0.1, group_shared_input=False, torch masks: a mask per "
     "module like PEFT",
     "floor_qkv_bias_only": "the floor: only query/key/value biases train (zero-cost "
     "adapters, same backward through the base)",
