@@ -40,7 +40,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 NAME = "check"
 #: The whole check must fit in 8 minutes on the GPU machine.
 TOTAL_BUDGET_S = 480.0
-#: A step is not started with less than this left of the total budget.
+#: A step is not started with less than this left of the total budget (recorded timed out).
 MIN_STEP_S = 10.0
 
 
@@ -146,9 +146,13 @@ def _fork_target(step: Step, ctx: Context, log_path: str) -> None:
 
 
 # ------------------------------------------------------------------------------ parent side
-def preload() -> None:
-    """Import every heavy module once, before forking (``--isolation fork``). Nothing here
-    touches CUDA, so the forked children can initialise it themselves."""
+def preload(steps: Sequence[Step]) -> None:
+    """Import the steps' modules, and every heavy library they use, once before forking
+    (``--isolation fork``). Nothing here touches CUDA: the forked children initialise it."""
+    for step in steps:
+        importlib.import_module(step.target.split(":")[0])
+    if not any(step.target.startswith("experiments.gpu.") for step in steps):
+        return
     import lightning.pytorch  # noqa: F401
     import peft  # noqa: F401
     from transformers import (  # noqa: F401
@@ -161,8 +165,6 @@ def preload() -> None:
     import lora_lightning
 
     lora_lightning.LoRACallback  # noqa: B018 - the lazy import of the Lightning part
-    for step in STEPS:
-        importlib.import_module(step.target.split(":")[0])
 
 
 def run_step(
@@ -309,8 +311,9 @@ def run_check(
         "check": "gpu",
         "smoke": args.smoke,
         "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, "-m", "experiments.gpu.check",
-                             *sys.argv[1:]]),  # fmt: skip
+        "command": " ".join(
+            [Path(sys.executable).name, "-m", "experiments.gpu.check", *sys.argv[1:]]
+        ),  # fmt: skip
         "isolation": isolation,
         "total_budget_s": None if total == float("inf") else total,
         "device": None,
@@ -320,8 +323,8 @@ def run_check(
     device = "cpu" if args.device == "cpu" else None
     try:
         for i, step in enumerate(steps):
-            if isolation == "fork" and i == 1:
-                preload()  # after the probe: it ran in a fresh interpreter anyway
+            if isolation == "fork" and i == (1 if steps[0].name == "probe" else 0):
+                preload(steps[i:])  # after the probe: it runs in a fresh interpreter anyway
             budget = (step.smoke_budget_s if args.smoke else step.budget_s) * args.budget_scale
             left = deadline - time.perf_counter()
             timeout = min(budget, left)
@@ -338,7 +341,7 @@ def run_check(
             )
             Path(ctx.workdir).mkdir(parents=True, exist_ok=True)
             print(f"== {step.title} ({step.name}): budget {timeout:.0f} s", flush=True)
-            if timeout < MIN_STEP_S:
+            if left < MIN_STEP_S:
                 record = {"name": step.name, "status": TIMED_OUT, "checks": [], "data": {},
                           "error": f"not started: {left:.0f} s left of the total budget"}  # fmt: skip
                 wall = 0.0

@@ -166,7 +166,7 @@ def kernel_case(
     )
     generator = torch.Generator().manual_seed(SEED + 1)
     with torch.no_grad():
-        for name, (_, b) in _lora_parts(ours).items():
+        for _, b in _lora_parts(ours).values():
             b.copy_(torch.randn(b.shape, generator=generator) * 0.05)
     plain.requires_grad_(False)
     ours.to(device)
@@ -252,9 +252,7 @@ def dropout_case(ctx: Context) -> dict[str, Any]:
     torch.manual_seed(SEED)
     model = nn.Sequential(nn.Linear(d_in, d_out, bias=False))
     nn.init.zeros_(model[0].weight)  # y = s * B A dropout(x) alone
-    inject_lora(
-        model, LoRAConfig(r=RANK, alpha=ALPHA, dropout=DROPOUT_P, target_modules=["0"])
-    )
+    inject_lora(model, LoRAConfig(r=RANK, alpha=ALPHA, dropout=DROPOUT_P, target_modules=["0"]))
     (a, b) = (model[0].lora_A.weight, model[0].lora_B.weight)
     with torch.no_grad():
         b.copy_(torch.randn(b.shape, generator=torch.Generator().manual_seed(SEED + 2)))
@@ -336,9 +334,7 @@ def lightning_vs_peft(ctx: Context) -> dict[str, Any]:
         trainer.fit(module, batch_loader(batches))
         runs[label] = module.losses
     diffs = [abs(a - b) for a, b in zip(runs["lora_lightning"], runs["peft"], strict=True)]
-    adapter_dtypes = sorted(
-        {str(p.dtype) for n, p in ours.named_parameters() if "lora_" in n}
-    )
+    adapter_dtypes = sorted({str(p.dtype) for n, p in ours.named_parameters() if "lora_" in n})
     learned = runs["lora_lightning"][-1] != runs["lora_lightning"][0]
     return {
         "ok": alignment["same_state_dict_keys"]
@@ -398,9 +394,7 @@ def merge_case(ctx: Context, dtype: torch.dtype) -> dict[str, Any]:
     merged = forward(model, inputs)
     unmerge_lora(model)
     again = forward(model, inputs)
-    round_trip = max(
-        rel_err(p, weights[n]) for n, p in model.named_parameters() if n in weights
-    )
+    round_trip = max(rel_err(p, weights[n]) for n, p in model.named_parameters() if n in weights)
     plain = unload_lora(model, merge=True)
     unloaded = forward(plain, inputs)
     leftovers = [n for n, _ in plain.named_parameters() if "lora_" in n]
@@ -435,4 +429,3 @@ def merge_case(ctx: Context, dtype: torch.dtype) -> dict[str, Any]:
         "checks": checks,
         "tolerance": tol,
     }
-

@@ -4,8 +4,10 @@ FSDP unit) and under ``strategy=ddp`` (3b). The same round trip for both:
 
 1. ``fit_with_checkpoints``: ``LoRACallback`` (the default job's LoRA: every encoder Linear,
    the classifier in ``modules_to_save``, dropout 0) on the real MiniLM with its own dropouts
-   at 0 and eager attention (a reproducible run), ``precision="bf16-mixed"``, two epochs, a
-   ``ModelCheckpoint`` after each: the checkpoints, the adapter beside each, the final adapter.
+   at 0 and eager attention (a reproducible run), ``precision="bf16-mixed"`` (``32-true`` on
+   the CPU, whose bf16 matmuls are emulated and slow), the loader's order kept
+   (``use_distributed_sampler=False``), two epochs, a ``ModelCheckpoint`` after each: the
+   checkpoints, the adapter beside each, the final adapter.
 2. ``trimmed_checkpoint``: the epoch-0 checkpoint holds exactly the adapter tensors and the
    classifier (``lora_state_dict`` names), optimizer state for exactly those, the ``lora``
    entry, and is a small fraction of the full model's bytes.
@@ -102,11 +104,13 @@ def round_trip(ctx: Context, rec: Recorder, strategy: Callable[[], Any]) -> None
     work = Path(ctx.workdir)
     n_batches, batch, seq_len = (2, 2, 8) if ctx.smoke else (6, 16, 64)
     batches = token_batches(30522, n_batches, batch, seq_len)
+    # CPU bf16 matmuls are emulated (seconds per MiniLM step): the smoke run uses float32.
+    precision = "bf16-mixed" if ctx.cuda else "32-true"
     rec.record["data"]["setup"] = {
         "epochs": EPOCHS,
         "batches_per_epoch": n_batches,
         "batch": [batch, seq_len],
-        "precision": "bf16-mixed",
+        "precision": precision,
         "lora": "r=8, alpha=16, dropout 0, every encoder Linear, classifier in modules_to_save",
     }
     runs: dict[str, dict[str, Any]] = {}
@@ -121,7 +125,7 @@ def round_trip(ctx: Context, rec: Recorder, strategy: Callable[[], Any]) -> None
         trainer = quiet_trainer(
             ctx,
             strategy=strategy(),
-            precision="bf16-mixed",
+            precision=precision,
             max_epochs=EPOCHS,
             callbacks=[callback, checkpoint],
             enable_checkpointing=True,
@@ -181,7 +185,9 @@ def round_trip(ctx: Context, rec: Recorder, strategy: Callable[[], Any]) -> None
     with rec.check("adapter_export") as entry:
         state = torch.load(last, map_location="cpu", weights_only=False)["state_dict"]
         exported = load_file(str(runs["straight"]["adapter"] / "adapter_model.safetensors"))
-        beside = load_file(str(last.with_name(last.stem + "_adapter") / "adapter_model.safetensors"))
+        beside = load_file(
+            str(last.with_name(last.stem + "_adapter") / "adapter_model.safetensors")
+        )
         mapped = {_from_peft(k): v for k, v in exported.items()}
         differ = [k for k, v in mapped.items() if k not in state or not torch.equal(v, state[k])]
         flat = [k for k, v in exported.items() if "lora_" in k and v.dim() != 2]

@@ -11,8 +11,10 @@ def render(result: dict[str, Any]) -> str:
     machine = result.get("machine") or {}
     gpu = machine.get("gpu") or {}
     lines = [
-        "# GPU check" + (" (smoke run: tiny shapes, numbers not meaningful)"
-                         if result["smoke"] else ""),  # fmt: skip
+        "# GPU check"
+        + (
+            " (smoke run: tiny shapes, numbers not meaningful)" if result["smoke"] else ""
+        ),  # fmt: skip
         "",
         f"`{result['command']}` on {result['date_utc']}: **{result.get('status', '?')}** in "
         f"{result.get('total_wall_s', 0):.0f} s (budget "
@@ -55,9 +57,15 @@ def render(result: dict[str, Any]) -> str:
             lines += [
                 markdown_table(
                     ["check", "status", "wall", "numbers / reason"],
-                    [[f"`{c['name']}`", c["status"], f"{c.get('wall_s', 0):.1f} s",
-                      _cell(c.get("summary") or c.get("reason") or c.get("error") or "")]
-                     for c in step["checks"]],  # fmt: skip
+                    [
+                        [
+                            f"`{c['name']}`",
+                            c["status"],
+                            f"{c.get('wall_s', 0):.1f} s",
+                            _cell(c.get("summary") or c.get("reason") or c.get("error") or ""),
+                        ]
+                        for c in step["checks"]
+                    ],  # fmt: skip
                 ),
                 "",
             ]
@@ -99,12 +107,14 @@ def _times_table(block: dict[str, Any]) -> list[str]:
     rows = []
     for name, t in times.items():
         mem = memory.get(name, {})
-        rows.append([
-            f"`{name}`",
-            _ms(t["median_s"]),
-            f"{_ms(t['min_s'])} to {_ms(t['max_s'])}",
-            f"{mem['peak_mib']:.0f} MiB (+{mem['increase_mib']:.0f})" if mem else "n/a",
-        ])
+        rows.append(
+            [
+                f"`{name}`",
+                _ms(t["median_s"]),
+                f"{_ms(t['min_s'])} to {_ms(t['max_s'])}",
+                f"{mem['peak_mib']:.0f} MiB (+{mem['increase_mib']:.0f})" if mem else "n/a",
+            ]
+        )
     lines = [markdown_table(["variant", "median", "range", "peak GPU memory (+ over load)"], rows),
              ""]  # fmt: skip
     ratios = block.get("ratios", {})
@@ -112,9 +122,15 @@ def _times_table(block: dict[str, Any]) -> list[str]:
         lines += [
             markdown_table(
                 ["ratio", "median of per-round ratios", "interval", "ratio of medians"],
-                [[f"`{name}`", f"{r['median_of_pair_ratios']:.3f}",
-                  f"{r['median_ci'][0]:.3f} to {r['median_ci'][1]:.3f}",
-                  f"{r['ratio_of_medians']:.3f}"] for name, r in ratios.items()],  # fmt: skip
+                [
+                    [
+                        f"`{name}`",
+                        f"{r['median_of_pair_ratios']:.3f}",
+                        f"{r['median_ci'][0]:.3f} to {r['median_ci'][1]:.3f}",
+                        f"{r['ratio_of_medians']:.3f}",
+                    ]
+                    for name, r in ratios.items()
+                ],  # fmt: skip
             ),
             "",
         ]

@@ -124,6 +124,11 @@ def run(ctx: Context, rec: Recorder) -> None:
 
 
 def _free(ctx: Context) -> None:
+    """Release the previous phase's models. ``gc.freeze()`` before each timing phase moves
+    every object alive then (imported libraries, models) out of the collector's reach: the
+    bench's ``timed`` runs ``gc.collect()`` before every timed call, which costs ~0.5 s per
+    call in a process holding transformers, PEFT and Lightning, and would eat the budget."""
+    gc.unfreeze()
     gc.collect()
     if ctx.cuda:
         torch.cuda.empty_cache()
@@ -213,6 +218,7 @@ def train_step(ctx: Context, key: str) -> dict[str, Any]:
             for _ in range(NUMERICS_STEPS):
                 stepper.step()  # the same warm-up as the numerics pairs got
     verdicts = {label: _loss_verdict(n) for label, n in numerics.items()}
+    gc.freeze()  # see _free
     times = interleave(
         {name: s.timed_steps(size.per_round) for name, s in steppers.items()}, size.rounds
     )
@@ -312,6 +318,7 @@ def inference(ctx: Context, key: str) -> dict[str, Any]:
         return lambda: timed(call)[0] / size.per_round
 
     variants = {name: variant(m) for name, m in models.items()}
+    gc.freeze()  # see _free
     interleave(variants, 1 if ctx.smoke else 2)  # untimed warm-up
     times = interleave(variants, size.rounds)
     ratios = {
@@ -323,7 +330,8 @@ def inference(ctx: Context, key: str) -> dict[str, Any]:
     merged_ratio = ratios["lora_lightning_merged/base"]["median_of_pair_ratios"]
     unmerged_ratio = ratios["lora_lightning/base"]["median_of_pair_ratios"]
     return {
-        "label": LABELS[key].split(",")[0] + ", bfloat16 weights and adapters"
+        "label": LABELS[key].split(",")[0]
+        + ", bfloat16 weights and adapters"
         + (" [tiny stand-in: --smoke]" if ctx.smoke and key == "llama_1b" else ""),
         "setup": f"eval, no_grad, batch {size.batch} x {size.seq_len}, {size.rounds} rounds of "
         f"{size.per_round} forward(s)",
@@ -338,4 +346,3 @@ def inference(ctx: Context, key: str) -> dict[str, Any]:
         f"outputs merged {diffs['lora_lightning_merged']:.1e}, PEFT {diffs['peft']:.1e} vs "
         f"unmerged",
     }
-

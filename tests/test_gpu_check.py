@@ -1,0 +1,157 @@
+"""The prepared GPU check (``experiments/gpu``, issue 15) cannot rot unnoticed.
+
+``python -m experiments.gpu.check --smoke`` runs every step of the GPU check on tiny shapes,
+here on the CPU: the steps that need CUDA (FSDP, the GPU default job, peak GPU memory) must be
+*skipped with a reason*, everything else must pass, and the JSON and Markdown reports must be
+written with the correctness numbers in them. About a minute on 2 cores (one process, each
+step forked from it). A second test drives the orchestrator with stand-in steps: a failing
+step is recorded with its traceback, an overrunning one is killed and recorded as timed out,
+and the steps after them still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # `experiments` is a top-level folder, not installed
+
+from experiments.gpu import check  # noqa: E402
+from experiments.gpu.common import Context, Recorder  # noqa: E402
+
+STEPS = {"probe", "correctness", "speed", "lightning_fsdp", "lightning_ddp", "default_job"}
+KERNEL_CASES = 8
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
+    out = tmp_path_factory.mktemp("gpu_check")
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments.gpu.check", "--smoke", "--out", str(out)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    return done, out
+
+
+def load(out: Path) -> dict:
+    return json.loads((out / "check.json").read_text())
+
+
+@pytest.mark.slow
+def test_smoke_run_exits_zero_and_writes_both_reports(smoke) -> None:
+    done, out = smoke
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    result = load(out)
+    assert result["smoke"] is True and result["status"] == "passed"
+    assert {step["name"] for step in result["steps"]} == STEPS
+    machine = result["machine"]
+    assert {"torch", "peft", "transformers", "lightning"} <= set(machine["versions"])
+    assert "available" in machine["gpu"]
+    markdown = (out / "check.md").read_text()
+    assert markdown.startswith("# GPU check (smoke run")
+    for step in result["steps"]:
+        assert step["title"] in markdown
+        assert (out / "logs" / f"{step['name']}.log").is_file()
+
+
+@pytest.mark.slow
+def test_every_step_and_check_passed_or_was_skipped_with_a_reason(smoke) -> None:
+    _, out = smoke
+    result = load(out)
+    for step in result["steps"]:
+        assert step["status"] in ("passed", "skipped"), (step["name"], step.get("error"))
+        assert step["wall_s"] <= step["budget_s"]
+        if step["status"] == "skipped":
+            assert step["reason"].strip(), step["name"]
+        assert step["checks"], step["name"]
+        for entry in step["checks"]:
+            assert entry["status"] in ("passed", "skipped"), (step["name"], entry)
+            if entry["status"] == "skipped":
+                assert entry["reason"].strip(), (step["name"], entry["name"])
+    by_name = {step["name"]: step for step in result["steps"]}
+    if result["device"] == "cpu":  # what needs CUDA is skipped, and says so
+        assert by_name["lightning_fsdp"]["status"] == "skipped"
+        assert "CUDA" in by_name["lightning_fsdp"]["reason"]
+        assert by_name["default_job"]["status"] == "skipped"
+        assert "CUDA" in by_name["default_job"]["reason"]
+    # ... and everything else really ran.
+    for name in ("probe", "correctness", "speed", "lightning_ddp"):
+        assert by_name[name]["status"] == "passed", name
+
+
+@pytest.mark.slow
+def test_correctness_numbers_are_present(smoke) -> None:
+    _, out = smoke
+    steps = {step["name"]: step for step in load(out)["steps"]}
+    checks = {entry["name"]: entry for entry in steps["correctness"]["checks"]}
+    kernels = [entry for name, entry in checks.items() if name.startswith("kernels/")]
+    assert len(kernels) == KERNEL_CASES
+    for entry in kernels:
+        errors = entry["max_rel_err"]
+        assert {"output", "grad_input", "grad_query.lora_A", "grad_proj.lora_B"} <= set(errors)
+        for value in errors.values():
+            assert math.isfinite(value["ours"]) and math.isfinite(value["plain_autograd"])
+    lightning = checks["lightning_bf16_mixed_vs_peft"]
+    assert len(lightning["losses_lora_lightning"]) == len(lightning["losses_peft"]) > 0
+    assert lightning["max_abs_loss_diff"] <= lightning["tolerance"]
+    assert checks["dropout"]["measured_drop_rate"] > 0
+    assert checks["merge_unmerge/float32_base"]["rel_errors"]["merged_vs_unmerged"] <= 1e-5
+    speed = steps["speed"]["data"]
+    assert {"minilm", "llama_1b"} <= set(speed["train_step"]) and set(speed["inference"])
+    resume = {entry["name"]: entry for entry in steps["lightning_ddp"]["checks"]}
+    assert resume["exact_resume"]["bitwise_equal"] is True
+
+
+# ------------------------------------------------------------- the orchestrator, stand-ins
+def _raises(ctx: Context, rec: Recorder) -> None:
+    with rec.check("before the crash") as entry:
+        entry.update(ok=True)
+    raise RuntimeError("boom: the step crashed")
+
+
+def _sleeps(ctx: Context, rec: Recorder) -> None:
+    with rec.check("never ends"):
+        time.sleep(120)
+
+
+def _passes(ctx: Context, rec: Recorder) -> None:
+    with rec.check("fine") as entry:
+        entry.update(ok=True, summary="all good")
+    rec.skip("not here", "needs something this machine lacks")
+
+
+def test_failures_and_timeouts_are_recorded_and_the_next_step_still_runs(tmp_path) -> None:
+    steps = [
+        check.Step("raises", "crashes", f"{__name__}:_raises", 60, 60, ""),
+        check.Step("sleeps", "overruns", f"{__name__}:_sleeps", 2, 2, ""),
+        check.Step("passes", "passes", f"{__name__}:_passes", 60, 60, ""),
+    ]
+    options = argparse.Namespace(smoke=True, device="cpu", budget_scale=1.0, keep_workdir=False)
+    start = time.perf_counter()
+    code = check.run_check(steps, tmp_path, options, "fork", math.inf)
+    assert time.perf_counter() - start < 60
+    assert code == 1
+    result = load(tmp_path)
+    assert result["status"] == "failed"
+    raised, slept, passed = result["steps"]
+    assert raised["status"] == "failed"
+    assert "boom: the step crashed" in raised["traceback"]
+    assert raised["checks"][0]["status"] == "passed"
+    assert slept["status"] == "timed_out"
+    assert slept["checks"][0]["status"] == "timed_out"
+    assert slept["wall_s"] < 20
+    assert passed["status"] == "passed"
+    assert [c["status"] for c in passed["checks"]] == ["passed", "skipped"]
+    markdown = (tmp_path / "check.md").read_text()
+    assert "boom: the step crashed" in markdown and "timed_out" in markdown
