@@ -80,11 +80,15 @@ def save_adapter(
             raise LoRAStateError(f"save_adapter: state_dict lacks adapter tensors {missing[:8]}")
         tensors = {name: state_dict[name] for name in expected}
     _check_savable(tensors, expected, Path(directory))
+    saved = [n for n, _ in saved_modules(model)]
+    peft_format.check_model_features(
+        model, [n for n, _, _ in layers], saved, f"save_adapter: refusing to write {directory}"
+    )
     kinds = {name: layer.kind for name, _, layer in layers}
     peft_tensors = {
         to_peft_key(name, kinds): t.detach().to("cpu").contiguous() for name, t in tensors.items()
     }
-    peft_config = peft_format.peft_config(config, layers, [n for n, _ in saved_modules(model)])
+    peft_config = peft_format.peft_config(config, layers, saved)
     peft_config["base_model_name_or_path"] = base_model_name_or_path
     config_text = json.dumps(peft_config, indent=2, sort_keys=True) + "\n"
     return files.write_adapter_files(Path(directory), config_text, peft_tensors)
@@ -118,6 +122,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> list[st
             "load_adapter: the model is merged; call unmerge_lora(model) before loading"
         )
     config = peft_format.config_from_peft(peft_config, file_modules, tensors, model, directory)
+    tensors = peft_format.without_saved_base_weights(
+        tensors, peft_config, model, file_modules, directory
+    )
     if owner_of(model) is not None:
         _check_same_adapters(model, config, file_modules, directory)
         plan = None

@@ -1,16 +1,27 @@
 """Hugging Face PEFT's adapter format: file names, tensor keys, and ``adapter_config.json``.
 
 Owns: the translation between this project's state (module names, :class:`LoRAConfig`, layer
-kinds) and PEFT's on-disk form, in both directions, and the validation of what a file says.
-Pure functions on dicts and tensors: reading bytes is ``core.files``' job (here only
-``safetensors.load_file``), changing a model is ``core.adapter``'s. Must not import:
-``core.inject``, ``core.adapter``, Lightning. ``docs/peft-format.md`` is the field-by-field
-table of what PEFT writes and what this project does with it.
+kinds) and PEFT's on-disk form, in both directions, and the validation of what a file says:
+every PEFT feature whose maths this project does not implement is refused by name, never
+loaded as plain LoRA. Pure functions on dicts, tensors and a read-only model: reading bytes is
+``core.files``' job (here only ``safetensors.load_file``), changing a model is
+``core.adapter``'s. Must not import: ``core.inject``, ``core.adapter``, Lightning.
+``docs/peft-format.md`` is the field-by-field table of what PEFT writes and what this project
+does with it (ground truth: ``peft/utils/save_and_load.py`` and ``peft/tuners/lora/`` of the
+installed PEFT).
 
-A directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` with keys
-``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight`` (embeddings:
-``.lora_embedding_A`` / ``.lora_embedding_B``) and ``base_model.model.<name>`` for
-``modules_to_save`` parameters and trained biases.
+A directory holds ``adapter_config.json`` and ``adapter_model.safetensors``. Key forms, all
+under ``base_model.model.`` (PEFT's adapter name is not in the keys)::
+
+    <path>.lora_A.weight / .lora_B.weight        adapter of a Linear, Conv1D or ConvNd
+    <path>.lora_embedding_A / .lora_embedding_B  adapter of an Embedding
+    <path>.base_layer.bias                       bias of an adapted layer (bias != "none")
+    <path>.bias                                  any other trained bias (bias="all")
+    <module>.<param>                             modules_to_save parameters
+    <path>.base_layer.weight, <embedding>.weight base weights PEFT adds (save_embedding_layers,
+                                                 resized vocabulary): checked equal to the
+                                                 model's, then dropped
+    <module>.original_module.* / .modules_to_save.*   duplicates PEFT writes with bias="all"
 """
 
 from __future__ import annotations
@@ -36,6 +47,64 @@ _ADAPTER_KEY = re.compile(
     r"(?P<path>.+)\.(?:lora_(?P<ab>[AB])\.weight|lora_embedding_(?P<eab>[AB]))"
 )
 
+#: LoraConfig fields that switch on maths this project does not implement: field ->
+#: (the feature's name, what to do instead). A file with any of them set is refused.
+UNSUPPORTED_FIELDS: dict[str, tuple[str, str]] = {
+    "use_dora": ("DoRA (weight-decomposed LoRA, lora_magnitude_vector)", "merge it in PEFT "
+                 "(merge_and_unload) and use the merged model, or train plain LoRA"),
+    "lora_bias": ("a bias on lora_B (lora_bias)", "merge it in PEFT (merge_and_unload), or "
+                  "train with lora_bias=False"),
+    "alora_invocation_tokens": ("activated LoRA (aLoRA: the adapter applies only from the "
+                                "invocation tokens on)", "use PEFT to run it"),
+    "target_parameters": ("LoRA on raw nn.Parameters (target_parameters, e.g. MoE experts)",
+                          "use PEFT, or target nn.Linear modules"),
+    "layer_replication": ("layer replication (layer_replication: layers are stacked again, "
+                          "each copy with its own adapter)", "use PEFT to run it"),
+    "trainable_token_indices": ("trainable tokens (trainable_token_indices: a delta on chosen "
+                                "embedding rows)", "merge it in PEFT (merge_and_unload), or "
+                                "train without trainable_token_indices"),
+    "megatron_config": ("Megatron parallel layers (megatron_config)", "gather the adapter into "
+                        "plain nn.Linear LoRA weights with Megatron, then write a plain file"),
+    "use_qalora": ("QA-LoRA (use_qalora: pooled adapter input)", "use PEFT to run it"),
+    "velora_config": ("VeLoRA (velora_config)", "train with velora_config=None"),
+    "monteclora_config": ("MonteCLoRA (monteclora_config)", "use PEFT to run it"),
+    "use_bdlora": ("block-diagonal LoRA (use_bdlora)", "use PEFT to run it"),
+    "arrow_config": ("Arrow routing between adapters (arrow_config)", "use PEFT to run it"),
+    "kasa_config": ("KaSA (kasa_config: lora_diag and a truncated base weight)",
+                    "use PEFT to run it"),
+}  # fmt: skip
+#: init_lora_weights values whose adapter is plain LoRA on the unmodified base model.
+PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva", "mica")
+#: init_lora_weights values (prefixes) that also change the base weights: such a file is
+#: correct only on the modified base model, unless PEFT converted it on saving.
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+#: Every field PEFT 0.21's LoraConfig writes (with PeftConfig's); any other field with a
+#: value is refused: a newer PEFT feature might change the maths.
+KNOWN_FIELDS = frozenset({
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
+    "revision", "inference_mode", "r", "target_modules", "exclude_modules", "lora_alpha",
+    "lora_dropout", "fan_in_fan_out", "bias", "use_rslora", "modules_to_save",
+    "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern",
+    "alpha_pattern", "megatron_config", "megatron_core", "trainable_token_indices",
+    "loftq_config", "eva_config", "corda_config", "lora_ga_config", "use_dora",
+    "velora_config", "alora_invocation_tokens", "use_qalora", "qalora_group_size",
+    "monteclora_config", "layer_replication", "lora_bias", "target_parameters", "use_bdlora",
+    "arrow_config", "kasa_config", "ensure_weight_tying",
+})  # fmt: skip
+#: Tensor-name parts that only PEFT features this project refuses write: part -> feature.
+_FEATURE_KEYS = {
+    "lora_magnitude_vector": "DoRA (use_dora)",
+    "lora_B.bias": "a bias on lora_B (lora_bias)",
+    "lora_embedding_B.bias": "a bias on lora_B (lora_bias)",
+    "trainable_tokens_": "trainable tokens (trainable_token_indices)",
+    "lora_velora_": "VeLoRA (velora_config)",
+    "lora_diag": "KaSA (kasa_config)",
+    "lora_E": "AdaLoRA",
+    "lora_ranknum": "AdaLoRA",
+}
+_LORA_PART = re.compile(r"\.lora_\w+")
+_ADAPTER_PARTS = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"}
+
 
 def parse_adapter_config(text: str, path: Path) -> dict[str, Any]:
     """Parse and type-check the text of ``adapter_config.json`` (read from ``path``); a
@@ -54,11 +123,7 @@ def parse_adapter_config(text: str, path: Path) -> dict[str, Any]:
         raise AdapterFileError(
             f"{path} is a {config.get('peft_type')!r} adapter; only peft_type 'LORA' is supported"
         )
-    for flag in ("use_dora", "lora_bias"):
-        if config.get(flag) is not None and config.get(flag) is not False:
-            raise AdapterFileError(
-                f"{path}: {flag}={config[flag]!r} is not supported; expected false"
-            )
+    check_supported_features(config, path)
     _expect(path, config, "r", int, lambda v: v >= 1, "an integer >= 1")
     _expect(path, config, "lora_alpha", (int, float), lambda v: math.isfinite(v) and v > 0,
             "a number > 0")  # fmt: skip
@@ -99,12 +164,25 @@ def parse_adapter_config(text: str, path: Path) -> dict[str, Any]:
 
 
 def file_modules(tensors: dict[str, torch.Tensor], directory: Path) -> dict[str, int]:
-    """Module path -> rank for every adapter in the file (rank = ``lora_A`` rows)."""
+    """Module path -> rank for every adapter in the file (rank = ``lora_A`` rows).
+
+    Raises:
+        AdapterFileError: a key outside ``base_model.model.``, no adapter at all, or tensors
+            only a refused PEFT feature writes (DoRA's ``lora_magnitude_vector``...), naming
+            the feature.
+    """
     outside = [k for k in tensors if not k.startswith(PREFIX)]
     if outside:
         raise AdapterFileError(
             f"{directory / WEIGHTS_FILE}: keys must start with {PREFIX!r} (PEFT's format); "
             f"got {outside[:5]}"
+        )
+    features = _refused_features(tensors)
+    if features:
+        raise AdapterFileError(
+            f"{directory / WEIGHTS_FILE} holds tensors of PEFT features this project does not "
+            f"implement: {'; '.join(features)}; loading it as plain LoRA would compute something "
+            "else, so it is refused (see docs/peft-format.md for what to do instead)"
         )
     ranks = {}
     for key, tensor in tensors.items():
@@ -123,7 +201,17 @@ def config_from_peft(
     model: nn.Module,
     directory: Path,
 ) -> LoRAConfig:
-    """A LoRAConfig that injects exactly the file's modules with PEFT's alpha semantics."""
+    """A LoRAConfig that injects exactly the file's modules with PEFT's alpha semantics.
+
+    Every name in it is an exact full-match pattern (``^<name>$``), so no module of another
+    name is selected; ``modules_to_save`` follows PEFT's rule (a module whose name ends with
+    an entry, see :func:`peft_modules_to_save`).
+
+    Raises:
+        AdapterFileError: modules the model lacks; mixed or non-float dtypes; ranks that
+            disagree with the config; a model feature PEFT computes differently
+            (:func:`check_model_features`); ``ensure_weight_tying`` on tied modules.
+    """
     names = dict(model.named_modules())
     unknown = sorted(set(file_modules) - set(names))
     if unknown:
@@ -156,26 +244,201 @@ def config_from_peft(
             f"{CONFIG_FILE} for {inconsistent[:5]}; the scaling lora_alpha / r would be wrong. "
             "Expected lora_A of shape [r, ...] with r from rank_pattern, else r"
         )
-    rank_pattern = {re.escape(n): rank for n, rank in file_modules.items() if rank != r}
+    # PEFT lists its task's usual heads (``classifier``, ``score``) whether the model has them
+    # or not: entries naming no module here select nothing; the tensors decide the rest.
+    saved = peft_modules_to_save(peft.get("modules_to_save") or [], list(names))
+    check_model_features(model, list(file_modules), saved, f"adapter {directory}")
+    if peft.get("ensure_weight_tying") is True:
+        tied = [n for n in [*file_modules, *saved] if _tied_elsewhere(model, n)]
+        if tied:
+            raise AdapterFileError(
+                f"{directory / CONFIG_FILE}: ensure_weight_tying=true with tied modules {tied[:4]} "
+                "is not supported: PEFT then shares one adapter between the tied layers and "
+                "saves it once, so loading it as separate adapters would leave the other layer "
+                "unadapted; load it in PEFT, or train with ensure_weight_tying=false"
+            )
+    rank_pattern = {_exact(n): rank for n, rank in file_modules.items() if rank != r}
     alphas = {n: float(pattern_value(alpha_pattern, n, alpha)) for n in file_modules}
     return LoRAConfig(
         r=r,
         alpha=alpha,
         dropout=float(peft.get("lora_dropout", 0.0)),
         dtype=dtype,
-        target_modules=[re.escape(n) for n in file_modules],
+        target_modules=[_exact(n) for n in file_modules],
         rank_pattern=rank_pattern,
-        alpha_pattern={re.escape(n): a for n, a in alphas.items() if a != alpha},
+        alpha_pattern={_exact(n): a for n, a in alphas.items() if a != alpha},
         use_rslora=bool(peft.get("use_rslora", False)),
         bias=peft.get("bias", "none"),
-        # PEFT lists its task's usual heads (``classifier``, ``score``) whether the model has
-        # them or not: keep the entries that name a module here; the tensors decide the rest.
-        modules_to_save=[
-            rf"(.*\.)?{re.escape(m)}"
-            for m in peft.get("modules_to_save") or []
-            if any(n == m or n.endswith("." + m) for n in names)
-        ],
+        modules_to_save=[_exact(n) for n in saved],
     )
+
+
+def peft_modules_to_save(entries: list[str], names: list[str]) -> list[str]:
+    """The modules PEFT trains in full for ``modules_to_save=entries``, among ``names``.
+
+    PEFT's rule (``_set_trainable`` in ``peft/utils/other.py``) is a plain string suffix:
+    ``classifier`` also selects ``pre_classifier``. Only the outermost of nested matches.
+    """
+    found = [n for n in names if n and any(n.endswith(e) for e in entries)]
+    return [n for n in found if not any(n.startswith(o + ".") for o in found)]
+
+
+def without_saved_base_weights(
+    tensors: dict[str, torch.Tensor],
+    peft: dict[str, Any],
+    model: nn.Module,
+    file_modules: dict[str, int],
+    directory: Path,
+) -> dict[str, torch.Tensor]:
+    """``tensors`` without the base-model weights PEFT writes beside an adapter, each checked
+    equal (shape and values) to the model's own.
+
+    PEFT adds ``<path>.base_layer.weight`` for a targeted embedding or ``lm_head``
+    (``save_embedding_layers="auto"``), the whole ``<embedding>.weight`` for a resized
+    vocabulary or ``save_embedding_layers=True``, and with ``bias="all"`` copies of a
+    ``modules_to_save`` module's biases (``.original_module.`` / ``.modules_to_save.``).
+    This project loads adapters, never base weights: equal ones are redundant, different
+    ones mean the adapter was trained on another base, and are refused.
+
+    Raises:
+        AdapterFileError: naming each differing tensor and the PEFT option that wrote it.
+    """
+    names = [n for n, _ in model.named_modules()]
+    params = dict(model.named_parameters(remove_duplicate=False))
+    saved = peft_modules_to_save(peft.get("modules_to_save") or [], names)
+    embeddings = set(_embedding_names(model)) - set(saved)
+    kept, problems = {}, []
+    for key, tensor in tensors.items():
+        name = key[len(PREFIX) :]
+        path, _, leaf = name.rpartition(".")
+        owner, _, part = path.rpartition(".")
+        if part == "base_layer" and owner in file_modules and leaf != "bias":
+            base, why = f"{owner}.{leaf}", "save_embedding_layers"
+        elif path in embeddings:
+            base, why = name, "a resized vocabulary or save_embedding_layers=True"
+        elif part in ("original_module", "modules_to_save") and owner in saved:
+            copy = tensors.get(f"{PREFIX}{owner}.{leaf}")
+            if part == "original_module" or (copy is not None and torch.equal(copy, tensor)):
+                continue  # the original is not used while the saved copy is; a duplicate
+            kept[key] = tensor
+            continue
+        else:
+            kept[key] = tensor
+            continue
+        param = params.get(base)
+        if param is None:
+            kept[key] = tensor  # reported as unexpected by the caller
+        elif tuple(param.shape) != tuple(tensor.shape):
+            problems.append(
+                f"{key} ({why}): shape {tuple(tensor.shape)}, the model's {base} has "
+                f"{tuple(param.shape)}"
+            )
+        elif param.device.type != "meta" and not torch.equal(
+            tensor.to(param.dtype), param.detach().cpu()
+        ):
+            problems.append(f"{key} ({why}): values differ from the model's {base}")
+    if problems:
+        listed = "\n  ".join(problems[:8])
+        raise AdapterFileError(
+            f"adapter {directory} carries base-model weights that PEFT saved beside the adapter, "
+            f"and they are not this model's:\n  {listed}\nThis project loads adapters only, "
+            "never base weights, so the outputs would not be PEFT's. Give the model those "
+            "weights first (for a resized vocabulary: model.resize_token_embeddings(n), then "
+            "copy the rows from the file), then load the adapter"
+        )
+    return kept
+
+
+def check_model_features(model: nn.Module, adapted: list[str], saved: list[str], what: str) -> None:
+    """Refuse an adapter file (to write or to read) whose layers PEFT computes differently.
+
+    ``adapted``: names of the LoRA layers; ``saved``: ``modules_to_save`` names; ``what``
+    starts the message. Refused: a ``modules_to_save`` module whose weights are tied to a
+    module outside it (PEFT trains a copy and leaves the other as it was; here the shared
+    tensor changes both); an adapted embedding with an ``embed_scale`` other than 1 (PEFT
+    scales the LoRA term by it, this project does not); an adapted convolution with a
+    dilation other than 1 (PEFT's ``lora_A`` ignores the dilation).
+
+    Raises:
+        AdapterFileError: naming the module and the difference.
+    """
+    modules = dict(model.named_modules())
+    problems = []
+    for name in saved:
+        tied = _tied_elsewhere(model, name)
+        if tied:
+            problems.append(
+                f"modules_to_save module {name!r} shares its weights with {tied[:3]} (tied "
+                "weights): PEFT trains a copy of it and leaves the others as they were, here "
+                "the shared tensor would change both; untie them first (give "
+                f"{name!r} its own nn.Parameter clone) or adapt it with LoRA instead"
+            )
+    for name in adapted:
+        module = modules.get(name)
+        scale = getattr(module, "embed_scale", None)
+        if isinstance(module, nn.Embedding) and scale is not None and _not_one(scale):
+            problems.append(
+                f"{name!r} is a scaled embedding ({type(module).__name__}, embed_scale="
+                f"{float(torch.as_tensor(scale).reshape(-1)[0]):g}): PEFT multiplies its LoRA "
+                "term by embed_scale, this project does not; leave it out of the targets"
+            )
+        dilation = getattr(module, "dilation", None)
+        if isinstance(module, nn.modules.conv._ConvNd) and any(d != 1 for d in dilation):
+            problems.append(
+                f"{name!r} is a convolution with dilation={tuple(dilation)}: PEFT builds its "
+                "lora_A without the dilation, so its outputs differ from this project's; "
+                "leave it out of the targets"
+            )
+    if problems:
+        raise AdapterFileError(
+            f"{what}: PEFT would compute something else for this model: " + "; ".join(problems)
+        )
+
+
+def check_supported_features(config: dict[str, Any], path: Path) -> None:
+    """Refuse, by name, every feature set in a PEFT ``adapter_config.json`` (read from
+    ``path``) whose maths this project does not implement.
+
+    Refused: the fields in :data:`UNSUPPORTED_FIELDS` when set; ``init_lora_weights`` of
+    PiSSA, OLoRA, CorDA, LoRA-GA (unless PEFT converted the file on saving, which writes
+    ``true``) and LoftQ; any field this project does not know that holds a value.
+
+    Raises:
+        AdapterFileError: naming the field, the feature, and what to do instead.
+    """
+    for field, (feature, instead) in UNSUPPORTED_FIELDS.items():
+        value = config.get(field)
+        strict = field in ("use_dora", "lora_bias", "use_qalora")
+        if not (value is None or value is False or (not strict and value in ([], {}))):
+            raise AdapterFileError(
+                f"{path}: {field}={value!r} is not supported: {feature} computes something "
+                f"else than plain LoRA, the only maths this project implements; expected false "
+                f"or null. Instead, {instead}"
+            )
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+        raise AdapterFileError(
+            f"{path}: init_lora_weights={init!r} is not supported: this initialisation also "
+            "changes the base model's weights, so the file gives PEFT's outputs only on that "
+            "modified base. For PiSSA, OLoRA, CorDA and LoRA-GA save it converted in PEFT: "
+            "save_pretrained(dir, path_initial_model_for_weight_conversion=<the adapter saved "
+            "before training>) writes a plain LoRA file (init_lora_weights=true, rank 2r) for "
+            "the original base; a LoftQ adapter belongs to its LoftQ-quantized base: run it in "
+            "PEFT"
+        )
+    if not (init is None or isinstance(init, bool) or init in PLAIN_INITS):
+        raise AdapterFileError(
+            f"{path}: init_lora_weights={init!r} is not known; expected one of "
+            f"{[v for v in PLAIN_INITS]} (or a converted file, which says true)"
+        )
+    unknown = sorted(k for k, v in config.items() if k not in KNOWN_FIELDS and _is_set(v))
+    if unknown:
+        raise AdapterFileError(
+            f"{path}: field(s) {unknown} are not known to this project (written by PEFT "
+            f"{config.get('peft_version')!r}?) and hold values; a newer PEFT feature may change "
+            "the maths, so the file is refused. If a field does not change the forward pass, "
+            "remove it from the file"
+        )
 
 
 def peft_config(
@@ -208,10 +471,16 @@ def peft_config(
 
 
 def to_peft_key(name: str, kinds: dict[str, str]) -> str:
+    """PEFT's key for the tensor this project calls ``name`` (``kinds``: adapted layer name ->
+    layer kind): embedding adapters are ``lora_embedding_A``/``_B`` without ``.weight``; the
+    bias of an adapted layer is ``<path>.base_layer.bias`` (PEFT wraps the layer; its loader
+    ignores a plain ``<path>.bias`` without a warning)."""
     path, _, leaf = name.rpartition(".")
     owner, _, part = path.rpartition(".")
     if leaf == "weight" and part in ("lora_A", "lora_B") and kinds.get(owner) == EMBEDDING:
         return f"{PREFIX}{owner}.lora_embedding_{part[-1]}"
+    if leaf == "bias" and path in kinds:
+        return f"{PREFIX}{path}.base_layer.bias"
     return PREFIX + name
 
 
@@ -230,6 +499,56 @@ def _expect(path: Path, config: dict[str, Any], field: str, kind: Any, ok: Any, 
     value = config.get(field)
     if isinstance(value, bool) and kind is not bool or not isinstance(value, kind) or not ok(value):
         raise AdapterFileError(f"{path}: {field}={value!r} is invalid; expected {allowed}")
+
+
+def _exact(name: str) -> str:
+    """A target pattern that full-matches ``name`` only (a plain name would also match
+    ``<anything>.<name>``)."""
+    return f"^{re.escape(name)}$"
+
+
+def _is_set(value: Any) -> bool:
+    return not (value is None or value is False or value in ([], {}, ""))
+
+
+def _not_one(scale: Any) -> bool:
+    values = torch.as_tensor(scale, dtype=torch.float64).reshape(-1)
+    return bool((values != 1).any())
+
+
+def _tied_elsewhere(model: nn.Module, name: str) -> list[str]:
+    """Names of parameters outside module ``name`` that are the same tensor as one inside."""
+    prefix = f"{name}."
+    params = list(model.named_parameters(remove_duplicate=False))
+    inside = {id(p) for n, p in params if n.startswith(prefix)}
+    return [n for n, p in params if id(p) in inside and not n.startswith(prefix)]
+
+
+def _embedding_names(model: nn.Module) -> list[str]:
+    """Names of the model's input and output embeddings (Hugging Face models only: they say
+    which they are through ``get_input_embeddings``/``get_output_embeddings``)."""
+    found = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            layer = getattr(model, getter)() if hasattr(model, getter) else None
+        except (AttributeError, NotImplementedError):
+            layer = None
+        found += [n for n, m in model.named_modules() if layer is not None and m is layer]
+    return found
+
+
+def _refused_features(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """``"<feature> (<n> tensor(s), e.g. <key>)"`` for every refused feature whose tensors
+    are in ``tensors``."""
+    found: dict[str, list[str]] = {}
+    for key in tensors:
+        feature = next((f for part, f in _FEATURE_KEYS.items() if part in key), None)
+        unknown = {m[1:] for m in _LORA_PART.findall(key)} - _ADAPTER_PARTS
+        if feature is None and unknown:
+            feature = f"a LoRA variant this project does not know ({min(unknown)})"
+        if feature is not None:
+            found.setdefault(feature, []).append(key)
+    return [f"{f} ({len(keys)} tensor(s), e.g. {keys[0]})" for f, keys in found.items()]
 
 
 def _number(value: float) -> int | float:
