@@ -122,9 +122,7 @@ def test_loading_an_adapter_never_calls_an_unpickler(monkeypatch, adapter):
     assert torch.equal(logits(model, mlp_inputs()), expected)
 
 
-def test_names_in_adapter_config_are_never_imported(tmp_path, adapter, monkeypatch):
-    """PEFT's config may name classes (``auto_mapping``, ``base_model_class``...): ignored."""
-    directory, expected = adapter
+def _evil_module(tmp_path, monkeypatch):
     marker = tmp_path / "IMPORTED"
     module_dir = tmp_path / "modules"
     module_dir.mkdir()
@@ -132,26 +130,48 @@ def test_names_in_adapter_config_are_never_imported(tmp_path, adapter, monkeypat
         f"open({str(marker)!r}, 'w').close()\nclass Model:\n    pass\n"
     )
     monkeypatch.syspath_prepend(str(module_dir))
+    return marker
+
+
+def _edit_config(directory, **fields):
     config = json.loads((directory / "adapter_config.json").read_text())
-    config.update(
-        {
+    config.update(fields)
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+
+
+def test_names_in_adapter_config_metadata_are_never_imported(tmp_path, adapter, monkeypatch):
+    """PEFT's metadata may name classes (``auto_mapping``, ``task_type``...): ignored."""
+    directory, expected = adapter
+    marker = _evil_module(tmp_path, monkeypatch)
+    _edit_config(
+        directory,
+        auto_mapping={
             "base_model_class": "evil_lora_module.Model",
             "parent_library": "evil_lora_module",
-            "auto_mapping": {
-                "base_model_class": "evil_lora_module.Model",
-                "parent_library": "evil_lora_module",
-            },
-            "base_model_name_or_path": "evil_lora_module",
-            "task_type": "evil_lora_module.Model",
-            "revision": "os.system",
-            "layer_replication": "os.system",
-            "_target_": "os.system",
-        }
+        },
+        base_model_name_or_path="evil_lora_module",
+        task_type="evil_lora_module.Model",
+        revision="os.system",
     )
-    (directory / "adapter_config.json").write_text(json.dumps(config))
     model = mlp()
     load_adapter(model, directory)
     assert torch.equal(logits(model, mlp_inputs()), expected)
+    assert not marker.exists()
+
+
+def test_unknown_or_refused_fields_naming_code_are_refused_and_never_imported(
+    tmp_path, adapter, monkeypatch
+):
+    """Fields this project does not implement (``layer_replication``) or does not know
+    (``_target_``, ``base_model_class``) are refused by name, and nothing is imported."""
+    directory, _ = adapter
+    marker = _evil_module(tmp_path, monkeypatch)
+    for field in ("base_model_class", "parent_library", "layer_replication", "_target_"):
+        original = (directory / "adapter_config.json").read_text()
+        _edit_config(directory, **{field: "evil_lora_module.Model"})
+        with pytest.raises(AdapterFileError, match=field):
+            load_adapter(mlp(), directory)
+        (directory / "adapter_config.json").write_text(original)
     assert not marker.exists()
     assert "evil_lora_module" not in sys.modules
 
