@@ -30,6 +30,7 @@ from lora_lightning import (
 )
 from lora_lightning.core import adapted_layers, config_of
 from lora_lightning.core import inject as inject_module
+from lora_lightning.core.plan import TiedWeightWarning
 
 
 # ------------------------------------------------------------------------------ snapshots
@@ -299,6 +300,12 @@ def test_legacy_fuse_shared_input_maps_to_the_two_fields_it_stood_for():
 
 
 # --------------------------------------------------------------------- merge safety
+def test_targeting_a_tied_weight_warns_like_peft():
+    with pytest.warns(TiedWeightWarning, match="wte"):
+        inject_lora(tiny_gpt2(), LoRAConfig(target_modules=["lm_head"]))
+
+
+@pytest.mark.filterwarnings("ignore::lora_lightning.core.plan.TiedWeightWarning")
 def test_merging_a_tied_weight_is_refused_and_changes_nothing():
     model = tiny_gpt2()
     inject_lora(model, LoRAConfig(target_modules=["lm_head"]))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -133,11 +134,34 @@ def plan_lora(
             "lora.target_modules or lora.exclude_modules"
         )
     targets = tuple(_target_plan(name, module, config) for name, module in kept)
+    _warn_about_tied_targets(model, kept)
     biases = tuple(
         n for n, m in kept if config.bias == "lora_only" and getattr(m, "bias", None) is not None
     )
     plan = LoRAPlan(config, targets, tuple(saved_names), biases, already_applied=False)
     return _against_existing_adapters(model, plan)
+
+
+class TiedWeightWarning(UserWarning):
+    """A target's weight is shared with another module (e.g. GPT-2's ``lm_head`` and ``wte``)."""
+
+
+def _warn_about_tied_targets(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> None:
+    """Warn, as PEFT does: training works (the adapter is the target's own), but merging would
+    change the other module too, so ``merge_lora`` refuses it."""
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    for name, module in targets:
+        others = [n for n in owners.get(id(module.weight), []) if n != f"{name}.weight"]
+        if others:
+            warnings.warn(
+                f"LoRA target {name!r} shares its weight with {others[:3]} (tied weights): the "
+                "adapter applies to this module only, and merge_lora will refuse to fold it "
+                "(merging would change the tied module too); use merged_state_dict for export",
+                TiedWeightWarning,
+                stacklevel=3,
+            )
 
 
 def _target_plan(name: str, module: nn.Module, config: LoRAConfig) -> TargetPlan:
