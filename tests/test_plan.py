@@ -241,14 +241,17 @@ def test_the_config_is_stored_once_and_shared_by_every_layer():
     assert len(owners) == 1 and config_of(model) is config
 
 
-def test_an_inner_network_adapted_with_another_config_is_refused_from_outside():
-    class Outer(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = mlp()
-            inject_lora(self.net, LoRAConfig(r=4, target_modules=["layers.0"]))
+class AdaptsItsOwnNetwork(nn.Module):
+    """A module that injects LoRA into its inner network in ``__init__`` (r=4, layers.0)."""
 
-    outer = Outer()
+    def __init__(self):
+        super().__init__()
+        self.net = mlp()
+        inject_lora(self.net, LoRAConfig(r=4, target_modules=["layers.0"]))
+
+
+def test_an_inner_network_adapted_with_another_config_is_refused_from_outside():
+    outer = AdaptsItsOwnNetwork()
     before = snapshot(outer)
     with pytest.raises(LoRAStateError, match=r"r: 4 -> 2"):
         inject_lora(outer, LoRAConfig(r=2, target_modules=["layers.0"]))
@@ -256,13 +259,7 @@ def test_an_inner_network_adapted_with_another_config_is_refused_from_outside():
 
 
 def test_same_config_from_outside_is_idempotent():
-    class Outer(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = mlp()
-            inject_lora(self.net, LoRAConfig(r=4, target_modules=["layers.0"]))
-
-    outer = Outer()
+    outer = AdaptsItsOwnNetwork()
     assert inject_lora(outer, LoRAConfig(r=4, target_modules=["layers.0"])) == ["net.layers.0"]
 
 
