@@ -194,7 +194,7 @@ def kernel_case(
 
     def run_one(model: nn.Module, layer: Any, x_dtype: torch.dtype, mixed: bool) -> Any:
         x = x_in.to(x_dtype).detach().clone().requires_grad_()
-        with torch.autocast(device, dtype=autocast or F32, enabled=mixed and autocast is not None):
+        with torch.autocast(device, dtype=autocast or BF16, enabled=mixed and autocast is not None):
             y = model(x, layer) if layer is not None else model(x)
         (y.double() * grad_out.double()).sum().backward()
         return x, y
@@ -248,7 +248,7 @@ def kernel_case(
 # ------------------------------------------------------------------------------------ dropout
 def dropout_case(ctx: Context) -> dict[str, Any]:
     device = ctx.device
-    d_in, d_out, n = (64, 32, 4096) if ctx.smoke else (1024, 512, 65536)
+    d_in, d_out, n = (64, 32, 4096) if ctx.smoke else (1024, 512, 16384)
     torch.manual_seed(SEED)
     model = nn.Sequential(nn.Linear(d_in, d_out, bias=False))
     nn.init.zeros_(model[0].weight)  # y = s * B A dropout(x) alone
