@@ -371,7 +371,7 @@ ADAPTER_CASES = [
     pytest.param(edit_config(peft_type="IA3"), plain, AdapterFileError, ["is a 'IA3' adapter", "only peft_type 'LORA' is supported"], id="peft-type-ia3"),
     pytest.param(edit_config(peft_type="LOHA"), plain, AdapterFileError, ["is a 'LOHA' adapter", "only peft_type 'LORA'"], id="peft-type-loha"),
     pytest.param(edit_config(peft_type=DELETE), plain, AdapterFileError, ["is a None adapter", "only peft_type 'LORA'"], id="peft-type-missing"),
-    pytest.param(edit_config(use_dora=True), plain, AdapterFileError, ["use_dora=True is not supported", "expected false"], id="peft-dora"),
+    pytest.param(edit_config(use_dora=True), plain, AdapterFileError, ["use_dora=true but", "holds no DoRA magnitudes"], id="peft-dora-without-magnitudes"),
     # --- tensors
     pytest.param(edit_tensors(lambda t: {k: v.to(torch.int32) for k, v in t.items()}), plain, AdapterFileError, ["must share one float dtype", "torch.int32"], id="tensors-int-dtype"),
     pytest.param(edit_tensors(lambda t: _set(t, A0, t[A0].half())), plain, AdapterFileError, ["must share one float dtype", "torch.float16", "torch.float32"], id="tensors-mixed-dtypes"),

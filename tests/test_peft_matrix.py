@@ -259,10 +259,8 @@ def tiny_llama_resized() -> LlamaForCausalLM:
 # id -> (model, PEFT kwargs, save_pretrained kwargs, edit of the written files, model to
 #        load into (None: a fresh one), words the error must contain)
 REFUSED = {
-    "dora": ("llama", {"target_modules": ["q_proj"], "use_dora": True}, {}, None, None,
-             ["use_dora=True is not supported", "DoRA"]),
     "dora-keys-config-edited": ("llama", {"target_modules": ["q_proj"], "use_dora": True}, {},
-                                edit_config(use_dora=False), None, ["DoRA (use_dora)", "lora_magnitude_vector"]),
+                                edit_config(use_dora=False), None, ["DoRA magnitudes", "use_dora=false"]),
     "lora-bias": ("bert", {"target_modules": ["query"], "lora_bias": True}, {}, None, None,
                   ["lora_bias=True is not supported", "bias on lora_B"]),
     "alora": ("llama", {"target_modules": ["q_proj"], "alora_invocation_tokens": [3, 4],

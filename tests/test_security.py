@@ -344,7 +344,9 @@ def _valid(field: str, value: Any) -> bool:
         )
     if field == "modules_to_save":
         return value is None or (isinstance(value, list) and all(isinstance(m, str) for m in value))
-    if field in ("use_dora", "lora_bias"):
+    if field == "use_dora":
+        return value is None or isinstance(value, bool)
+    if field == "lora_bias":
         return value is None or value is False
     return value == "LORA"  # peft_type
 

@@ -75,6 +75,10 @@ class LoRAConfig:
             random 64-bit words (the drop probability rounded to a multiple of 2**-16:
             0.1 -> 0.1000061), ``torch`` draws ``torch.nn.Dropout``'s exact masks. With
             ``group_shared_input=False`` and ``torch`` masks the draws are PEFT's, mask for mask.
+        use_dora: DoRA (weight-decomposed LoRA, PEFT's ``use_dora``): the adapted weight
+            becomes ``m ⊙ (W + s·B A) / ||W + s·B A||_row`` with a trained magnitude ``m``
+            per output feature (``lora_magnitude_vector``, initialised to ``||W||_row``).
+            Linear and GPT-2 Conv1D targets only (see ``core.dora``).
         fuse_shared_input: deprecated (configs before 0.2): ``true`` means
             ``group_shared_input=true, dropout_masks=fast``; ``false`` means ``false, torch``.
 
@@ -97,6 +101,7 @@ class LoRAConfig:
     modules_to_save: list[str] = field(default_factory=list)
     group_shared_input: bool = True
     dropout_masks: str = "fast"
+    use_dora: bool = False
     fuse_shared_input: Optional[bool] = None  # noqa: UP045 - OmegaConf needs Optional
 
     def __post_init__(self) -> None:
@@ -126,6 +131,7 @@ class LoRAConfig:
         _check_choice("dropout_masks", self.dropout_masks, DROPOUT_MASKS)
         self.use_rslora = _flag("use_rslora", self.use_rslora)
         self.group_shared_input = _flag("group_shared_input", self.group_shared_input)
+        self.use_dora = _flag("use_dora", self.use_dora)
         if self.fuse_shared_input is not None:
             legacy = _flag("fuse_shared_input", self.fuse_shared_input)
             self.group_shared_input = legacy

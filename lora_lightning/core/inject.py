@@ -1,7 +1,7 @@
 """`inject_lora`: apply a checked plan to a model, all or nothing.
 
 Owns: :func:`inject_lora` (plan with ``core.plan``, then apply) and :func:`apply_plan`, which
-attaches every planned adapter, groups shared inputs, places the marks and freezes what should
+attaches every planned adapter (and its variant: DoRA's magnitude), groups shared inputs, places the marks and freezes what should
 not train. If anything fails while applying, every change is rolled back: the model keeps its
 parameters, hooks, ``requires_grad`` flags and attributes exactly. Must not import:
 ``core.adapter``, ``core.merge``, Lightning, Hydra.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from lora_lightning.core import dora
 from lora_lightning.core.config import LoRAConfig
 from lora_lightning.core.errors import LoRAStateError
 from lora_lightning.core.fusion import group_shared_inputs
@@ -79,8 +80,11 @@ def apply_plan(model: nn.Module, plan: LoRAPlan) -> list[str]:
     try:
         for target in plan.targets:
             module = modules[target.name]
-            attach(module, target.name, kind=target.kind, r=target.r, alpha=target.alpha,
-                   scaling=target.scaling, dtype=target.dtype, owner=owner)  # fmt: skip
+            layer = attach(module, target.name, kind=target.kind, r=target.r,
+                           alpha=target.alpha, scaling=target.scaling, dtype=target.dtype,
+                           owner=owner)  # fmt: skip
+            if target.variant == dora.DoRA.name:
+                dora.attach(module, layer, target.dtype)
             attached.append(module)
         if plan.config.group_shared_input:
             group_shared_inputs([(t.name, modules[t.name]) for t in plan.targets], MATMUL_KINDS)

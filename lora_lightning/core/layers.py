@@ -16,7 +16,8 @@ turns the layer's output ``W x`` into ``W x + s · B A dropout(x)``::
          (p from the config, only in train mode)
 
 Linear and GPT-2 Conv1D layers compute through ``core.kernels`` (two autograd functions with
-faster backwards); :func:`reference_delta` is the same maths in plain ops, kept readable.
+faster backwards); :func:`reference_delta` is the same maths in plain ops, kept readable. A
+layer with a variant (``LoRALayer.variant``, DoRA from ``core.dora``) hands its forward to it.
 
 Weights are stored in the shapes Hugging Face PEFT uses on disk:
 
@@ -165,11 +166,14 @@ def attach(
 
 
 def detach(module: nn.Module) -> None:
-    """Remove every LoRA part from ``module`` (hook, A, B, mark); the layer is plain again."""
+    """Remove every LoRA part from ``module`` (hook, A, B, a variant's parameters, mark);
+    the layer is plain again."""
     layer = pop_layer(module)
     layer.handle.remove()
     if layer.group is not None:
         layer.group.disband()
+    if layer.variant is not None:
+        layer.variant.detach(module)
     for part in ("lora_A", "lora_B"):
         if part in module._modules:
             delattr(module, part)
@@ -225,10 +229,19 @@ def _project(module: nn.Module, x: torch.Tensor, a: torch.Tensor) -> torch.Tenso
     return kernels.project_down(x, a, active_dropout(module, layer), fast)
 
 
+def lora_hidden(module: nn.Module, layer: LoRALayer, x: torch.Tensor) -> torch.Tensor:
+    """``A dropout(x)`` of a Linear-style layer: ``(..., in) -> (..., r)``, from its
+    shared-input group's one product when it has one (see ``core.fusion``)."""
+    if layer.group is not None:
+        return layer.group.hidden(module, x, _project)
+    return _project(module, x, module.lora_A.weight)
+
+
 def _lora_forward_hook(
     module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor
 ) -> Any:
-    """``W x`` -> ``W x + s · B A dropout(x)``; a merged layer already holds the term in W."""
+    """``W x`` -> ``W x + s · B A dropout(x)``; a merged layer already holds the term in W.
+    A layer with a variant (DoRA) computes through it instead."""
     layer = layer_state(module)
     if layer.merged:
         if module.training and torch.is_grad_enabled() and module.lora_A.weight.requires_grad:
@@ -238,12 +251,11 @@ def _lora_forward_hook(
             )
         return output
     x = args[0] if args else next(iter(kwargs.values()))
+    if layer.variant is not None:
+        return layer.variant.forward(module, layer, x, output, lora_hidden)
     if layer.kind in MATMUL_KINDS:
         b = module.lora_B.weight
-        if layer.group is not None:
-            hidden = layer.group.hidden(module, x, _project)
-        else:
-            hidden = _project(module, x, module.lora_A.weight)
+        hidden = lora_hidden(module, layer, x)
         if hidden.dtype == output.dtype:
             return kernels.add_low_rank(output, hidden, b, layer.scaling)
         delta = F.linear(hidden, b)

@@ -12,11 +12,12 @@ from torch import nn
 
 from lora_lightning.core.errors import LoRAStateError
 from lora_lightning.core.layers import delta_weight, detach
-from lora_lightning.core.state import adapted_layers, clear_marks, is_merged
+from lora_lightning.core.state import adapted_layers, clear_marks, is_merged, layer_state
 
 
 def merge_lora(model: nn.Module) -> None:
     """Fold ``s · B A`` into every adapted base weight; the adapters then stop contributing.
+    A DoRA layer's weight becomes ``m ⊙ (W + s·B A) / ||W + s·B A||_row``.
 
     The sum is formed in float32 and cast back once, so bf16/fp16 bases lose as little as
     possible. Dropout is never baked in. Outputs then equal the unmerged model's up to float
@@ -62,13 +63,17 @@ def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
 
 @torch.no_grad()
 def merged_weight(module: nn.Module, sign: int = 1) -> torch.Tensor:
-    """``W + sign · s·B·A`` of one adapted layer, as a new tensor in the base weight's dtype.
+    """``W + sign · s·B·A`` of one adapted layer, as a new tensor in the base weight's dtype
+    (with DoRA: its rescaled ``W + s·B·A``, or its inverse, see ``core.dora``).
 
     The sum is formed in at least float32 (float64 stays float64) and rounded once, at the
     cast back; the layer itself is not changed.
     """
     weight = module.weight
     delta = delta_weight(module).to(weight.device)
+    layer = layer_state(module)
+    if layer.variant is not None:  # DoRA: rescaled rows, see core.dora
+        return layer.variant.merged_weight(module, layer, delta, sign).to(weight.dtype)
     wide = weight.to(torch.promote_types(weight.dtype, delta.dtype))
     return (wide + sign * delta).to(weight.dtype)
 

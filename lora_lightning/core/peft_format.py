@@ -15,6 +15,7 @@ under ``base_model.model.`` (PEFT's adapter name is not in the keys)::
 
     <path>.lora_A.weight / .lora_B.weight        adapter of a Linear, Conv1D or ConvNd
     <path>.lora_embedding_A / .lora_embedding_B  adapter of an Embedding
+    <path>.lora_magnitude_vector                 DoRA's magnitude (use_dora: true)
     <path>.base_layer.bias                       bias of an adapted layer (bias != "none")
     <path>.bias                                  any other trained bias (bias="all")
     <module>.<param>                             modules_to_save parameters
@@ -37,6 +38,7 @@ import torch
 from torch import nn
 
 from lora_lightning.core.config import DTYPES, LoRAConfig
+from lora_lightning.core.dora import MAGNITUDE
 from lora_lightning.core.errors import AdapterFileError
 from lora_lightning.core.files import CONFIG_FILE, WEIGHTS_FILE  # noqa: E402 - re-exported
 from lora_lightning.core.layers import EMBEDDING, GPT2_CONV1D
@@ -50,8 +52,6 @@ _ADAPTER_KEY = re.compile(
 #: LoraConfig fields that switch on maths this project does not implement: field ->
 #: (the feature's name, what to do instead). A file with any of them set is refused.
 UNSUPPORTED_FIELDS: dict[str, tuple[str, str]] = {
-    "use_dora": ("DoRA (weight-decomposed LoRA, lora_magnitude_vector)", "merge it in PEFT "
-                 "(merge_and_unload) and use the merged model, or train plain LoRA"),
     "lora_bias": ("a bias on lora_B (lora_bias)", "merge it in PEFT (merge_and_unload), or "
                   "train with lora_bias=False"),
     "alora_invocation_tokens": ("activated LoRA (aLoRA: the adapter applies only from the "
@@ -93,7 +93,6 @@ KNOWN_FIELDS = frozenset({
 })  # fmt: skip
 #: Tensor-name parts that only PEFT features this project refuses write: part -> feature.
 _FEATURE_KEYS = {
-    "lora_magnitude_vector": "DoRA (use_dora)",
     "lora_B.bias": "a bias on lora_B (lora_bias)",
     "lora_embedding_B.bias": "a bias on lora_B (lora_bias)",
     "trainable_tokens_": "trainable tokens (trainable_token_indices)",
@@ -103,7 +102,7 @@ _FEATURE_KEYS = {
     "lora_ranknum": "AdaLoRA",
 }
 _LORA_PART = re.compile(r"\.lora_\w+")
-_ADAPTER_PARTS = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"}
+_ADAPTER_PARTS = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", MAGNITUDE}
 
 
 def parse_adapter_config(text: str, path: Path) -> dict[str, Any]:
@@ -130,6 +129,10 @@ def parse_adapter_config(text: str, path: Path) -> dict[str, Any]:
     _expect(path, config, "lora_dropout", (int, float), lambda v: 0 <= v < 1,
             "a number in [0, 1)", default=0.0)  # fmt: skip
     _expect(path, config, "use_rslora", bool, lambda v: True, "true or false", default=False)
+    if not isinstance(config.get("use_dora", False), (bool, type(None))):
+        raise AdapterFileError(
+            f"{path}: use_dora={config['use_dora']!r} is invalid; expected true or false"
+        )
     _expect(path, config, "bias", str, lambda v: v in ("none", "lora_only", "all"),
             "one of none, lora_only, all", default="none")  # fmt: skip
     for name, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
@@ -257,6 +260,19 @@ def config_from_peft(
                 "saves it once, so loading it as separate adapters would leave the other layer "
                 "unadapted; load it in PEFT, or train with ensure_weight_tying=false"
             )
+    use_dora = peft.get("use_dora") is True
+    magnitudes = sorted(k for k in tensors if k.endswith("." + MAGNITUDE))
+    if use_dora and not magnitudes:
+        raise AdapterFileError(
+            f"{directory}: {CONFIG_FILE} says use_dora=true but {WEIGHTS_FILE} holds no DoRA "
+            f"magnitudes (<module>.{MAGNITUDE}); the file is incomplete or its config edited"
+        )
+    if magnitudes and not use_dora:
+        raise AdapterFileError(
+            f"{directory}: {WEIGHTS_FILE} holds DoRA magnitudes ({magnitudes[0]}, ...) but "
+            f"{CONFIG_FILE} says use_dora=false; loading it as plain LoRA would compute "
+            "something else. Set use_dora to true if the adapter was trained with DoRA"
+        )
     rank_pattern = {_exact(n): rank for n, rank in file_modules.items() if rank != r}
     alphas = {n: float(pattern_value(alpha_pattern, n, alpha)) for n in file_modules}
     return LoRAConfig(
@@ -270,6 +286,7 @@ def config_from_peft(
         use_rslora=bool(peft.get("use_rslora", False)),
         bias=peft.get("bias", "none"),
         modules_to_save=[_exact(n) for n in saved],
+        use_dora=use_dora,
     )
 
 
@@ -408,7 +425,7 @@ def check_supported_features(config: dict[str, Any], path: Path) -> None:
     """
     for field, (feature, instead) in UNSUPPORTED_FIELDS.items():
         value = config.get(field)
-        strict = field in ("use_dora", "lora_bias", "use_qalora")
+        strict = field in ("lora_bias", "use_qalora")
         if not (value is None or value is False or (not strict and value in ([], {}))):
             raise AdapterFileError(
                 f"{path}: {field}={value!r} is not supported: {feature} computes something "
@@ -466,7 +483,7 @@ def peft_config(
         "fan_in_fan_out": any(s.kind == GPT2_CONV1D for _, _, s in modules),
         "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
         "inference_mode": True,
-        "use_dora": False,
+        "use_dora": config.use_dora,
     }
 
 

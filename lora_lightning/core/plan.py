@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lora_lightning.core import dora
 from lora_lightning.core.config import LoRAConfig, NamePattern, compile_patterns, config_diff
 from lora_lightning.core.errors import LoRAConfigError, LoRAStateError, UnsupportedModuleError
 from lora_lightning.core.layers import adapter_shapes, layer_kind, unsupported_reason
@@ -41,6 +42,8 @@ class TargetPlan:
     shape_a: tuple[int, ...]
     shape_b: tuple[int, ...]
     on_meta: bool  # the base weight has no values (meta device): nothing can be loaded
+    variant: str | None = None  # "dora" (config.use_dora), None for plain LoRA
+    variant_tensors: tuple[tuple[str, tuple[int, ...]], ...] = ()  # the variant's (name, shape)
 
 
 @dataclass(frozen=True)
@@ -59,11 +62,14 @@ class LoRAPlan:
         return [target.name for target in self.targets]
 
     def adapter_tensors(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        """``<name>.lora_A.weight`` / ``lora_B`` -> (shape, dtype) of every adapter matrix."""
+        """``<name>.lora_A.weight`` / ``lora_B`` (and a variant's, e.g. DoRA's
+        ``<name>.lora_magnitude_vector``) -> (shape, dtype) of every adapter tensor."""
         specs = {}
         for t in self.targets:
             specs[f"{t.name}.lora_A.weight"] = (t.shape_a, t.dtype)
             specs[f"{t.name}.lora_B.weight"] = (t.shape_b, t.dtype)
+            for part, shape in t.variant_tensors:
+                specs[f"{t.name}.{part}"] = (shape, t.dtype)
         return specs
 
     def trainable_tensors(self, model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -82,7 +88,8 @@ class LoRAPlan:
     def summary(self) -> str:
         """One line per target (name, kind, rank, alpha, scaling, shapes), for people."""
         rows = [
-            f"{t.name}  {t.kind}  r={t.r}  alpha={t.alpha:g}  scaling={t.scaling:g}  "
+            f"{t.name}  {t.kind}{' ' + t.variant if t.variant else ''}  r={t.r}  "
+            f"alpha={t.alpha:g}  scaling={t.scaling:g}  "
             f"A{list(t.shape_a)} B{list(t.shape_b)} {str(t.dtype).removeprefix('torch.')}"
             for t in self.targets
         ]
@@ -104,7 +111,8 @@ def plan_lora(
         LoRAConfigError: an invalid config value; a ``target_modules`` or ``modules_to_save``
             entry that matches no module (with close names among the layers LoRA can adapt);
             no target left.
-        UnsupportedModuleError: a target LoRA cannot adapt (every such target is listed).
+        UnsupportedModuleError: a target LoRA cannot adapt, or with ``use_dora`` a target
+            DoRA cannot adapt (a convolution or embedding); every such target is listed.
         LoRAStateError: the model already holds adapters from another config or other
             targets, or from several injections.
     """
@@ -126,6 +134,9 @@ def plan_lora(
             "lora.rank_pattern; narrow those, or target other modules"
         )
     unsupported = [(n, unsupported_reason(m)) for n, m in kept if unsupported_reason(m)]
+    if config.use_dora and not unsupported:
+        reasons = [(n, dora.unsupported_reason(m, layer_kind(m))) for n, m in kept]
+        unsupported = [(n, why) for n, why in reasons if why]
     if unsupported:
         listed = "; ".join(f"module {n!r} is {why}" for n, why in unsupported[:5])
         more = f" (and {len(unsupported) - 5} more)" if len(unsupported) > 5 else ""
@@ -178,6 +189,10 @@ def _target_plan(name: str, module: nn.Module, config: LoRAConfig) -> TargetPlan
         shape_a=tuple(shape_a),
         shape_b=tuple(shape_b),
         on_meta=module.weight.device.type == "meta",
+        variant=dora.DoRA.name if config.use_dora else None,
+        variant_tensors=(
+            ((dora.MAGNITUDE, dora.magnitude_shape(module, kind)),) if config.use_dora else ()
+        ),
     )
 
 

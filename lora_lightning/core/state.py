@@ -36,6 +36,9 @@ _MARKS = (_LAYER, _SAVED, _BIAS, _ROOT)
 
 #: Names of LoRA's own child modules, never targets themselves.
 LORA_PARTS = ("lora_A", "lora_B")
+#: The last parts of every adapter tensor's qualified name: the two matrices and DoRA's
+#: magnitude (``core.dora.MAGNITUDE``, a parameter of the adapted layer itself).
+ADAPTER_TENSORS = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
 
 
 @dataclass(eq=False)
@@ -61,6 +64,7 @@ class LoRALayer:
     merged: bool = False
     handle: Any = None  # the forward hook's RemovableHandle
     group: Any = None  # a core.fusion.SharedInput when siblings share one A product
+    variant: Any = None  # a layer variant (core.dora.DoRA) owning forward and merge; None: LoRA
 
     @property
     def dropout(self) -> float:
@@ -157,8 +161,9 @@ def is_merged(model: nn.Module) -> bool:
 
 
 def is_adapter_parameter(name: str) -> bool:
-    """True for the qualified name of an adapter matrix (``...lora_A.weight``/``lora_B``)."""
-    return name.endswith(("lora_A.weight", "lora_B.weight"))
+    """True for the qualified name of an adapter tensor: ``...lora_A.weight``,
+    ``...lora_B.weight``, or DoRA's ``...lora_magnitude_vector``."""
+    return any(name == part or name.endswith("." + part) for part in ADAPTER_TENSORS)
 
 
 def trainable_names(model: nn.Module) -> list[str]:
@@ -211,7 +216,8 @@ def mark_only_lora_as_trainable(model: nn.Module) -> None:
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors a LoRA run produces, keyed as in ``model.state_dict()``.
 
-    That is ``<path>.lora_A.weight`` / ``<path>.lora_B.weight`` of every adapted module, the
+    That is ``<path>.lora_A.weight`` / ``<path>.lora_B.weight`` of every adapted module (and
+    ``<path>.lora_magnitude_vector`` with DoRA), the
     parameters of ``modules_to_save``, and the biases that ``config.bias`` trains. Frozen base
     weights are never included. Tensors are detached and share storage with the model.
     """
@@ -236,7 +242,8 @@ class ParameterCounts:
 
 
 def count_parameters(model: nn.Module) -> ParameterCounts:
-    """Count trainable, total and adapter (A/B) parameters; works on ``meta`` models too."""
+    """Count trainable, total and adapter (A/B, DoRA magnitude) parameters; works on ``meta``
+    models too."""
     trainable = total = adapter = 0
     for name, param in model.named_parameters():
         total += param.numel()
