@@ -22,6 +22,11 @@ parameters. Variants, all interleaved in one phase (order rotated every round):
   shared by the three; PEFT draws one mask per module (three dropouts and three A matmuls).
 - ``lora_lightning_unfused_d0.1`` (MiniLM only): ``group_shared_input=False, dropout_masks="torch"``, PEFT's
   semantics (a mask per module), for reference.
+- ``lora_lightning_dora_d0.0`` / ``peft_dora_d0.0``: DoRA (``use_dora=True``), dropout 0.0,
+  same targets; the magnitude vectors train too. Ours computes the row norm of ``W + s·B A``
+  without forming the matrix (``core.dora``); PEFT forms it every forward. Goal (issue #13):
+  ours / PEFT <= 0.80 (``block["dora"]["goal"]``, kept apart from ``goals`` so the summary's
+  goal list is unchanged); ``dora/plain`` ratios give DoRA's overhead over plain LoRA.
 - ``floor_qkv_bias_only``: only the query/key/value biases train. The backward still carries
   gradients to every query/key/value output, as LoRA there needs, but the "adapter" is free:
   no LoRA implementation that leaves the base computation alone can be faster. ``floor /
@@ -77,12 +82,14 @@ from experiments.bench.common import (
 )
 from experiments.bench.models import MODEL_NAMES, SEED, load_model, random_batch
 from lora_lightning import LoRAConfig, inject_lora
+from lora_lightning.core.dora import MAGNITUDE
 
 NAME = "train_step"
 RANK, ALPHA, LR = 8, 16, 1e-3
 NUMERICS_TOLERANCE = 1e-6
 NUMERICS_STEPS = 3
 GOAL_RATIO = 0.90
+DORA_GOAL_RATIO = 0.80
 DEFAULT_REPEATS = 8
 DEFAULT_BERT_REPEATS = 8
 DEFAULT_BERT_BATCH = 8
@@ -136,8 +143,10 @@ def make_batch(model: nn.Module, batch: int, seq_len: int) -> dict[str, torch.Te
     return random_batch(model, batch, seq_len)
 
 
-def adapt_ours(model: nn.Module, dropout: float, fuse: bool = True) -> nn.Module:
-    """``inject_lora`` on query/key/value, in place; returns ``model``."""
+def adapt_ours(
+    model: nn.Module, dropout: float, fuse: bool = True, dora: bool = False
+) -> nn.Module:
+    """``inject_lora`` on query/key/value (DoRA with ``dora``), in place; returns ``model``."""
     config = LoRAConfig(
         r=RANK,
         alpha=ALPHA,
@@ -146,15 +155,21 @@ def adapt_ours(model: nn.Module, dropout: float, fuse: bool = True) -> nn.Module
         modules_to_save=[],
         group_shared_input=fuse,
         dropout_masks="fast" if fuse else "torch",
+        use_dora=dora,
     )
     inject_lora(model, config)
     return model
 
 
-def adapt_peft(model: nn.Module, dropout: float) -> nn.Module:
-    """PEFT's ``get_peft_model`` on query/key/value; returns the ``PeftModel``."""
+def adapt_peft(model: nn.Module, dropout: float, dora: bool = False) -> nn.Module:
+    """PEFT's ``get_peft_model`` on query/key/value (DoRA with ``dora``); returns the
+    ``PeftModel``."""
     config = LoraConfig(
-        r=RANK, lora_alpha=ALPHA, lora_dropout=dropout, target_modules=["query", "key", "value"]
+        r=RANK,
+        lora_alpha=ALPHA,
+        lora_dropout=dropout,
+        target_modules=["query", "key", "value"],
+        use_dora=dora,
     )
     return get_peft_model(model, config)
 
@@ -180,15 +195,22 @@ def trainable_count(model: nn.Module) -> int:
 
 
 def align_peft_to_ours(ours: nn.Module, peft_model: nn.Module) -> dict[str, Any]:
-    """Copy our ``lora_A`` into PEFT's; check base weights and ``lora_B`` already agree."""
+    """Copy our ``lora_A`` (and DoRA magnitudes) into PEFT's; check base weights and
+    ``lora_B`` already agree."""
     base = peft_model.get_base_model()
     with torch.no_grad():
         for name, module in ours.named_modules():
             if hasattr(module, "lora_A"):  # ours: a plain module, never PEFT's ModuleDict
-                base.get_submodule(name).lora_A["default"].weight.copy_(module.lora_A.weight)
+                theirs = base.get_submodule(name)
+                theirs.lora_A["default"].weight.copy_(module.lora_A.weight)
+                if hasattr(module, MAGNITUDE):
+                    getattr(theirs, MAGNITUDE)["default"].weight.copy_(getattr(module, MAGNITUDE))
     ours_sd = ours.state_dict()
     peft_sd = {
-        key.removeprefix(PEFT_PREFIX).replace(".base_layer", "").replace(".default", ""): value
+        key.removeprefix(PEFT_PREFIX)
+        .replace(".base_layer", "")
+        .replace(".default", "")
+        .replace(f"{MAGNITUDE}.weight", MAGNITUDE): value
         for key, value in peft_model.state_dict().items()
     }
     same_keys = set(ours_sd) == set(peft_sd)
@@ -235,6 +257,9 @@ def _max_adapter_diff(ours: nn.Module, peft_model: nn.Module) -> float:
                 mine = getattr(module, part).weight
                 other = getattr(theirs, part)["default"].weight
                 diffs.append((mine - other).abs().max().item())
+            if hasattr(module, MAGNITUDE):
+                other = getattr(theirs, MAGNITUDE)["default"].weight
+                diffs.append((getattr(module, MAGNITUDE) - other).abs().max().item())
     return max(diffs)
 
 
@@ -277,6 +302,8 @@ def time_variants(steppers: dict[str, Stepper], rounds: int, steps: int) -> dict
     pairs += [(FLOOR, f"peft_d{d}") for d in DROPOUTS]
     pairs += [(f"{lib}_d0.0", FLOOR) for lib in ("lora_lightning", "peft")]
     pairs += [(f"{lib}_d0.0", "full_finetune") for lib in ("lora_lightning", "peft")]
+    pairs += [("lora_lightning_dora_d0.0", "peft_dora_d0.0")]
+    pairs += [(f"{lib}_dora_d0.0", f"{lib}_d0.0") for lib in ("lora_lightning", "peft")]
     ratios = {
         f"{a}/{b}": ratio_summary(times[a], times[b]) for a, b in pairs if a in times and b in times
     }
@@ -325,6 +352,11 @@ def run_model(key: str, sizes: Sizes, with_profile: bool, unfused: bool) -> dict
         "lora_lightning_d0.1": ours1,
         "peft_d0.1": peft1,
     }
+    oursd = stepper(adapt_ours(fresh(), dropout=0.0, dora=True), batch)
+    peftd = stepper(adapt_peft(fresh(), dropout=0.0, dora=True), batch)
+    numerics["dora_dropout_0.0"] = check_numerics(oursd, peftd, warm_steps)
+    steppers["lora_lightning_dora_d0.0"] = oursd
+    steppers["peft_dora_d0.0"] = peftd
     warm = [full, floor, ours1]
     if unfused:
         ours1u = stepper(adapt_ours(fresh(), dropout=0.1, fuse=False), batch)
@@ -352,6 +384,18 @@ def run_model(key: str, sizes: Sizes, with_profile: bool, unfused: bool) -> dict
     for d in DROPOUTS:  # no adapter can beat the floor: the best ratio reachable
         floor_ratio = timing["ratios"][f"{FLOOR}/peft_d{d}"]["median_of_pair_ratios"]
         goals[f"dropout_{d}"]["best_possible_ratio"] = floor_ratio
+    dora = {
+        "goal": goal(
+            f"{MODEL_LABELS[key]} train step, DoRA dropout 0.0: lora_lightning / peft <= "
+            f"{DORA_GOAL_RATIO}",
+            timing["ratios"]["lora_lightning_dora_d0.0/peft_dora_d0.0"],
+            DORA_GOAL_RATIO,
+        ),
+        "overhead_over_plain_lora": {
+            lib: timing["ratios"][f"{lib}_dora_d0.0/{lib}_d0.0"]["median_of_pair_ratios"]
+            for lib in ("lora_lightning", "peft")
+        },
+    }
     config = ours0.model.config
     result: dict[str, Any] = {
         "setup": {
@@ -372,6 +416,7 @@ def run_model(key: str, sizes: Sizes, with_profile: bool, unfused: bool) -> dict
         "numerics": numerics,
         **timing,
         "goals": goals,
+        "dora": dora,
     }
     if profiled is not None:
         result["profile"] = profiled
@@ -387,6 +432,8 @@ VARIANT_NOTES = {
     "peft_d0.1": "PEFT, dropout 0.1: one dropout mask per module",
     "lora_lightning_unfused_d0.1": "ours, dropout 0.1, group_shared_input=False, torch masks: a mask per "
     "module like PEFT",
+    "lora_lightning_dora_d0.0": "ours, DoRA (use_dora), dropout 0.0",
+    "peft_dora_d0.0": "PEFT, DoRA (use_dora), dropout 0.0",
     "floor_qkv_bias_only": "the floor: only query/key/value biases train (zero-cost "
     "adapters, same backward through the base)",
 }
@@ -449,6 +496,7 @@ def render_model(key: str, block: dict[str, Any]) -> list[str]:
         markdown_table(RATIO_HEADERS, ratio_rows),
         "",
         *(goal_line(g) + "\n" for g in block["goals"].values()),
+        *dora_lines(block),
         *floor_lines(block),
         f"### Numerics ({MODEL_LABELS[key]}: PEFT's lora_A copied from ours, same batch, same "
         "RNG state per step)",
@@ -493,6 +541,19 @@ def render_model(key: str, block: dict[str, Any]) -> list[str]:
                 "",
             ]
     return lines
+
+
+def dora_lines(block: dict[str, Any]) -> list[str]:
+    """DoRA's goal and its overhead over plain LoRA in each library, as markdown."""
+    if "dora" not in block:
+        return []
+    over = block["dora"]["overhead_over_plain_lora"]
+    return [
+        goal_line(block["dora"]["goal"]) + "\n",
+        f"DoRA step / plain LoRA step (dropout 0.0): lora_lightning {over['lora_lightning']:.3f}, "
+        f"PEFT {over['peft']:.3f}.",
+        "",
+    ]
 
 
 def floor_lines(block: dict[str, Any]) -> list[str]:
