@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf, open_dict
 
 from lora_lightning import LoRAConfig, load_adapter
-from lora_lightning.app import register_configs
+from lora_lightning.app import register_configs, run
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -31,6 +32,15 @@ def compose_train(overrides: list[str] | None = None):
     register_configs()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name="train", overrides=overrides or [], return_hydra_config=True)
+
+
+def run_in_process(overrides: list[str], output_dir: Path) -> float | None:
+    """``run(cfg)`` of ``python train.py <overrides>`` in this process, writing to output_dir."""
+    cfg = compose_train([*overrides, f"paths.output_dir={output_dir}"])
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]  # a job's config has no hydra node
+    return run(cfg)
 
 
 # ----------------------------------------------------------------------------- composition
@@ -48,15 +58,29 @@ def test_lora_group_builds_a_valid_lora_config():
     assert config.modules_to_save == [r"(.*\.)?classifier"]
 
 
-def test_typo_in_lora_group_is_rejected_naming_the_key():
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("lora.rr=8", "Key 'rr' not in 'LoRAConfig'"),
+        ("lora_export.adapter_dri=x", "Key 'adapter_dri' not in 'ExportConfig'"),  # not LoRA's
+    ],
+)
+def test_typo_in_a_schema_group_is_rejected_naming_the_key(override, message):
     with pytest.raises(Exception) as info:
-        compose_train(["lora.rr=8"])
-    assert "Key 'rr' not in 'LoRAConfig'" in f"{info.value} {info.value.__cause__}"
+        compose_train([override])
+    assert message in f"{info.value} {info.value.__cause__}"
 
 
-def test_wrong_type_in_lora_group_is_rejected():
-    with pytest.raises(Exception, match=r"lora\.r"):
-        compose_train(["lora.r=eight"])
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("lora.r=eight", r"lora\.r"),
+        ("lora_export.merge_on_end=maybe", r"lora_export\.merge_on_end"),
+    ],
+)
+def test_wrong_type_in_a_schema_group_is_rejected(override, key):
+    with pytest.raises(Exception, match=key):
+        compose_train([override])
 
 
 @pytest.mark.parametrize(
@@ -92,6 +116,12 @@ def test_rank_sweep_experiment_sweeps_ranks():
 
 def test_deleting_the_lora_group_leaves_no_lora_config():
     assert "lora" not in compose_train(["~lora"])
+
+
+def test_export_settings_are_typed_by_their_schema():
+    cfg = compose_train(["lora_export.export_on_checkpoint=no", "lora_export.adapter_dir=5"])
+    assert cfg.lora_export.export_on_checkpoint is False  # "no" is a boolean, not a true string
+    assert cfg.lora_export.adapter_dir == "5"
 
 
 # ------------------------------------------------------------------------- subprocess runs
@@ -137,12 +167,26 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
-def train_py(args: list[str], timeout: int = 300, launcher: list[str] | None = None):
+def train_py(
+    args: list[str],
+    timeout: int = 300,
+    launcher: list[str] | None = None,
+    expect_rc: int | None = 0,
+    env: dict[str, str] | None = None,
+    merge_stderr: bool = False,
+) -> subprocess.CompletedProcess:
+    """Run ``python train.py <args>``; check its exit status unless ``expect_rc`` is None.
+
+    ``merge_stderr``: stderr goes into ``stdout``, in the order the terminal would show them.
+    """
     command = [*(launcher or [sys.executable]), str(ROOT / "train.py"), *args]
     result = subprocess.run(
-        command, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        command, cwd=ROOT, env={**subprocess_env(), **(env or {})}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+    if expect_rc is not None:
+        assert result.returncode == expect_rc, result.stdout[-3000:] + (result.stderr or "")[-5000:]
     return result
 
 
@@ -220,6 +264,7 @@ def test_multirun_gives_each_job_its_folder_adapter_and_wandb_run(tiny_model_dir
         assert f"lora.r={rank}".encode() in logged  # readable run name
         assert f"sst2-lora-{sweep.parent.name}-{sweep.name}".encode() in logged  # sweep group
     assert runs[0] != runs[1]
+    assert {"summary.csv", "summary.md", "summary.png"} <= {p.name for p in sweep.iterdir()}
 
 
 @pytest.mark.slow
@@ -331,6 +376,8 @@ def test_optuna_sweep_runs_trials_and_returns_the_optimized_metric(tiny_model_di
     best = (sweep / "optimization_results.yaml").read_text()
     assert "best_value" in best and "lora.r" in best
     assert len(list(sweep.glob("*/results.json"))) == 2
+    rows = (sweep / "summary.csv").read_text().splitlines()
+    assert len(rows) == 3 and "model.lr" in rows[0]  # Optuna's sampled values are swept values
 
 
 def test_console_script_composes_the_same_config():

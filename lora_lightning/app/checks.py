@@ -86,9 +86,10 @@ def instantiate(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
         return hydra.utils.instantiate(OmegaConf.select(cfg, key), **kwargs)
     except InstantiationException as err:
         cause = err.__cause__
-        if isinstance(cause, (LoRAError, ModuleNotFoundError)):
+        if isinstance(cause, LoRAError):
             raise cause from err
-        if isinstance(cause, (ValueError, TypeError, MisconfigurationException)):
+        user_errors = (ValueError, TypeError, MisconfigurationException, ModuleNotFoundError)
+        if isinstance(cause, user_errors):  # a missing extra: the task's message names it
             reason = " ".join(str(cause).split())
             raise ConfigError(f"{key}: {reason}") from err
         raise

