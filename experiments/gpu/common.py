@@ -160,33 +160,49 @@ def dtype_name(dtype: torch.dtype | None) -> str:
     return "none" if dtype is None else str(dtype).removeprefix("torch.")
 
 
+# ------------------------------------------------------------------------------- LoRA configs
+#: Per model: PEFT's target_modules (names) and ours (one full-match regex), same modules.
+TARGETS = {
+    "minilm": (["query", "key", "value"], r".*\.(query|key|value)"),
+    "llama_1b": (["q_proj", "k_proj", "v_proj", "o_proj"], r".*\.(q_proj|k_proj|v_proj|o_proj)"),
+}
+
+
+def ours_config(key: str, dtype: str = "float32", dropout: float = 0.0, **extra: Any) -> Any:
+    """Our LoRA (r=8, alpha=16) on the attention projections of ``key``; nothing else trains."""
+    from lora_lightning import LoRAConfig
+
+    return LoRAConfig(r=RANK, alpha=ALPHA, dropout=dropout, dtype=dtype,
+                      target_modules=[TARGETS[key][1]], modules_to_save=[], **extra)  # fmt: skip
+
+
+def peft_config(key: str, dropout: float = 0.0, **extra: Any) -> Any:
+    """PEFT's ``LoraConfig`` for the same modules (no task type: the head stays frozen)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=dropout,
+                      target_modules=TARGETS[key][0], **extra)  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------ models
+#: Llama-3.2-1B's shape (tied embeddings: 1.24B parameters) and a 2-layer stand-in for smoke
+#: runs: (hidden, MLP, layers, heads, KV heads, vocabulary, positions).
+LLAMA_SHAPES = {
+    False: (2048, 8192, 16, 32, 8, 128256, 2048),
+    True: (64, 128, 2, 4, 2, 1000, 256),
+}
+
+
 def llama_1b_config(tiny: bool) -> Any:
     """A Llama-3.2-1B-shaped config (16 layers, hidden 2048, 32 heads / 8 KV heads, MLP 8192,
-    vocab 128256, tied embeddings: 1.24B parameters); ``tiny`` for smoke runs."""
+    vocab 128256, tied embeddings); ``tiny`` for smoke runs."""
     from transformers import LlamaConfig
 
-    if tiny:
-        return LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=1000,
-            max_position_embeddings=256,
-            tie_word_embeddings=True,
-        )
-    return LlamaConfig(
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-    )
+    hidden, mlp, layers, heads, kv_heads, vocab, positions = LLAMA_SHAPES[tiny]
+    return LlamaConfig(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads,
+                       vocab_size=vocab, max_position_embeddings=positions,
+                       tie_word_embeddings=True)  # fmt: skip
 
 
 def build_llama(device: str, dtype: torch.dtype, tiny: bool, causal_lm: bool) -> torch.nn.Module:

@@ -44,6 +44,7 @@ from experiments.gpu.common import (
     lightning_classifier,
     lowest_precision,
     minilm,
+    ours_config,
     quiet_trainer,
     rel_err,
     token_batches,
@@ -300,17 +301,6 @@ def dropout_case(ctx: Context) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- Lightning vs PEFT
-def qkv_config(dropout: float = 0.0) -> LoRAConfig:
-    """The bench's LoRA setting: r=8, alpha=16 on query/key/value, nothing else trained."""
-    return LoRAConfig(
-        r=RANK,
-        alpha=ALPHA,
-        dropout=dropout,
-        target_modules=[r".*\.(query|key|value)"],
-        modules_to_save=[],
-    )
-
-
 def lightning_vs_peft(ctx: Context) -> dict[str, Any]:
     import lightning.pytorch as pl
 
@@ -318,7 +308,7 @@ def lightning_vs_peft(ctx: Context) -> dict[str, Any]:
 
     steps, batch, seq_len = (2, 2, 8) if ctx.smoke else (12, 32, 64)
     precision = "bf16-mixed"
-    config = qkv_config()
+    config = ours_config("minilm")
     ours = lightning_classifier(minilm())
     inject_lora(ours, config)  # now, so PEFT can copy A; the callback's injection is a no-op
     theirs = lightning_classifier(adapt_peft(minilm(), dropout=0.0))

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
 from torch import nn
 
 from experiments.bench.common import interleave, ratio_summary, summary, timed
@@ -44,8 +44,6 @@ from experiments.bench.inference import forward
 from experiments.bench.models import random_batch
 from experiments.bench.train_step import Stepper, check_numerics
 from experiments.gpu.common import (
-    ALPHA,
-    RANK,
     REF_FACTOR,
     REL_FLOOR,
     SEED,
@@ -54,16 +52,14 @@ from experiments.gpu.common import (
     build_llama,
     dtype_name,
     minilm,
+    ours_config,
+    peft_config,
     rel_err,
     sync,
 )
 from lora_lightning import LoRAConfig, inject_lora, merge_lora
 
 BF16, F32 = torch.bfloat16, torch.float32
-TARGETS = {
-    "minilm": (["query", "key", "value"], r".*\.(query|key|value)"),
-    "llama_1b": (["q_proj", "k_proj", "v_proj", "o_proj"], r".*\.(q_proj|k_proj|v_proj|o_proj)"),
-}
 LABELS = {
     "minilm": "MiniLM-L6 (real weights), float32 under bf16 autocast",
     "llama_1b": "Llama-1B-shaped (Llama-3.2-1B config, random weights), bfloat16",
@@ -156,16 +152,6 @@ def make_stepper(model: nn.Module, batch: dict, ctx: Context, autocast: Any) -> 
     stepper = AutocastStepper(model, torch.optim.AdamW(params, lr=1e-3), batch)
     stepper.autocast, stepper.device = autocast, ctx.device
     return stepper
-
-
-def ours_config(key: str, dtype: str = "float32", **extra: Any) -> LoRAConfig:
-    return LoRAConfig(r=RANK, alpha=ALPHA, dropout=0.0, dtype=dtype,
-                      target_modules=[TARGETS[key][1]], modules_to_save=[], **extra)  # fmt: skip
-
-
-def peft_config(key: str, **extra: Any) -> LoraConfig:
-    return LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
-                      target_modules=TARGETS[key][0], **extra)  # fmt: skip
 
 
 def low_precision(ctx: Context) -> torch.dtype:
