@@ -94,7 +94,11 @@ def lora_config() -> LoRAConfig:
 
 def reproducible_minilm() -> torch.nn.Module:
     model = minilm(no_dropout=True)
-    model.set_attn_implementation("eager")  # matmuls and softmax only: bitwise reruns
+    # Matmuls and softmax only (no fused attention kernels): bitwise reruns.
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("eager")
+    else:  # older transformers
+        model.config._attn_implementation = "eager"
     return model
 
 

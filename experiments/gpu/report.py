@@ -143,6 +143,8 @@ def render_default_job(data: dict[str, Any]) -> list[str]:
     if not data.get("command"):
         return []
     lines = [f"Command: `{data['command']}`", ""]
+    if data.get("note"):
+        lines += [f"Note: {data['note']}.", ""]
     if data.get("metrics"):
         lines += [
             markdown_table(["metric", "value"],

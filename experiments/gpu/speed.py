@@ -23,8 +23,9 @@ Peak memory: after the timed rounds, one more step (or forward) per variant betw
 ``torch.cuda.reset_peak_memory_stats()`` and ``max_memory_allocated()``; the increase over the
 memory allocated before that step is the variant's own (every variant's model is resident).
 
-DoRA is included when ``LoRAConfig`` has ``use_dora``. Speed is stated, not judged: a check
-fails only when the numerics disagree.
+DoRA (``use_dora=True`` on both sides) repeats the train step of each model as its own check
+(skipped when ``LoRAConfig`` has no ``use_dora``). Speed is stated, not judged: a check fails
+only when the numerics disagree.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from experiments.gpu.common import (
     SEED,
     Context,
     Recorder,
+    SkipCheck,
     build_llama,
     dtype_name,
     minilm,
@@ -114,8 +116,14 @@ def run(ctx: Context, rec: Recorder) -> None:
             data["inference"][key] = block
             entry.update(ok=block["outputs_ok"], summary=block["headline"])
         _free(ctx)
-    if not HAS_DORA:
-        rec.skip("dora", "LoRAConfig has no use_dora yet: DoRA is not implemented")
+    for key in ("minilm", "llama_1b"):
+        with rec.check(f"train_step_dora/{key}") as entry:
+            if not HAS_DORA:
+                raise SkipCheck("LoRAConfig has no use_dora: DoRA is not implemented")
+            block = train_step(ctx, key, dora=True)
+            data["train_step"][f"{key}_dora"] = block
+            entry.update(ok=block["numerics_ok"], summary=block["headline"])
+        _free(ctx)
     if not ctx.cuda:
         rec.skip("peak_gpu_memory", f"needs CUDA; this run is on {ctx.device}")
 
@@ -175,36 +183,30 @@ def device_batch(model: nn.Module, ctx: Context, size: Sizes, causal_lm: bool) -
     return {k: v.to(ctx.device) for k, v in batch.items()}
 
 
-def train_step(ctx: Context, key: str) -> dict[str, Any]:
+def train_step(ctx: Context, key: str, dora: bool = False) -> dict[str, Any]:
+    """Ours vs PEFT (plain LoRA, plus ours with bf16 adapters on Llama), or with ``dora``
+    ours vs PEFT both with ``use_dora=True``: numerics first, then interleaved timing."""
     size = sizes(ctx, key, "train")
     causal = key == "llama_1b"
     base, autocast = base_model(ctx, key, causal_lm=True)
     batch = device_batch(base, ctx, size, causal)
+    extra = {"use_dora": True} if dora else {}
     models: dict[str, nn.Module] = {}
     models["lora_lightning"] = copy.deepcopy(base)
-    inject_lora(models["lora_lightning"], ours_config(key))
-    models["peft"] = get_peft_model(copy.deepcopy(base), peft_config(key))
-    if causal:
+    inject_lora(models["lora_lightning"], ours_config(key, **extra))
+    models["peft"] = get_peft_model(copy.deepcopy(base), peft_config(key, **extra))
+    if causal and not dora:
         models["lora_lightning_bf16_adapters"] = copy.deepcopy(base)
         inject_lora(models["lora_lightning_bf16_adapters"], ours_config(key, dtype="auto"))
-    if HAS_DORA:
-        models["lora_lightning_dora"] = copy.deepcopy(base)
-        inject_lora(models["lora_lightning_dora"], ours_config(key, use_dora=True))
-        models["peft_dora"] = get_peft_model(copy.deepcopy(base), peft_config(key, use_dora=True))
     del base
     _free(ctx)
     steppers = {name: make_stepper(m, batch, ctx, autocast) for name, m in models.items()}
-    numerics = {"lora": check_numerics(steppers["lora_lightning"], steppers["peft"],
-                                       NUMERICS_STEPS)}  # fmt: skip
-    if HAS_DORA:
-        numerics["dora"] = check_numerics(
-            steppers["lora_lightning_dora"], steppers["peft_dora"], NUMERICS_STEPS
-        )
+    numerics = check_numerics(steppers["lora_lightning"], steppers["peft"], NUMERICS_STEPS)
     for name, stepper in steppers.items():
-        if name not in ("lora_lightning", "peft", "lora_lightning_dora", "peft_dora"):
+        if name not in ("lora_lightning", "peft"):
             for _ in range(NUMERICS_STEPS):
-                stepper.step()  # the same warm-up as the numerics pairs got
-    verdicts = {label: _loss_verdict(n, label == "dora") for label, n in numerics.items()}
+                stepper.step()  # the same warm-up as the numerics pair got
+    verdict = _loss_verdict(numerics, dora)
     gc.freeze()  # see _free
     times = interleave(
         {name: s.timed_steps(size.per_round) for name, s in steppers.items()}, size.rounds
@@ -212,16 +214,13 @@ def train_step(ctx: Context, key: str) -> dict[str, Any]:
     ratios = {
         f"{name}/peft": ratio_summary(times[name], times["peft"])
         for name in times
-        if name.startswith("lora_lightning") and "dora" not in name
+        if name.startswith("lora_lightning")
     }
-    if HAS_DORA:
-        ratios["lora_lightning_dora/peft_dora"] = ratio_summary(
-            times["lora_lightning_dora"], times["peft_dora"]
-        )
     memory = {name: peak_memory(ctx, s.step) for name, s in steppers.items()}
     main = ratios["lora_lightning/peft"]["median_of_pair_ratios"]
+    label = LABELS[key] + (", DoRA" if dora else "")
     return {
-        "label": LABELS[key] + (" [tiny stand-in: --smoke]" if ctx.smoke and causal else ""),
+        "label": label + (" [tiny stand-in: --smoke]" if ctx.smoke and causal else ""),
         "setup": f"batch {size.batch} x {size.seq_len}, {size.rounds} rounds of "
         f"{size.per_round} step(s), after {NUMERICS_STEPS} warm-up steps",
         "batch": [size.batch, size.seq_len],
@@ -229,10 +228,10 @@ def train_step(ctx: Context, key: str) -> dict[str, Any]:
         "times": {name: summary(values) for name, values in times.items()},
         "ratios": ratios,
         "peak_memory": {k: v for k, v in memory.items() if v},
-        "numerics": {label: {**n, **verdicts[label]} for label, n in numerics.items()},
-        "numerics_ok": all(v["ok"] for v in verdicts.values()),
+        "numerics": {"dora" if dora else "lora": {**numerics, **verdict}},
+        "numerics_ok": verdict["ok"],
         "headline": f"ours / PEFT {main:.3f} (median of per-round ratios); max |loss diff| "
-        + ", ".join(f"{label} {n['max_abs_loss_diff']:.1e}" for label, n in numerics.items()),
+        f"{numerics['max_abs_loss_diff']:.1e} (tolerance {verdict['tolerance']:.1e})",
     }
 
 
