@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load on first use
     from lora_lightning.core import (
         AdapterFileError,
+        AdapterWriteError,
         CheckpointMismatchError,
         LoRAConfig,
         LoRAConfigError,
@@ -38,6 +39,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load on first
 
 __all__ = [
     "AdapterFileError",
+    "AdapterWriteError",
     "CheckpointMismatchError",
     "LoRACallback",
     "LoRAConfig",

@@ -207,7 +207,8 @@ def kill_trials(root: Path, trials: int, seed: int, steps: int, sleep: float) ->
         pid = _fork(run_dir, steps, sleep)
         time.sleep(delay)
         running = os.waitpid(pid, os.WNOHANG) == (0, 0)
-        os.kill(pid, signal.SIGKILL)
+        if running:  # a finished child was reaped just now: there is nothing left to kill
+            os.kill(pid, signal.SIGKILL)
         code = _wait(pid) if running else None
         if run_dir.exists():
             shutil.copytree(run_dir, root / f"trial{index}_killed", symlinks=True)

@@ -23,6 +23,7 @@ from lora_lightning.core.adapter import load_adapter, save_adapter
 from lora_lightning.core.config import LoRAConfig, config_diff
 from lora_lightning.core.errors import (
     AdapterFileError,
+    AdapterWriteError,
     CheckpointMismatchError,
     LoRAConfigError,
     LoRAError,
@@ -44,6 +45,7 @@ from lora_lightning.core.state import (
 
 __all__ = [
     "AdapterFileError",
+    "AdapterWriteError",
     "CheckpointMismatchError",
     "LoRAConfig",
     "LoRAConfigError",

@@ -30,3 +30,17 @@ class LoRAStateError(LoRAError, RuntimeError):
 
 class CheckpointMismatchError(LoRAError, ValueError):
     """A checkpoint does not belong to this model, this LoRA configuration, or this base."""
+
+
+class AdapterWriteError(OSError, AdapterFileError):
+    """A destination cannot be written (a file in the way, read-only, full disk...).
+
+    Both an :class:`AdapterFileError` and an ``OSError`` carrying the cause's ``errno``, so
+    code that handles ``OSError(ENOSPC)`` keeps working.
+    """
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(code, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)

@@ -62,7 +62,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lora_lightning.core.errors import AdapterFileError
+from lora_lightning.core.errors import AdapterFileError, AdapterWriteError
 
 try:
     import fcntl
@@ -86,20 +86,6 @@ MISMATCH_RETRY_DELAYS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
 Writer = Callable[[Path], None]
 
 _LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|swap|del)-(?P<pid>\d+)(?:-\d+-[0-9a-f]+)?")
-
-
-class AdapterWriteError(OSError, AdapterFileError):
-    """A destination cannot be written (a file in the way, read-only, full disk...).
-
-    Both an :class:`AdapterFileError` and an ``OSError`` carrying the cause's ``errno``, so
-    code that handles ``OSError(ENOSPC)`` keeps working. (Belongs in ``core.errors``.)
-    """
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(code, message)
-
-    def __str__(self) -> str:
-        return str(self.strerror)
 
 
 def write_adapter_files(
