@@ -24,6 +24,7 @@ With ``--smoke`` on the CPU the FSDP step is skipped (Lightning refuses ``strate
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,11 @@ def round_trip(ctx: Context, rec: Recorder, strategy: Callable[[], Any]) -> None
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     work = Path(ctx.workdir)
+    if ctx.cuda:
+        # Bitwise reruns on the GPU: deterministic cuBLAS workspaces (set before the first
+        # matmul of this process) and deterministic kernels where torch has them.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
     n_batches, batch, seq_len = (2, 2, 8) if ctx.smoke else (6, 16, 64)
     batches = token_batches(30522, n_batches, batch, seq_len)
     # CPU bf16 matmuls are emulated (seconds per MiniLM step): the smoke run uses float32.

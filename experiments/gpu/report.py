@@ -18,7 +18,7 @@ def render(result: dict[str, Any]) -> str:
         "",
         f"`{result['command']}` on {result['date_utc']}: **{result.get('status', '?')}** in "
         f"{result.get('total_wall_s', 0):.0f} s (budget "
-        f"{result['total_budget_s'] or 'unbounded'} s; each step in its own process, "
+        f"{_seconds(result['total_budget_s'])}; each step in its own process, "
         f"{result['isolation']}). Device: **{result.get('device')}**.",
         "",
         "## Machine",
@@ -134,8 +134,17 @@ def _times_table(block: dict[str, Any]) -> list[str]:
             ),
             "",
         ]
-    for label, value in block.get("numerics", {}).items():
-        lines += [f"Numerics, {label}: {value}", ""]
+    for label, n in block.get("numerics", {}).items():
+        losses = ", ".join(
+            f"{a:.5f} / {b:.5f}"
+            for a, b in zip(n["losses_lora_lightning"], n["losses_peft"], strict=False)
+        )
+        lines += [
+            f"Numerics ({label}; PEFT's A copied from ours): losses ours / PEFT {losses}; max "
+            f"|diff| {n['max_abs_loss_diff']:.1e} (tolerance {n['tolerance']:.1e}) -> "
+            f"{'ok' if n['ok'] else 'FAILED'}.",
+            "",
+        ]
     return lines
 
 
@@ -152,6 +161,10 @@ def render_default_job(data: dict[str, Any]) -> list[str]:
             "",
         ]  # fmt: skip
     return lines
+
+
+def _seconds(value: float | None) -> str:
+    return "unbounded" if value is None else f"{value:.0f} s"
 
 
 def _ms(seconds: float) -> str:
