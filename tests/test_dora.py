@@ -311,3 +311,13 @@ def test_peft_dora_file_on_a_conv_is_refused(tmp_path):
     with pytest.raises(AdapterFileError, match="use_dora"):
         load_adapter(model, tmp_path)
     assert not any("lora_" in k for k in model.state_dict())
+
+
+def test_dora_file_into_a_model_holding_plain_lora_is_refused(tmp_path):
+    save_adapter(ours("bert_linear"), tmp_path)
+    model = tiny_bert()
+    inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules=["query", "key", "value"]))
+    before = {k: v.clone() for k, v in lora_state_dict(model).items()}
+    with pytest.raises(AdapterFileError, match="use_dora differs"):
+        load_adapter(model, tmp_path)
+    assert all(torch.equal(v, before[k]) for k, v in lora_state_dict(model).items())

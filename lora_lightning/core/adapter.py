@@ -173,6 +173,9 @@ def _check_same_adapters(
     scalings: never load values under another scaling than they were trained with."""
     present = {name: layer for name, _, layer in adapted_layers(model)}
     problems = []
+    held = config_of(model)
+    if held is not None and held.use_dora != config.use_dora:
+        problems.append(f"use_dora differs (model {held.use_dora}, file {config.use_dora})")
     if only_model := sorted(set(present) - set(file_modules)):
         problems.append(f"adapted in the model but not in the file: {only_model[:5]}")
     if only_file := sorted(set(file_modules) - set(present)):
