@@ -369,6 +369,15 @@ def run_check(
                 result["device"] = device
                 result["machine"] = record.get("data", {}).get("machine")
             result["steps"].append(record)
+            if step.name == "probe" and device != "cuda" and not args.smoke:
+                if args.device != "cpu":  # full-size shapes on a CPU would only time out
+                    result["error"] = (
+                        "no CUDA device: the full check is sized for a GPU; run with --smoke "
+                        "(or --device cpu to insist)"
+                    )
+                    print(result["error"], flush=True)
+                    write(out, result, started)
+                    break
             print(f"   -> {record['status']} in {wall:.1f} s"
                   + (f": {record.get('reason') or record.get('error')}"
                      if record["status"] != PASSED else ""), flush=True)  # fmt: skip
@@ -382,13 +391,14 @@ def run_check(
     print(render(result))
     print(f"\nwrote {out / (NAME + '.json')} and {out / (NAME + '.md')}")
     bad = [s["name"] for s in result["steps"] if s["status"] in (FAILED, TIMED_OUT)]
-    return 1 if bad else 0
+    return 1 if bad or result.get("error") else 0
 
 
 def write(out: Path, result: dict[str, Any], started: float) -> None:
     result["total_wall_s"] = round(time.perf_counter() - started, 1)
     statuses = [s["status"] for s in result["steps"]]
-    result["status"] = FAILED if {FAILED, TIMED_OUT} & set(statuses) else PASSED
+    failed = {FAILED, TIMED_OUT} & set(statuses) or result.get("error")
+    result["status"] = FAILED if failed else PASSED
     (out / f"{NAME}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / f"{NAME}.md").write_text(render(result).rstrip() + "\n")
 

@@ -21,6 +21,7 @@ def render(result: dict[str, Any]) -> str:
         f"{_seconds(result['total_budget_s'])}; each step in its own process, "
         f"{result['isolation']}). Device: **{result.get('device')}**.",
         "",
+        *([f"**Stopped**: {result['error']}", ""] if result.get("error") else []),
         "## Machine",
         "",
     ]
