@@ -19,7 +19,15 @@ Hook placement (Lightning 2.x, see PITFALLS.md):
 - Checkpoint files are written by the strategy's ``CheckpointIO`` on global rank zero, followed
   by a barrier on every rank: a wrapping ``CheckpointIO`` writes the adapter directory next to
   each checkpoint from the tensors Lightning already gathered (no ``state_dict()`` on one rank,
-  which would deadlock under FSDP), and removes it with the checkpoint.
+  which would deadlock under FSDP), and removes it with the checkpoint. It also refuses a file
+  that holds no Lightning checkpoint dict before Lightning indexes into it.
+- On resume the optimizers exist only from ``on_fit_start`` on (``restore_checkpoint_after_
+  setup`` strategies load the checkpoint even later): the checkpoint's optimizer states are
+  compared with them at whichever of the two comes second, before Lightning restores them.
+- ``torch.compile``: a compiled LightningModule reaches the hooks unwrapped (Lightning's
+  ``from_compiled``); a compiled submodule (``self.net = torch.compile(net)``) is looked
+  through while planning and injecting, so module names, adapter init seeds, checkpoint and
+  adapter keys carry no ``_orig_mod.`` and equal the uncompiled model's.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from safetensors.torch import save_file
 from torch import nn
@@ -54,9 +63,12 @@ from lora_lightning.lightning.checkpoint import (
     CHECKPOINT_KEY,
     adapter_dir_for,
     base_fingerprint,
+    check_optimizer_states,
+    clean_name,
     lora_metadata,
     trim_checkpoint,
     validate_checkpoint,
+    without_compile_wrappers,
 )
 from lora_lightning.lightning.checkpoint_io import AdapterExportingIO
 
@@ -81,7 +93,8 @@ class LoRACallback(pl.Callback):
             use. ``"auto"`` picks the outermost Hugging Face model (an object with ``config``
             and ``save_pretrained``) holding every adapter and every other trained tensor
             (``modules_to_save``, biases), so PEFT loads the adapter onto the stock model;
-            otherwise the LightningModule itself (``""``). Resolved at ``setup``.
+            otherwise the LightningModule itself (``""``). Resolved at ``setup``, before
+            anything is injected: it must name a submodule holding every trained tensor.
         r, alpha, dropout, seed, dtype, target_modules, exclude_modules, rank_pattern,
             alpha_pattern, use_rslora, init, bias, modules_to_save, group_shared_input,
             dropout_masks, fuse_shared_input: :class:`LoRAConfig` fields overriding ``config``
@@ -131,9 +144,12 @@ class LoRACallback(pl.Callback):
                 raise LoRAConfigError(
                     f"LoRACallback({option}={value!r}) is invalid: expected true or false"
                 )
-        if adapter_dir is not None and not isinstance(adapter_dir, (str, os.PathLike)):
+        if adapter_dir is not None and (
+            not isinstance(adapter_dir, (str, os.PathLike)) or not os.fspath(adapter_dir)
+        ):
             raise LoRAConfigError(
-                f"LoRACallback(adapter_dir={adapter_dir!r}) is invalid: expected a path"
+                f"LoRACallback(adapter_dir={adapter_dir!r}) is invalid: expected a non-empty "
+                "path (str or os.PathLike) or None"
             )
         if not isinstance(export_root, str):
             raise LoRAConfigError(
@@ -156,6 +172,10 @@ class LoRACallback(pl.Callback):
         # Loggers already given the counts (by identity): each logger of each Trainer once.
         self._logged_to: list[Any] = []
         self._module: pl.LightningModule | None = None
+        # Resume: the checkpoint's (optimizer states, scheduler states) until checked against
+        # the optimizers, and whether those exist yet in this fit.
+        self._resumed_states: tuple[list, list] | None = None
+        self._fit_started = False
 
     # ----------------------------------------------------------------------------- setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -167,18 +187,21 @@ class LoRACallback(pl.Callback):
                 "dict would be gathered on one rank only); export the adapter and merge it "
                 "offline with load_adapter + merge_lora"
             )
-        try:
-            plan = plan_lora(pl_module, self.config, target_fn=self.target_fn)
-        except LoRAConfigError as err:
-            raise LoRAConfigError(
-                f"{err}. Note: LoRACallback.setup runs before LightningModule.setup and "
-                "configure_model, so layers built there do not exist yet; build them in "
-                "__init__, or call inject_lora yourself at the end of configure_model"
-            ) from None
-        self._check_export_root(pl_module)
-        self.adapted = apply_plan(pl_module, plan)
+        self._fit_started = False
+        self._resumed_states = None
+        with without_compile_wrappers(pl_module):  # names (and init seeds) as uncompiled
+            try:
+                plan = plan_lora(pl_module, self.config, target_fn=self.target_fn)
+            except LoRAConfigError as err:
+                raise LoRAConfigError(
+                    f"{err}. Note: LoRACallback.setup runs before LightningModule.setup and "
+                    "configure_model, so layers built there do not exist yet; build them in "
+                    "__init__, or call inject_lora yourself at the end of configure_model"
+                ) from None
+            self._check_export_root(pl_module, list(plan.trainable_tensors(pl_module)))
+            self.adapted = apply_plan(pl_module, plan)
+            self._root = self._resolve_export_root(pl_module)
         self._module = pl_module
-        self._root = self._resolve_export_root(pl_module)
         self.fingerprint = base_fingerprint(pl_module)
         # Frozen base weights are not in our checkpoints: the model load must be non-strict,
         # and validate_checkpoint checks the keys that must be there.
@@ -234,8 +257,34 @@ class LoRACallback(pl.Callback):
 
     def _validate_checkpoint(self, original: Callable[[dict], Any], checkpoint: dict) -> Any:
         output = original(checkpoint)
-        validate_checkpoint(checkpoint, self._require_module(), self.config, self.fingerprint)
+        module = self._require_module()
+        trainer = getattr(module, "_trainer", None)
+        training = trainer is not None and trainer.state.fn == TrainerFn.FITTING
+        validate_checkpoint(checkpoint, module, self.config, self.fingerprint, training=training)
+        if training:
+            self._resumed_states = (checkpoint["optimizer_states"], checkpoint["lr_schedulers"])
+            if self._fit_started:  # the strategy restores after setup: optimizers exist
+                self._check_resumed_states(trainer)
         return output
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Compare a resumed checkpoint's optimizer states with the optimizers just built
+        (Lightning restores them after this hook, pairing them up with ``zip``)."""
+        self._fit_started = True
+        self._check_resumed_states(trainer)
+
+    def _check_resumed_states(self, trainer: pl.Trainer) -> None:
+        if self._resumed_states is None:
+            return
+        optimizer_states, scheduler_states = self._resumed_states
+        self._resumed_states = None
+        restores = trainer.strategy.lightning_restore_optimizer  # DeepSpeed restores its own
+        check_optimizer_states(
+            optimizer_states if restores else [],
+            trainer.optimizers if restores else [],
+            scheduler_states,
+            len(trainer.lr_scheduler_configs),
+        )
 
     # -------------------------------------------------------------------------- export
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -256,22 +305,29 @@ class LoRACallback(pl.Callback):
         rank_zero_info(f"LoRA adapter written to {directory}")
 
     def export(self, state_dict: Mapping[str, torch.Tensor], directory: str | Path) -> Path:
-        """Write a PEFT-format adapter from a LightningModule ``state_dict`` (keys as in it)."""
+        """Write a PEFT-format adapter from a LightningModule ``state_dict`` (keys as in it,
+        with or without ``torch.compile``'s ``_orig_mod.``)."""
         self._require_module()
         prefix, root = self._root
         prefix = f"{prefix}." if prefix else ""
-        relative = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        return save_adapter(root, directory, state_dict=relative)
+        clean = ((clean_name(k), v) for k, v in state_dict.items())
+        relative = {k[len(prefix) :]: v for k, v in clean if k.startswith(prefix)}
+        with without_compile_wrappers(root):  # the adapter's names: the uncompiled model's
+            return save_adapter(getattr(root, "_orig_mod", root), directory, state_dict=relative)
 
     def _export_beside_checkpoint(self, checkpoint: dict[str, Any], path: Any) -> None:
         if self.export_on_checkpoint and CHECKPOINT_KEY in checkpoint:
             self.export(checkpoint["state_dict"], adapter_dir_for(path))
 
-    def _check_export_root(self, pl_module: nn.Module) -> None:
+    def _check_export_root(self, pl_module: nn.Module, trained: list[str]) -> None:
+        """An explicit ``export_root`` must name a submodule holding every trained tensor
+        (``trained``: their names once the plan is applied), or the adapter files would
+        silently lack the others."""
         if self.export_root in ("auto", ""):
             return
+        root = clean_name(self.export_root)
         try:
-            pl_module.get_submodule(self.export_root)
+            pl_module.get_submodule(root)
         except AttributeError:
             children = [name for name, _ in pl_module.named_children()]
             raise LoRAConfigError(
@@ -279,11 +335,20 @@ class LoRACallback(pl.Callback):
                 f"{type(pl_module).__name__}; expected 'auto', '' or one of {children[:8]} "
                 "(or a dotted path below them)"
             ) from None
+        outside = [name for name in trained if not name.startswith(root + ".")]
+        if outside:
+            raise LoRAConfigError(
+                f"LoRACallback(export_root={self.export_root!r}) does not hold {len(outside)} "
+                f"trained tensor(s) {outside[:4]}: the adapter files would lack them; use "
+                "'auto', '' (the LightningModule) or a submodule holding every target and "
+                "modules_to_save entry"
+            )
 
     def _resolve_export_root(self, pl_module: nn.Module) -> tuple[str, nn.Module]:
         if self.export_root == "auto":
             return export_root(pl_module)
-        return self.export_root, pl_module.get_submodule(self.export_root)
+        root = clean_name(self.export_root)
+        return root, pl_module.get_submodule(root)
 
     # --------------------------------------------------------------------------- logging
     def _log_counts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -1,34 +1,100 @@
 """LoRA checkpoints as pure functions on Lightning checkpoint dicts, testable without a Trainer.
 
-Owns: what a trimmed checkpoint holds (:func:`trim_checkpoint`: trainable tensors only, plus a
-``"lora"`` entry with the config, the base fingerprint and the adapted modules), the checks a
-checkpoint must pass before it is resumed (:func:`validate_checkpoint`: every malformed or
-foreign form is a :class:`CheckpointMismatchError` saying what is wrong), and the base-model
-fingerprint. Must not import: Lightning (these are plain dict functions), Hydra, ``app/``.
+Owns: what a trimmed checkpoint holds (:func:`trim_checkpoint`: trainable tensors only, under
+clean names, plus a ``"lora"`` entry made by :func:`lora_metadata`), every check a checkpoint
+must pass before it is resumed (:func:`check_checkpoint_form` on the object a file held,
+:func:`validate_checkpoint` against the adapted model, :func:`check_optimizer_states` against
+the optimizers built for the resumed run: every malformed, tampered or foreign form is a
+:class:`CheckpointMismatchError` saying what is wrong), and the base-model fingerprint
+(:func:`base_fingerprint`, a checksum of every frozen value). Must not import: Lightning (these
+are plain dict functions), Hydra, ``app/``.
+
+Names are clean: ``torch.compile`` wraps a module in one holding it as ``_orig_mod``, which
+adds ``_orig_mod.`` to every name below it; :func:`clean_name` drops it, so checkpoints,
+fingerprints and adapter keys are the same for a compiled and an uncompiled model, and
+:func:`without_compile_wrappers` shows a model as uncompiled while it is planned, injected
+(adapter init is seeded by module name) or exported.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from packaging.version import InvalidVersion, Version
 from torch import nn
 
-from lora_lightning.core import LoRAConfig, config_diff, lora_state_dict, trainable_names
+from lora_lightning.core import LoRAConfig, adapted_layers, config_diff, trainable_names
 from lora_lightning.core.errors import CheckpointMismatchError, LoRAConfigError
 from lora_lightning.core.state import is_adapter_parameter
 
 CHECKPOINT_KEY = "lora"
-FORMAT = 1
+#: 2: clean names, and a base fingerprint over every value (1 sampled 64 values per tensor).
+FORMAT = 2
+_COMPILED = "_orig_mod"
+_METADATA_TYPES = {
+    "config": (Mapping, "a mapping of LoRA config fields"),
+    "base_fingerprint": (str, "a string"),
+    "adapted_modules": (list, "a list of module names"),
+    "export_root": (str, "a string"),
+    "format": (int, "an integer"),
+}
+# The fingerprint reads every tensor as 64-bit words in rows of _ROW words (512 KiB).
+_ROW = 1 << 16
+_BLOCK_ROWS = 64  # rows per step: the elementwise (non-CPU) path's temporary is 32 MiB
+
+
+def clean_name(name: str) -> str:
+    """``name`` without ``torch.compile``'s ``_orig_mod`` components."""
+    if _COMPILED not in name:
+        return name
+    return ".".join(part for part in name.split(".") if part != _COMPILED)
+
+
+@contextlib.contextmanager
+def without_compile_wrappers(module: nn.Module) -> Iterator[None]:
+    """Within the block, every ``torch.compile`` wrapper below ``module`` is replaced by the
+    module it wraps (``_orig_mod``), so every name is the uncompiled model's (the names LoRA
+    seeds adapter init with, and the keys adapter files carry); the wrappers are put back
+    after. The wrapped modules are the same objects either way: what is attached to them
+    inside the block stays."""
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    seen: set[int] = set()
+    stack = [module]
+    try:
+        while stack:
+            parent = stack.pop()
+            if id(parent) in seen:
+                continue
+            seen.add(id(parent))
+            for key, child in list(parent._modules.items()):
+                inner = child
+                while inner is not None and "_orig_mod" in inner._modules:
+                    inner = inner._modules["_orig_mod"]
+                if inner is not child:
+                    swapped.append((parent, key, child))
+                    parent._modules[key] = inner
+                if inner is not None:
+                    stack.append(inner)
+        yield
+    finally:
+        for parent, key, child in reversed(swapped):
+            parent._modules[key] = child
 
 
 def adapter_dir_for(checkpoint_path: str | Path) -> Path:
     """The adapter directory kept beside a checkpoint: ``epoch=1.ckpt`` -> ``epoch=1_adapter``."""
     path = Path(checkpoint_path)
     return path.with_name(f"{path.stem}_adapter")
+
+
+def adapted_module_names(model: nn.Module) -> list[str]:
+    """Clean names of the adapted layers of ``model``, in model order."""
+    return [clean_name(name) for name, _, _ in adapted_layers(model)]
 
 
 def lora_metadata(
@@ -38,37 +104,74 @@ def lora_metadata(
     return {
         "config": config.to_dict(),
         "base_fingerprint": fingerprint,
-        "adapted_modules": list(adapted),
-        "export_root": export_root,
+        "adapted_modules": [clean_name(name) for name in adapted],
+        "export_root": clean_name(export_root),
         "format": FORMAT,
     }
 
 
 def trim_checkpoint(checkpoint: dict[str, Any], keep: Iterable[str], metadata: dict) -> None:
-    """Keep only the ``keep`` tensors in ``checkpoint["state_dict"]`` and add the LoRA entry
-    (in place; the state dict keeps its mapping type)."""
+    """Keep only the ``keep`` tensors in ``checkpoint["state_dict"]``, under clean names, and
+    add the LoRA entry (in place; the state dict keeps its mapping type)."""
     keep = set(keep)
     state = checkpoint["state_dict"]
-    checkpoint["state_dict"] = type(state)((k, v) for k, v in state.items() if k in keep)
+    checkpoint["state_dict"] = type(state)(
+        (clean_name(k), v) for k, v in state.items() if k in keep
+    )
     checkpoint[CHECKPOINT_KEY] = metadata
 
 
+# ------------------------------------------------------------------------------- validation
+def check_checkpoint_form(checkpoint: Any, source: Any = "the checkpoint") -> None:
+    """Check that an object read from a checkpoint file is a Lightning checkpoint dict at all
+    (what Lightning itself indexes before any hook runs).
+
+    Raises:
+        CheckpointMismatchError: not a dict (a bare tensor, a list, ...), an empty dict, or no
+            valid ``"pytorch-lightning_version"``.
+    """
+    advice = (
+        "resume from a .ckpt written by Trainer.save_checkpoint or ModelCheckpoint (a plain "
+        "torch.save of a model or state dict is not one)"
+    )
+    if not isinstance(checkpoint, dict):
+        raise CheckpointMismatchError(
+            f"{source} holds {_describe(checkpoint)}, not a Lightning checkpoint dict; {advice}"
+        )
+    if not checkpoint:
+        raise CheckpointMismatchError(f"{source} holds an empty dict; {advice}")
+    version = checkpoint.get("pytorch-lightning_version")
+    if not isinstance(version, str) or not _is_version(version):
+        raise CheckpointMismatchError(
+            f"{source} has no valid 'pytorch-lightning_version' (found {_short(version)}; "
+            f"keys {sorted(map(str, checkpoint))[:8]}), so it was not written by Lightning or "
+            f"was edited; {advice}"
+        )
+
+
 def validate_checkpoint(
-    checkpoint: Any, model: nn.Module, config: LoRAConfig, fingerprint: str
+    checkpoint: Any,
+    model: nn.Module,
+    config: LoRAConfig,
+    fingerprint: str,
+    *,
+    training: bool = False,
 ) -> None:
-    """Check that ``checkpoint`` resumes ``model`` (adapted with ``config``) exactly, and drop
-    any frozen base tensor it carries so the resume loads trainable tensors only.
+    """Check that ``checkpoint`` resumes ``model`` (adapted with ``config``) exactly, and keep
+    only its trainable tensors (renamed to ``model``'s own names) so that the resume loads
+    nothing else: frozen base weights always come from the base model.
+
+    With ``training`` (``fit``) the optimizer, scheduler and loop state a resume restores must
+    be present and well formed too; :func:`check_optimizer_states` checks them against the
+    optimizers once they exist.
 
     Raises:
         CheckpointMismatchError: not a checkpoint dict; no or a malformed ``"lora"`` entry
-            (not written by a LoRA run, or tampered with); another LoRA config; another base
-            model; missing, unexpected, non-tensor or wrongly-shaped trainable tensors.
+            (not written by a LoRA run, or tampered with); another format, LoRA config,
+            adapted modules or base model; missing, unexpected, non-tensor, wrongly-shaped or
+            non-finite trainable tensors; missing or malformed training state.
     """
-    if not isinstance(checkpoint, dict):
-        raise CheckpointMismatchError(
-            f"the checkpoint holds a {type(checkpoint).__name__}, not a Lightning checkpoint "
-            "dict; resume from a .ckpt written by Trainer.save_checkpoint or ModelCheckpoint"
-        )
+    check_checkpoint_form(checkpoint)
     meta = checkpoint.get(CHECKPOINT_KEY)
     if meta is None:
         raise CheckpointMismatchError(
@@ -77,12 +180,105 @@ def validate_checkpoint(
             "full-model weights, load them into the model before fit() instead of passing "
             "ckpt_path"
         )
-    if not isinstance(meta, Mapping) or not isinstance(meta.get("config"), Mapping):
+    _check_metadata(meta)
+    _check_setup(meta, model, config, fingerprint)
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, Mapping):
         raise CheckpointMismatchError(
-            f"the checkpoint's 'lora' entry is malformed (expected a dict with 'config', "
-            f"'base_fingerprint', 'adapted_modules'; got {_describe(meta)}); it was edited or "
-            "written by an incompatible version: resume from another checkpoint"
+            f"the checkpoint's 'state_dict' is {_describe(state)}, not a mapping of tensors"
         )
+    checkpoint["state_dict"] = _trainable_tensors(state, model)
+    if training:
+        _check_training_state(checkpoint)
+
+
+def check_optimizer_states(
+    optimizer_states: Any, optimizers: Sequence[torch.optim.Optimizer], schedulers: Any, count: int
+) -> None:
+    """Check that a checkpoint's optimizer and scheduler states fit the optimizers and the
+    ``count`` schedulers built for the resumed run (Lightning pairs them up with ``zip``:
+    a missing or extra state would be dropped without a word).
+
+    Raises:
+        CheckpointMismatchError: another number of optimizers or schedulers, or of parameter
+            groups or parameters in a group.
+    """
+    if len(optimizer_states) != len(optimizers):
+        raise CheckpointMismatchError(
+            f"the checkpoint holds the state of {len(optimizer_states)} optimizer(s), the run "
+            f"built {len(optimizers)}: configure_optimizers changed since it was written; "
+            "resume with the same optimizers or start a new run without ckpt_path"
+        )
+    for index, (state, optimizer) in enumerate(zip(optimizer_states, optimizers, strict=True)):
+        built = [len(group["params"]) for group in optimizer.param_groups]
+        groups = state.get("param_groups")
+        if not built:  # no parameters (Lightning's stand-in when there is no optimizer)
+            continue
+        if (
+            not isinstance(state.get("state"), Mapping)
+            or not isinstance(groups, list)
+            or not all(isinstance(g, Mapping) and isinstance(g.get("params"), list) for g in groups)
+        ):
+            raise CheckpointMismatchError(
+                f"the checkpoint's state of optimizer {index} ({type(optimizer).__name__}) is "
+                "not an optimizer state_dict (a 'state' dict and 'param_groups', each with a "
+                "'params' list); it was edited or written by an incompatible version: resume "
+                "from another checkpoint"
+            )
+        saved = [len(group["params"]) for group in groups]
+        if saved != built:
+            raise CheckpointMismatchError(
+                f"optimizer {index} ({type(optimizer).__name__}) has parameter groups of "
+                f"sizes {built}, its state in the checkpoint {saved}: the trainable "
+                "parameters or the optimizer's groups changed since it was written; resume "
+                "with the same setup or start a new run without ckpt_path"
+            )
+    if len(schedulers) != count:
+        raise CheckpointMismatchError(
+            f"the checkpoint holds the state of {len(schedulers)} learning-rate scheduler(s), "
+            f"the run built {count}: configure_optimizers changed since it was written"
+        )
+
+
+def _check_metadata(meta: Any) -> None:
+    if not isinstance(meta, Mapping):
+        raise CheckpointMismatchError(
+            f"the checkpoint's 'lora' entry is {_describe(meta)}, not a dict with "
+            f"{sorted(_METADATA_TYPES)}; it was edited or written by an incompatible "
+            "version: resume from another checkpoint"
+        )
+    problems = []
+    for key, (kind, description) in _METADATA_TYPES.items():
+        if key not in meta:
+            problems.append(f"'{key}' is missing")
+        elif not isinstance(meta[key], kind) or isinstance(meta[key], bool):
+            problems.append(f"'{key}' is {_describe(meta[key])}, expected {description}")
+    adapted = meta.get("adapted_modules")
+    if isinstance(adapted, list) and not all(isinstance(name, str) for name in adapted):
+        problems.append("'adapted_modules' holds non-string entries")
+    if problems:
+        raise CheckpointMismatchError(
+            "the checkpoint's 'lora' entry is malformed: "
+            + "; ".join(problems)
+            + ". It was edited or written by an incompatible version: resume from another "
+            "checkpoint"
+        )
+    if meta["format"] != FORMAT:
+        newer = meta["format"] > FORMAT
+        raise CheckpointMismatchError(
+            f"the checkpoint's LoRA entry has format {meta['format']}, this version reads "
+            f"format {FORMAT}: "
+            + (
+                "it was written by a newer lora_lightning; upgrade to resume it"
+                if newer
+                else "it was written by an older lora_lightning, whose base fingerprint "
+                "sampled values and cannot vouch for this base; resume it with that version, "
+                "or start a new run and load its adapter directory with load_adapter"
+            )
+        )
+
+
+def _check_setup(meta: Mapping, model: nn.Module, config: LoRAConfig, fingerprint: str) -> None:
     try:
         differ = config_diff(dict(meta["config"]), config, labels=("checkpoint", "now"))
     except LoRAConfigError as err:
@@ -97,28 +293,39 @@ def validate_checkpoint(
             + ". Resume with the checkpoint's config, or start "
             "a new run without ckpt_path"
         )
-    if meta.get("base_fingerprint") != fingerprint:
+    adapted = adapted_module_names(model)
+    if list(meta["adapted_modules"]) != adapted:
+        saved = list(meta["adapted_modules"])
+        only_saved = [name for name in saved if name not in adapted]
+        only_now = [name for name in adapted if name not in saved]
+        raise CheckpointMismatchError(
+            f"the checkpoint adapted {len(saved)} module(s), this model {len(adapted)}: only "
+            f"in the checkpoint {only_saved[:6]}, only now {only_now[:6]}"
+            + ("" if only_saved or only_now else " (same modules, another order)")
+            + "; the model's structure changed or the entry was edited: resume with the model "
+            "the checkpoint was trained on"
+        )
+    if meta["base_fingerprint"] != fingerprint:
         raise CheckpointMismatchError(
             f"the checkpoint belongs to another base model (fingerprint "
-            f"{meta.get('base_fingerprint')!r} vs this model's {fingerprint!r}): its frozen "
+            f"{meta['base_fingerprint']!r} vs this model's {fingerprint!r}): its frozen "
             "weights differ in names, shapes, dtypes or values; load the same pretrained base"
         )
-    state = checkpoint.get("state_dict")
-    if not isinstance(state, Mapping):
-        raise CheckpointMismatchError(
-            f"the checkpoint's 'state_dict' is {_describe(state)}, not a mapping of tensors"
-        )
-    _check_tensors(checkpoint, state, model)
 
 
-def _check_tensors(checkpoint: dict, state: Mapping, model: nn.Module) -> None:
-    trainable = set(lora_state_dict(model))
+def _trainable_tensors(state: Mapping, model: nn.Module) -> Any:
+    """``state``'s trainable tensors under ``model``'s names, checked; nothing else."""
     # Names only: model.state_dict() would be a collective under FSDP. Every alias of a
     # shared (tied) tensor is a state-dict key: keep duplicates.
     params = dict(model.named_parameters(remove_duplicate=False))
-    buffers = dict(model.named_buffers(remove_duplicate=False))
-    missing = sorted(trainable - set(state))
-    unexpected = sorted(set(state) - set(params) - set(buffers))
+    actual = {clean_name(name): name for name in params}
+    actual.update({clean_name(name): name for name, _ in model.named_buffers()})
+    trainable = {clean_name(name): name for name in trainable_names(model)}
+    given = {}
+    for key in state:
+        given.setdefault(clean_name(key) if isinstance(key, str) else key, key)
+    missing = sorted(set(trainable) - set(given))
+    unexpected = sorted(map(str, set(given) - set(actual)))
     if missing or unexpected:
         raise CheckpointMismatchError(
             f"the checkpoint does not fit the adapted model: missing {len(missing)} "
@@ -126,45 +333,155 @@ def _check_tensors(checkpoint: dict, state: Mapping, model: nn.Module) -> None:
             f"{unexpected[:6]}; frozen base weights may be absent, adapters may not"
         )
     problems = []
-    for name in sorted(trainable):
-        value, want = state[name], params[name]
+    for name, model_name in trainable.items():
+        value, want = state[given[name]], params[model_name]
         if not isinstance(value, torch.Tensor):
             problems.append(f"{name} is {_describe(value)}")
         elif tuple(value.shape) != tuple(want.shape):
             problems.append(f"{name} has shape {tuple(value.shape)}, model {tuple(want.shape)}")
+        elif not (value.is_floating_point() or value.is_complex()) and want.is_floating_point():
+            problems.append(f"{name} has dtype {value.dtype}, model {want.dtype}")
+        elif value.device.type != "meta" and not bool(torch.isfinite(value).all()):
+            problems.append(f"{name} holds NaN or Inf values (the run diverged before it)")
     if problems:
         raise CheckpointMismatchError(
-            "the checkpoint's trainable tensors do not fit the model: " + "; ".join(problems[:6])
+            "the checkpoint's trainable tensors do not fit the model: "
+            + "; ".join(problems[:6])
+            + (f" (and {len(problems) - 6} more)" if len(problems) > 6 else "")
+            + "; resume from another (e.g. an earlier) checkpoint"
         )
-    frozen = [k for k in state if k in params and k not in trainable]
-    if frozen:  # frozen base weights are the base model's, never the checkpoint's
-        kept = type(state)((k, v) for k, v in state.items() if k not in set(frozen))
-        checkpoint["state_dict"] = kept
+    # Frozen base weights and buffers in the file (a full checkpoint, an edited one) are
+    # dropped: the base model's own values are the ones that were fingerprinted.
+    return type(state)((trainable[name], state[given[name]]) for name in trainable)
 
 
-def base_fingerprint(model: nn.Module, samples: int = 64) -> str:
-    """A short hash of the frozen base: names, shapes, dtypes and a strided sample of values.
+def _check_training_state(checkpoint: Mapping) -> None:
+    problems = []
+    states = checkpoint.get("optimizer_states")
+    if "optimizer_states" not in checkpoint or "lr_schedulers" not in checkpoint:
+        raise CheckpointMismatchError(
+            "the checkpoint has no optimizer or learning-rate scheduler state (written with "
+            "ModelCheckpoint(save_weights_only=True) or trimmed by hand), so training cannot "
+            "resume from it; resume from a full checkpoint, or start a new run without "
+            "ckpt_path and load the adapter written beside it (load_adapter)"
+        )
+    if not isinstance(states, list):
+        problems.append(f"'optimizer_states' is {_describe(states)}, not a list")
+    else:
+        for index, state in enumerate(states):
+            if not isinstance(state, Mapping):
+                problems.append(f"optimizer state {index} is {_describe(state)}, not a dict")
+    schedulers = checkpoint.get("lr_schedulers")
+    if not isinstance(schedulers, list) or not all(isinstance(s, Mapping) for s in schedulers):
+        problems.append(f"'lr_schedulers' is {_describe(schedulers)}, not a list of dicts")
+    loops = checkpoint.get("loops")
+    if loops is not None and not (
+        isinstance(loops, Mapping) and isinstance(loops.get("fit_loop"), Mapping)
+    ):
+        problems.append(f"'loops' is {_describe(loops)} without a 'fit_loop' dict")
+    if problems:
+        raise CheckpointMismatchError(
+            "the checkpoint's training state is malformed: "
+            + "; ".join(problems[:6])
+            + ". It was edited or written by an incompatible version: resume from another "
+            "checkpoint"
+        )
 
-    Cheap enough to compute at every setup on a 7B model (``samples`` values per tensor), and
-    enough to tell a checkpoint of another base (another model, size or pretrained weights)
-    from this one. Meta tensors contribute structure only. Sums are rounded so the same
-    weights on another device give the same hash.
+
+# ------------------------------------------------------------------------------ fingerprint
+def base_fingerprint(model: nn.Module) -> str:
+    """A hash of the frozen base: the clean name, shape and dtype of every frozen parameter
+    and a checksum of every one of its values.
+
+    The checksum reads each tensor's raw bytes as 64-bit words, in rows of 65536 words, and
+    sums ``word[j] * (2j + 1)`` over each row in wrapping int64 arithmetic, on the tensor's
+    own device (vectorised, row blocks at a time, so no temporary of the tensor's size); the
+    row sums go into sha256. Changing any one element changes its row's sum (the weight is
+    odd, so invertible modulo 2**64); wrapping integer sums do not depend on the order of the
+    additions, so the hash is the same on every device and after a save and load. Meta
+    tensors contribute structure only. Parameters only: buffers (e.g. batch-norm statistics)
+    may change while training.
     """
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(b"lora-lightning base fingerprint 2\n")
     trainable = set(trainable_names(model))
+    weights: dict[torch.device, torch.Tensor] = {}
     for name, param in model.named_parameters():
         if name in trainable or is_adapter_parameter(name):
             continue
-        digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}".encode())
-        if param.device.type != "meta" and param.numel() and param.is_floating_point():
-            flat = param.detach().reshape(-1)
-            index = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel())).long()
-            values = flat[index.to(flat.device)].double()
-            digest.update(f"|{values.sum().item():.6g}|{values.abs().sum().item():.6g}".encode())
-    return digest.hexdigest()[:16]
+        digest.update(f"{clean_name(name)}|{tuple(param.shape)}|{param.dtype}\n".encode())
+        if param.device.type != "meta" and param.numel():
+            _hash_values(digest, param.detach(), weights)
+    return digest.hexdigest()[:32]
+
+
+def _hash_values(digest: Any, tensor: torch.Tensor, weights: dict) -> None:
+    if tensor.is_quantized:
+        digest.update(f"{tensor.qscheme()}".encode())
+        tensor = tensor.int_repr()
+    data = tensor.reshape(-1).view(torch.uint8)  # copies only a non-contiguous tensor
+    whole = data.numel() // 8 * 8
+    if data.numel() > whole:  # the last 1-7 bytes
+        digest.update(data[whole:].cpu().numpy().tobytes())
+    if not whole:
+        return
+    device = data.device
+    if device not in weights:
+        weights[device] = torch.arange(1, 2 * _ROW, 2, dtype=torch.int64, device=device)
+    sums = word_checksums(_words(data[:whole]), weights[device])
+    digest.update(sums.cpu().numpy().tobytes())
+
+
+def _words(data: torch.Tensor) -> torch.Tensor:
+    try:
+        return data.view(torch.int64)
+    except RuntimeError:  # a view at a storage offset that is not a multiple of 8 bytes
+        return data.clone().view(torch.int64)
+
+
+def word_checksums(words: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """For each row of ``_ROW`` words of the 1-D int64 ``words`` (the last row may be
+    shorter): ``sum(word[j] * weights[j])`` in wrapping int64, on ``words``' device."""
+    n = words.numel()
+    rows = -(-n // _ROW)
+    out = torch.empty(rows, dtype=torch.int64, device=words.device)
+    full = n // _ROW
+    if full:
+        matrix = words[: full * _ROW].view(full, _ROW)
+        # CPU: one integer matrix-vector product, no temporary; elsewhere blocks of rows.
+        step = full if words.device.type == "cpu" else _BLOCK_ROWS
+        for start in range(0, full, step):
+            stop = min(start + step, full)
+            out[start:stop] = _weighted_rows(matrix[start:stop], weights)
+    if n > full * _ROW:
+        tail = words[full * _ROW :]
+        out[full:] = _weighted_rows(tail.view(1, -1), weights[: tail.numel()])
+    return out
+
+
+def _weighted_rows(block: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    if block.device.type == "cpu":
+        return torch.mv(block, weights)  # one pass, no temporary (CPU has integer mv)
+    return (block * weights).sum(1)
+
+
+def _is_version(text: str) -> bool:
+    try:
+        Version(text)
+    except InvalidVersion:
+        return False
+    return True
+
+
+def _short(value: Any) -> str:
+    return repr(value)[:40] if isinstance(value, (str, int, float)) else _describe(value)
 
 
 def _describe(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"a tensor of shape {tuple(value.shape)}"
-    return f"a {type(value).__name__}"
+    if value is None:
+        return "None"
+    if isinstance(value, dict) and not value:
+        return "an empty dict"
+    kind = type(value).__name__
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"

@@ -2,8 +2,9 @@
 
 Owns: :class:`AdapterExportingIO`, which wraps the strategy's ``CheckpointIO``. It is handed an
 export function (not the callback), so it knows nothing of LoRA beyond "after writing a
-checkpoint, call this". Reading a checkpoint that cannot be read is a
-``CheckpointMismatchError``. Must not import: ``lora_lightning.lightning.callback``, ``app/``.
+checkpoint, call this". Reading a checkpoint that cannot be read, or that holds no Lightning
+checkpoint dict (a bare tensor, a list, ``{}``), is a ``CheckpointMismatchError``, raised before
+Lightning indexes into it. Must not import: ``lora_lightning.lightning.callback``, ``app/``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 
 from lora_lightning.core.errors import CheckpointMismatchError
 from lora_lightning.core.files import atomic_write_file, remove_directory
-from lora_lightning.lightning.checkpoint import adapter_dir_for
+from lora_lightning.lightning.checkpoint import adapter_dir_for, check_checkpoint_form
 
 #: ``export(checkpoint, path)``: called after ``checkpoint`` was written to ``path``.
 ExportFn = Callable[[dict[str, Any], Any], None]
@@ -51,7 +52,7 @@ class AdapterExportingIO(CheckpointIO):
         # objects unless the caller asked for it (trainer.fit(..., weights_only=False)).
         kwargs = {} if map_location is None else {"map_location": map_location}
         try:
-            return self.inner.load_checkpoint(
+            checkpoint = self.inner.load_checkpoint(
                 path, weights_only=True if weights_only is None else weights_only, **kwargs
             )
         except FileNotFoundError:
@@ -64,6 +65,8 @@ class AdapterExportingIO(CheckpointIO):
                 "refuses to unpickle. Resume from another checkpoint (e.g. an earlier one) or "
                 "start without ckpt_path"
             ) from err
+        check_checkpoint_form(checkpoint, f"checkpoint {path}")
+        return checkpoint
 
     def remove_checkpoint(self, path: Any) -> None:
         self.inner.remove_checkpoint(path)
