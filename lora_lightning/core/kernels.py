@@ -53,8 +53,10 @@ def keep_mask(x: torch.Tensor, p: float, fast: bool = True) -> tuple[torch.Tenso
     is 0 with probability ``p_used`` and 1 otherwise, in ``x``'s dtype (the ``1 / (1 - p_used)``
     rescale is left to the caller), drawn from the default generator of ``x``'s device.
 
-    ``fast=False`` draws exactly the mask ``torch.nn.Dropout`` would draw from the same
-    generator state (``bernoulli_(1 - p)``), hence PEFT's masks, with ``p_used = p``.
+    ``fast=False`` draws ``bernoulli_(1 - p)`` with ``p_used = p``: on CPU exactly the mask
+    ``torch.nn.Dropout`` would draw from the same generator state, hence PEFT's masks; on CUDA
+    ``nn.Dropout`` runs a fused kernel of its own, so the masks there match PEFT's in
+    distribution, not bit for bit.
     ``fast=True`` on CPU cuts full-range random 64-bit words into uniform 16-bit integers and
     compares them with a threshold, which is about three times faster than ``bernoulli_``:
     ``p_used`` is ``p`` rounded to a multiple of 2**-16 (0.1 -> 0.1000061; far below the
