@@ -42,11 +42,9 @@ from torch import nn
 
 from lora_lightning.core import kernels
 from lora_lightning.core.layers import GPT2_CONV1D, LINEAR, active_dropout
-from lora_lightning.core.state import LoRALayer
+from lora_lightning.core.state import MAGNITUDE, LoRALayer
 
-#: The magnitude parameter's attribute name on the adapted layer (its state-dict key is
-#: ``<path>.lora_magnitude_vector``, PEFT's file key).
-MAGNITUDE = "lora_magnitude_vector"
+__all__ = ["DoRA", "KINDS", "MAGNITUDE", "attach", "naive_weight_norm", "weight_norm"]
 #: Layer kinds DoRA adapts (PEFT's DoRA for ConvNd/Embedding is not implemented here).
 KINDS = (LINEAR, GPT2_CONV1D)
 #: ``hidden(module, layer, x) -> A x`` (dropout-free): the layer's own, shared-input aware.

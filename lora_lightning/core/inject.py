@@ -1,10 +1,10 @@
 """`inject_lora`: apply a checked plan to a model, all or nothing.
 
 Owns: :func:`inject_lora` (plan with ``core.plan``, then apply) and :func:`apply_plan`, which
-attaches every planned adapter (and its variant: DoRA's magnitude), groups shared inputs, places the marks and freezes what should
-not train. If anything fails while applying, every change is rolled back: the model keeps its
-parameters, hooks, ``requires_grad`` flags and attributes exactly. Must not import:
-``core.adapter``, ``core.merge``, Lightning, Hydra.
+attaches every planned adapter (and its variant: DoRA's magnitude), groups shared inputs,
+places the marks and freezes what should not train. If anything fails while applying, every
+change is rolled back: the model keeps its parameters, hooks, ``requires_grad`` flags and
+attributes exactly. Must not import: ``core.adapter``, ``core.merge``, Lightning, Hydra.
 """
 
 from __future__ import annotations

@@ -171,7 +171,7 @@ def file_modules(tensors: dict[str, torch.Tensor], directory: Path) -> dict[str,
 
     Raises:
         AdapterFileError: a key outside ``base_model.model.``, no adapter at all, or tensors
-            only a refused PEFT feature writes (DoRA's ``lora_magnitude_vector``...), naming
+            only a refused PEFT feature writes (``lora_B.bias``, ``lora_diag``...), naming
             the feature.
     """
     outside = [k for k in tensors if not k.startswith(PREFIX)]
@@ -213,7 +213,8 @@ def config_from_peft(
     Raises:
         AdapterFileError: modules the model lacks; mixed or non-float dtypes; ranks that
             disagree with the config; a model feature PEFT computes differently
-            (:func:`check_model_features`); ``ensure_weight_tying`` on tied modules.
+            (:func:`check_model_features`); ``ensure_weight_tying`` on tied modules; DoRA
+            magnitudes without ``use_dora: true``, or ``use_dora: true`` without them.
     """
     names = dict(model.named_modules())
     unknown = sorted(set(file_modules) - set(names))

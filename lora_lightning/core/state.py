@@ -36,9 +36,12 @@ _MARKS = (_LAYER, _SAVED, _BIAS, _ROOT)
 
 #: Names of LoRA's own child modules, never targets themselves.
 LORA_PARTS = ("lora_A", "lora_B")
+#: DoRA's magnitude: a parameter of the adapted layer itself (see ``core.dora``), so its
+#: state-dict key is ``<path>.lora_magnitude_vector``, PEFT's file key.
+MAGNITUDE = "lora_magnitude_vector"
 #: The last parts of every adapter tensor's qualified name: the two matrices and DoRA's
-#: magnitude (``core.dora.MAGNITUDE``, a parameter of the adapted layer itself).
-ADAPTER_TENSORS = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+#: magnitude.
+ADAPTER_TENSORS = ("lora_A.weight", "lora_B.weight", MAGNITUDE)
 
 
 @dataclass(eq=False)
