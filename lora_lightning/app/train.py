@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import hydra
 import lightning.pytorch as pl
@@ -28,7 +28,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lora_lightning import count_parameters
+from lora_lightning import LoRACallback, count_parameters
 from lora_lightning.app import checks, console, signals, tracking
 from lora_lightning.app.config import CONF_DIR, register_configs
 from lora_lightning.app.errors import PREEMPTED_EXIT, Preempted, report
@@ -62,81 +62,94 @@ def run(
     console.route_dependency_logs()
     _prepare_ddp_relaunch_in_multirun()
     _fill_run_names(cfg)
-    output_dir = Path(cfg.paths.output_dir)
     exit_code = 1
     try:
-        lora_callback = checks.lora_callback(cfg)
-        checks.check_resume(cfg)
-        checks.check_files(cfg, "data")
-        if cfg.get("seed") is not None:
-            pl.seed_everything(cfg.seed, workers=True)
-        preemption = signals.Preemption(signals.checkpoint_dir(output_dir))
-        callbacks = [preemption, *_instantiate_all(cfg, "callbacks")]
-        if lora_callback is not None:
-            callbacks.insert(0, lora_callback)
-        loggers = _instantiate_all(cfg, "logger")
-        if not loggers:  # Lightning refuses a LearningRateMonitor without a logger (logger=none)
-            callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-        trainer: pl.Trainer = checks.instantiate(
-            cfg, "trainer", callbacks=callbacks, logger=loggers or False
+        job = _build(cfg, prepare_model)
+        ckpt_path = signals.resume_checkpoint(
+            cfg.get("ckpt_path"), cfg.get("resume"), cfg.paths.output_dir
         )
-        checks.warn_if_cpu_oversubscribed(trainer)
-        datamodule = checks.instantiate(cfg, "data")
-        preemption.attach(datamodule)
-        model = checks.instantiate(cfg, "model")
-        if prepare_model is not None:
-            prepare_model(model)
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        for logger in loggers:
-            logger.log_hyperparams(resolved)
-        ckpt_path = signals.resume_checkpoint(cfg.get("ckpt_path"), cfg.get("resume"), output_dir)
-        if ckpt_path is not None:
-            log.info(f"Resuming from {ckpt_path}")
-
-        try:
-            if cfg.get("train", True):
-                trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
-        except SIGTERMException:
-            exit_code = PREEMPTED_EXIT
-            raise Preempted(
-                f"SIGTERM: checkpoint saved to {preemption.saved}; rerun the same command with "
-                "resume=auto (and the same hydra.run.dir) or ckpt_path=<that file> to continue"
-            ) from None
-        metrics = _floats(trainer.callback_metrics)
+        if cfg.get("train", True):
+            _fit(job, ckpt_path)
+        metrics = _floats(job.trainer.callback_metrics)
         if cfg.get("test", True):
             test_ckpt = None if cfg.get("train", True) else ckpt_path
-            trainer.test(model, datamodule=datamodule, ckpt_path=test_ckpt, verbose=False)
-            metrics.update(_floats(trainer.callback_metrics))
-        summary = _results(cfg, trainer, model, lora_callback, metrics, started)
-        if trainer.is_global_zero:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            (output_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-        artifact = _log_artifact(cfg, lora_callback)
+            job.trainer.test(
+                job.model, datamodule=job.datamodule, ckpt_path=test_ckpt, verbose=False
+            )
+            metrics.update(_floats(job.trainer.callback_metrics))
+        summary = _results(cfg, job, metrics, started)
+        artifact = _log_artifact(cfg, job.lora)
         wandb_dir = tracking.offline_run_dir()
         exit_code = 0
+    except Preempted:
+        exit_code = PREEMPTED_EXIT
+        raise
     finally:
         tracking.finish_run(exit_code)
         _reset_distributed(environment)
-    if trainer.is_global_zero:
+    if job.trainer.is_global_zero:
         # Printed after W&B finished, so that it is the last thing on the terminal.
-        lora = lora_callback.config.to_dict() if lora_callback is not None else None
+        lora = job.lora.config.to_dict() if job.lora is not None else None
         log.info(console.final_block(summary, lora, wandb_dir, artifact))
     metric = cfg.get("optimized_metric")
     return metrics.get(metric) if metric else None
 
 
+class _Job(NamedTuple):
+    trainer: pl.Trainer
+    datamodule: pl.LightningDataModule
+    model: pl.LightningModule
+    lora: LoRACallback | None
+    preemption: signals.Preemption
+
+
+def _build(cfg: DictConfig, prepare_model: Callable[[pl.LightningModule], Any] | None) -> _Job:
+    """Check the config and build the job, cheapest first and the model last."""
+    lora_callback = checks.lora_callback(cfg)
+    checks.check_resume(cfg)
+    checks.check_files(cfg, "data")
+    if cfg.get("seed") is not None:
+        pl.seed_everything(cfg.seed, workers=True)
+    preemption = signals.Preemption(signals.checkpoint_dir(cfg.paths.output_dir))
+    callbacks = [preemption, *_instantiate_all(cfg, "callbacks")]
+    if lora_callback is not None:
+        callbacks.insert(0, lora_callback)
+    loggers = _instantiate_all(cfg, "logger")
+    if not loggers:  # Lightning refuses a LearningRateMonitor without a logger (logger=none)
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    trainer = checks.instantiate(cfg, "trainer", callbacks=callbacks, logger=loggers or False)
+    checks.warn_if_cpu_oversubscribed(trainer)
+    datamodule = checks.instantiate(cfg, "data")
+    preemption.attach(datamodule)
+    model = checks.instantiate(cfg, "model")
+    if prepare_model is not None:
+        prepare_model(model)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for logger in loggers:
+        logger.log_hyperparams(resolved)
+    return _Job(trainer, datamodule, model, lora_callback, preemption)
+
+
+def _fit(job: _Job, ckpt_path: str | None) -> None:
+    """``trainer.fit``; SIGTERM (a checkpoint was saved) becomes :class:`Preempted`."""
+    if ckpt_path is not None:
+        log.info(f"Resuming from {ckpt_path}")
+    try:
+        job.trainer.fit(job.model, datamodule=job.datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        raise Preempted(
+            f"SIGTERM: checkpoint saved to {job.preemption.saved}; rerun the same command with "
+            "resume=auto (and the same hydra.run.dir) or ckpt_path=<that file> to continue"
+        ) from None
+
+
 def _results(
-    cfg: DictConfig,
-    trainer: pl.Trainer,
-    model: pl.LightningModule,
-    lora_callback: Any,
-    metrics: dict[str, float],
-    started: float,
+    cfg: DictConfig, job: _Job, metrics: dict[str, float], started: float
 ) -> dict[str, Any]:
-    """What ``results.json`` holds (and the sweep summary reads)."""
-    counts = count_parameters(model)
-    adapter_dir = lora_callback.last_adapter_dir if lora_callback is not None else None
-    return {
+    """What ``results.json`` holds (and the sweep summary reads); written by global rank zero."""
+    counts = count_parameters(job.model)
+    adapter_dir = job.lora.last_adapter_dir if job.lora is not None else None
+    summary = {
         "metrics": metrics,
         "adapter_dir": str(adapter_dir) if adapter_dir else None,
         "adapter_bytes": _bytes_in(adapter_dir) if adapter_dir else None,
@@ -145,9 +158,14 @@ def _results(
         "output_dir": cfg.paths.output_dir,
         "overrides": list(HydraConfig.get().overrides.task),
     }
+    if job.trainer.is_global_zero:
+        output_dir = Path(cfg.paths.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
-def _log_artifact(cfg: DictConfig, lora_callback: Any) -> str | None:
+def _log_artifact(cfg: DictConfig, lora_callback: LoRACallback | None) -> str | None:
     if lora_callback is None or lora_callback.last_adapter_dir is None:
         return None
     if not cfg.get("lora_export", {}).get("log_artifact", True):
@@ -227,7 +245,8 @@ def _bytes_in(directory: Path) -> int:
 
 
 def _floats(metrics: dict[str, Any]) -> dict[str, float]:
-    return {key: float(value) for key, value in metrics.items()}
+    # Without the learning rates LearningRateMonitor adds (lr-AdamW...): they are not results.
+    return {key: float(value) for key, value in metrics.items() if not key.startswith("lr-")}
 
 
 register_configs()
