@@ -11,6 +11,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -19,6 +20,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lora_lightning import (
+    AdapterFileError,
     LoRAConfig,
     inject_lora,
     load_adapter,
@@ -199,6 +201,11 @@ def test_saved_adapter_loads_with_identical_outputs(case):
     model = case.adapted()
     fresh = case.layer()
     with tempfile.TemporaryDirectory() as directory:
+        if case.kind.startswith("conv") and case.dilation > 1:
+            # PEFT builds a dilated conv's lora_A without the dilation: other maths, refused.
+            with pytest.raises(AdapterFileError, match="dilation"):
+                save_adapter(model, directory)
+            return
         save_adapter(model, directory)
         load_adapter(fresh, directory)
     assert torch.equal(fresh(case.inputs()), model(case.inputs()))
