@@ -506,6 +506,17 @@ def test_resume_loads_trainable_tensors_never_base_weights(tmp_path, runs):
     assert module.steps > 0
 
 
+def test_resume_onto_a_base_differing_in_one_value_is_refused(tmp_path, runs):
+    """One frozen value anywhere (here the last element of the frozen head) changes the
+    fingerprint: the sampled one of format 1 would have missed it."""
+    module = CountingModule()
+    with torch.no_grad():
+        module.net.layers[2].weight.view(-1)[-1] += 1e-3
+    with pytest.raises(CheckpointMismatchError, match="another base model"):
+        _resume(tmp_path, runs["full"], module)
+    assert module.steps == 0
+
+
 # ==================================================================== callback options, setup
 
 
@@ -548,6 +559,27 @@ def test_export_root_is_resolved_at_setup_before_any_training_step(tmp_path, exp
         assert text in str(raised.value), str(raised.value)
     assert module.steps == 0
     assert module.state_dict().keys() == before.keys(), "adapters were injected"
+
+
+def test_unexportable_model_is_refused_at_setup_before_any_training_step(tmp_path):
+    """A tied ``modules_to_save`` module: save_adapter refuses its files (PEFT would untie
+    it), so a callback that exports refuses it at setup, not at the first checkpoint."""
+
+    class Tied(CountingModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.alias = nn.Linear(8, 4)
+            self.alias.weight = self.net.layers[2].weight
+
+    module = Tied()
+    callback = LoRACallback(**LORA, modules_to_save=["alias"])
+    with pytest.raises(LoRAConfigError) as raised:
+        trainer(tmp_path, [callback]).fit(module)
+    message = str(raised.value)
+    assert message.startswith("LoRACallback.setup: PEFT would compute something else")
+    assert "'alias' shares its weights with ['net.layers.2.weight']" in message
+    assert "set both options to False" in message
+    assert module.steps == 0 and not hasattr(module.net.layers[0], "lora_A")
 
 
 def test_explicit_export_root_holding_every_target_exports_relative_names(tmp_path):

@@ -56,9 +56,10 @@ from lora_lightning.core import (
     plan_lora,
     save_adapter,
 )
-from lora_lightning.core.errors import LoRAConfigError
+from lora_lightning.core.errors import AdapterFileError, LoRAConfigError
 from lora_lightning.core.files import atomic_write_file
-from lora_lightning.core.plan import TargetFn
+from lora_lightning.core.peft_format import check_model_features
+from lora_lightning.core.plan import LoRAPlan, TargetFn
 from lora_lightning.lightning.checkpoint import (
     CHECKPOINT_KEY,
     adapter_dir_for,
@@ -101,8 +102,10 @@ class LoRACallback(pl.Callback):
             (``LoRACallback(r=4)``; flat ``init_args`` in ``LightningCLI`` YAML).
 
     Raises:
-        LoRAConfigError: an invalid config or option (at construction), targets matching
-            nothing or an ``export_root`` naming no submodule (at setup).
+        LoRAConfigError: an invalid config or option (at construction); at setup, before
+            anything is injected: targets matching nothing, an ``export_root`` naming no
+            submodule or not holding every trained tensor, or (while exporting) a model whose
+            adapter files ``save_adapter`` would refuse.
     """
 
     def __init__(
@@ -199,6 +202,7 @@ class LoRACallback(pl.Callback):
                     "__init__, or call inject_lora yourself at the end of configure_model"
                 ) from None
             self._check_export_root(pl_module, list(plan.trainable_tensors(pl_module)))
+            self._check_exportable(pl_module, plan)
             self.adapted = apply_plan(pl_module, plan)
             self._root = self._resolve_export_root(pl_module)
         self._module = pl_module
@@ -343,6 +347,22 @@ class LoRACallback(pl.Callback):
                 "'auto', '' (the LightningModule) or a submodule holding every target and "
                 "modules_to_save entry"
             )
+
+    def _check_exportable(self, pl_module: nn.Module, plan: LoRAPlan) -> None:
+        """The adapter files this callback will write must be writable: what ``save_adapter``
+        refuses (layers PEFT computes differently) is refused here, before training."""
+        if not (self.export_on_checkpoint or self.export_on_train_end):
+            return
+        try:
+            check_model_features(
+                pl_module, plan.names, list(plan.modules_to_save), "LoRACallback.setup"
+            )
+        except AdapterFileError as err:
+            raise LoRAConfigError(
+                f"{err}. LoRACallback writes adapter files (export_on_checkpoint, "
+                "export_on_train_end): change the model or targets, or set both options to "
+                "False to train and checkpoint without adapter files"
+            ) from None
 
     def _resolve_export_root(self, pl_module: nn.Module) -> tuple[str, nn.Module]:
         if self.export_root == "auto":
