@@ -13,6 +13,7 @@ module             owns
 ``plan``           ``plan_lora``: what an injection will do, checked, model untouched
 ``inject``         ``inject_lora`` / ``apply_plan``: all or nothing
 ``merge``          merge, unmerge, unload, merged state dicts
+``loraplus``       LoRA+ optimizer groups (B faster than A), schedulers kept in step
 ``peft_format``    PEFT's keys and ``adapter_config.json``, both ways
 ``files``          atomic file and directory writes
 ``adapter``        ``save_adapter`` / ``load_adapter``
@@ -31,6 +32,7 @@ from lora_lightning.core.errors import (
     UnsupportedModuleError,
 )
 from lora_lightning.core.inject import apply_plan, inject_lora
+from lora_lightning.core.loraplus import apply_loraplus, loraplus_param_groups
 from lora_lightning.core.merge import merge_lora, merged_state_dict, unload_lora, unmerge_lora
 from lora_lightning.core.plan import LoRAPlan, TargetPlan, plan_lora
 from lora_lightning.core.state import (
@@ -56,6 +58,7 @@ __all__ = [
     "TargetPlan",
     "UnsupportedModuleError",
     "adapted_layers",
+    "apply_loraplus",
     "apply_plan",
     "config_diff",
     "config_of",
@@ -64,6 +67,7 @@ __all__ = [
     "inject_lora",
     "load_adapter",
     "lora_state_dict",
+    "loraplus_param_groups",
     "merge_lora",
     "merged_state_dict",
     "plan_lora",

@@ -79,6 +79,11 @@ class LoRAConfig:
             becomes ``m ⊙ (W + s·B A) / ||W + s·B A||_row`` with a trained magnitude ``m``
             per output feature (``lora_magnitude_vector``, initialised to ``||W||_row``).
             Linear and GPT-2 Conv1D targets only (see ``core.dora``).
+        loraplus_lr_ratio: LoRA+ (Hayou et al. 2024, PEFT's ``create_loraplus_optimizer``):
+            B matrices (and other 1-D trained tensors) learn at ``lr x ratio``; number > 0,
+            or None (off). Optimizer-only: the adapters are the same (see ``core.loraplus``).
+        loraplus_lr_embedding: with LoRA+, the learning rate of embedding adapters (both
+            matrices), absolute as in PEFT; number > 0 (PEFT's default 1e-6).
         fuse_shared_input: deprecated (configs before 0.2): ``true`` means
             ``group_shared_input=true, dropout_masks=fast``; ``false`` means ``false, torch``.
 
@@ -102,6 +107,8 @@ class LoRAConfig:
     group_shared_input: bool = True
     dropout_masks: str = "fast"
     use_dora: bool = False
+    loraplus_lr_ratio: Optional[float] = None  # noqa: UP045 - OmegaConf needs Optional
+    loraplus_lr_embedding: float = 1e-6
     fuse_shared_input: Optional[bool] = None  # noqa: UP045 - OmegaConf needs Optional
 
     def __post_init__(self) -> None:
@@ -132,6 +139,11 @@ class LoRAConfig:
         self.use_rslora = _flag("use_rslora", self.use_rslora)
         self.group_shared_input = _flag("group_shared_input", self.group_shared_input)
         self.use_dora = _flag("use_dora", self.use_dora)
+        if self.loraplus_lr_ratio is not None:
+            self.loraplus_lr_ratio = _positive_number("loraplus_lr_ratio", self.loraplus_lr_ratio)
+        self.loraplus_lr_embedding = _positive_number(
+            "loraplus_lr_embedding", self.loraplus_lr_embedding
+        )
         if self.fuse_shared_input is not None:
             legacy = _flag("fuse_shared_input", self.fuse_shared_input)
             self.group_shared_input = legacy
