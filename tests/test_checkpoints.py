@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_models import MLP_TARGETS, MLPModule, lora_tensors, trainer
 from safetensors.torch import load_file
@@ -36,6 +37,7 @@ from lora_lightning.lightning.checkpoint import (
     validate_checkpoint,
     without_compile_wrappers,
 )
+from lora_lightning.lightning.checkpoint_io import AdapterExportingIO
 
 LORA = {"r": 2, "target_modules": MLP_TARGETS}
 CONFIG = LoRAConfig(**LORA)
@@ -277,6 +279,20 @@ def test_check_checkpoint_form(value, text):
     with pytest.raises(CheckpointMismatchError, match="resume from a .ckpt written by") as raised:
         check_checkpoint_form(value, "checkpoint x.ckpt")
     assert str(raised.value).startswith("checkpoint x.ckpt") and text in str(raised.value)
+
+
+def test_checkpoint_io_runs_its_check_on_what_it_read(tmp_path):
+    path = tmp_path / "list.ckpt"
+    torch.save([1, 2], path)
+    plain = AdapterExportingIO(TorchCheckpointIO(), export=lambda checkpoint, path: None)
+    assert plain.load_checkpoint(path) == [1, 2]
+    checked = AdapterExportingIO(
+        TorchCheckpointIO(),
+        export=lambda checkpoint, path: None,
+        check=lambda checkpoint, path: check_checkpoint_form(checkpoint, f"checkpoint {path}"),
+    )
+    with pytest.raises(CheckpointMismatchError, match=r"list\.ckpt holds a list"):
+        checked.load_checkpoint(path)
 
 
 def test_check_optimizer_states_compares_counts_and_groups():

@@ -64,6 +64,7 @@ from lora_lightning.lightning.checkpoint import (
     CHECKPOINT_KEY,
     adapter_dir_for,
     base_fingerprint,
+    check_checkpoint_form,
     check_optimizer_states,
     clean_name,
     lora_metadata,
@@ -216,7 +217,11 @@ class LoRACallback(pl.Callback):
         _wrap_once(pl_module, "on_load_checkpoint", self._validate_checkpoint)
         if not isinstance(trainer.strategy.checkpoint_io, AdapterExportingIO):
             trainer.strategy.checkpoint_io = AdapterExportingIO(
-                trainer.strategy.checkpoint_io, self._export_beside_checkpoint
+                trainer.strategy.checkpoint_io,
+                self._export_beside_checkpoint,
+                check=lambda checkpoint, path: check_checkpoint_form(
+                    checkpoint, f"checkpoint {path}"
+                ),
             )
         self._log_counts(trainer, pl_module)
         launcher = getattr(trainer.strategy, "launcher", None)

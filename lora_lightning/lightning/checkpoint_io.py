@@ -1,10 +1,11 @@
 """A ``CheckpointIO`` that writes checkpoints atomically and keeps an adapter beside each.
 
 Owns: :class:`AdapterExportingIO`, which wraps the strategy's ``CheckpointIO``. It is handed an
-export function (not the callback), so it knows nothing of LoRA beyond "after writing a
-checkpoint, call this". Reading a checkpoint that cannot be read, or that holds no Lightning
-checkpoint dict (a bare tensor, a list, ``{}``), is a ``CheckpointMismatchError``, raised before
-Lightning indexes into it. Must not import: ``lora_lightning.lightning.callback``, ``app/``.
+export function and optionally a check function (not the callback), so it knows nothing of
+LoRA beyond "after writing a checkpoint, call this" and "after reading one, check it". Reading
+a checkpoint that cannot be read is a ``CheckpointMismatchError``; the check runs on what was
+read before Lightning indexes into it (the callback's refuses a bare tensor, a list, ``{}``,
+...). Must not import: ``lora_lightning.lightning.callback``, ``app/``.
 """
 
 from __future__ import annotations
@@ -19,19 +20,22 @@ from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 
 from lora_lightning.core.errors import CheckpointMismatchError
 from lora_lightning.core.files import atomic_write_file, remove_directory
-from lora_lightning.lightning.checkpoint import adapter_dir_for, check_checkpoint_form
+from lora_lightning.lightning.checkpoint import adapter_dir_for
 
 #: ``export(checkpoint, path)``: called after ``checkpoint`` was written to ``path``.
 ExportFn = Callable[[dict[str, Any], Any], None]
+#: ``check(checkpoint, path)``: called on what was read from ``path``; raises if unusable.
+CheckFn = Callable[[Any, Any], None]
 
 
 class AdapterExportingIO(CheckpointIO):
-    """Delegates to ``inner``; after each save calls ``export``; removes the adapter with the
-    checkpoint."""
+    """Delegates to ``inner``; after each save calls ``export``, after each load ``check``;
+    removes the adapter with the checkpoint."""
 
-    def __init__(self, inner: CheckpointIO, export: ExportFn) -> None:
+    def __init__(self, inner: CheckpointIO, export: ExportFn, check: CheckFn | None = None) -> None:
         self.inner = inner
         self.export = export
+        self.check = check
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None
@@ -65,7 +69,8 @@ class AdapterExportingIO(CheckpointIO):
                 "refuses to unpickle. Resume from another checkpoint (e.g. an earlier one) or "
                 "start without ckpt_path"
             ) from err
-        check_checkpoint_form(checkpoint, f"checkpoint {path}")
+        if self.check is not None:
+            self.check(checkpoint, path)
         return checkpoint
 
     def remove_checkpoint(self, path: Any) -> None:
