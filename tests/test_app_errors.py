@@ -103,3 +103,13 @@ def test_an_unknown_error_keeps_its_traceback():
 
     assert one_line(RuntimeError("a bug")) is None
     assert one_line(ConfigError("lora_export: bad")) == "error: lora_export: bad"
+
+
+def test_export_options_without_the_schema_are_still_checked_by_the_callback():
+    from omegaconf import OmegaConf
+
+    from lora_lightning.app.checks import lora_callback
+
+    cfg = OmegaConf.create({"lora": {"r": 4}, "lora_export": {"export_on_checkpoint": "no"}})
+    with pytest.raises(LoRAError, match=r"export_on_checkpoint='no'\) is invalid"):
+        lora_callback(cfg)
