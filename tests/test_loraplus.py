@@ -6,11 +6,14 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning_models import MLP_TARGETS, MLPModule, lora_tensors, trainer
 from models import conv_embed_net, tiny_bert
 from peft.optimizers import create_loraplus_optimizer
 from torch import nn
 
 from lora_lightning import (
+    LoRACallback,
     LoRAConfig,
     LoRAConfigError,
     apply_loraplus,
@@ -168,3 +171,46 @@ def test_loraplus_is_off_by_default_with_peft_embedding_rate():
     assert config.loraplus_lr_ratio is None and config.loraplus_lr_embedding == 1e-6
     with pytest.raises(LoRAConfigError, match="loraplus_lr_embedding"):
         LoRAConfig(loraplus_lr_embedding=0)
+
+
+# --- the callback ---------------------------------------------------------------------------
+def _callback(**kwargs) -> LoRACallback:
+    return LoRACallback(target_modules=MLP_TARGETS, r=2, **kwargs)
+
+
+def test_callback_splits_the_users_groups_and_keeps_their_lambdas(tmp_path):
+    module = MLPModule(optim="groups")  # two groups, LambdaLR [0.5**step, 1.0]
+    trainer(tmp_path, [_callback(loraplus_lr_ratio=4.0)], max_steps=3).fit(module)
+    optimizer = module.configured["optimizer"]
+    names = {id(p): n for n, p in module.named_parameters()}
+    listed = [
+        [names[id(p)].rsplit(".", 2)[-2] for p in g["params"]] for g in optimizer.param_groups
+    ]
+    assert listed == [["lora_A", "lora_A"], ["lora_B", "lora_B"], []]
+    decay = 0.5**3
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    assert lrs == pytest.approx([module.lr * decay, 4 * module.lr * decay, module.lr / 10])
+
+
+def test_callback_records_loraplus_in_checkpoints_and_resumes_exactly(tmp_path):
+    straight = MLPModule()  # Adam + a per-step StepLR
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1)
+    run = trainer(tmp_path, [_callback(loraplus_lr_ratio=8.0), checkpoint], max_epochs=3)
+    run.fit(straight)
+    halfway = tmp_path / "ckpt" / "epoch=0-step=4.ckpt"
+    saved = torch.load(halfway, weights_only=True)
+    assert saved["lora"]["config"]["loraplus_lr_ratio"] == 8.0
+    assert len(saved["optimizer_states"][0]["param_groups"]) == 2
+
+    resumed = MLPModule()
+    again = trainer(tmp_path / "resumed", [_callback(loraplus_lr_ratio=8.0)], max_epochs=3)
+    again.fit(resumed, ckpt_path=halfway)
+    expected, actual = lora_tensors(straight), lora_tensors(resumed)
+    assert all(torch.equal(actual[k], v) for k, v in expected.items())
+    assert (
+        again.optimizers[0].state_dict()["param_groups"]
+        == run.optimizers[0].state_dict()["param_groups"]
+    )
+    scheduler = again.lr_scheduler_configs[0].scheduler.state_dict()
+    assert scheduler == run.lr_scheduler_configs[0].scheduler.state_dict()
+    assert len(scheduler["base_lrs"]) == 2

@@ -10,6 +10,7 @@ Must not import: Lightning, Hydra, W&B, transformers. Nothing is ever unpickled.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from lora_lightning.core import files, peft_format
+from lora_lightning.core.config import LoRAConfig
 from lora_lightning.core.errors import AdapterFileError, LoRAError, LoRAStateError
 from lora_lightning.core.files import CONFIG_FILE
 from lora_lightning.core.inject import apply_plan
@@ -40,8 +42,18 @@ def save_adapter(
     *,
     state_dict: dict[str, torch.Tensor] | None = None,
     base_model_name_or_path: str | None = None,
+    convert_to_plain_lora: bool = False,
 ) -> Path:
     """Write ``model``'s adapter as a PEFT-format directory, atomically.
+
+    An adapter trained from a PiSSA/OLoRA init (``LoRAConfig.init``) is relative to the
+    *modified* base ``W_res = W - s·B0 A0``. Saved as it is, the file says so
+    (``init_lora_weights: "pissa"``, as PEFT writes) and loading it onto a base is refused;
+    with ``convert_to_plain_lora`` it is written as PEFT's ``save_pretrained(...,
+    path_initial_model_for_weight_conversion=...)`` does: ``A' = [A; A0]``,
+    ``B' = [B, -B0]`` (rank 2r, alpha doubled, ``alpha·sqrt(2)`` with rsLoRA, so the scaling
+    is the same), ``init_lora_weights: true``, which gives the same outputs on the untouched
+    stock base, here and in PEFT. For any other init the option changes nothing.
 
     Args:
         model: the adapted model; saved paths are relative to it (pass the Hugging Face model
@@ -51,6 +63,7 @@ def save_adapter(
         state_dict: take tensors from this mapping (keys relative to ``model``) instead of the
             live parameters, e.g. from a checkpoint gathered under FSDP.
         base_model_name_or_path: recorded in ``adapter_config.json`` for PEFT.
+        convert_to_plain_lora: write a PiSSA/OLoRA adapter in its converted, plain LoRA form.
 
     Returns:
         The directory.
@@ -85,9 +98,10 @@ def save_adapter(
         model, [n for n, _, _ in layers], saved, f"save_adapter: refusing to write {directory}"
     )
     kinds = {name: layer.kind for name, _, layer in layers}
-    peft_tensors = {
-        to_peft_key(name, kinds): t.detach().to("cpu").contiguous() for name, t in tensors.items()
-    }
+    tensors = {name: t.detach().to("cpu") for name, t in tensors.items()}
+    if convert_to_plain_lora and config.changes_base:
+        tensors, layers, config = _converted_to_plain_lora(tensors, layers, config)
+    peft_tensors = {to_peft_key(name, kinds): t.contiguous() for name, t in tensors.items()}
     peft_config = peft_format.peft_config(config, layers, saved)
     peft_config["base_model_name_or_path"] = base_model_name_or_path
     config_text = json.dumps(peft_config, indent=2, sort_keys=True) + "\n"
@@ -155,6 +169,23 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> list[st
         for name, target in lora_state_dict(model).items():
             target.copy_(tensors[to_peft_key(name, kinds)])
     return [name for name, _, _ in adapted_layers(model)]
+
+
+def _converted_to_plain_lora(
+    tensors: dict[str, torch.Tensor], layers: list, config: LoRAConfig
+) -> tuple[dict[str, torch.Tensor], list, LoRAConfig]:
+    """PEFT's ``subtract_mutated_init``: ``ΔW = s·(B A - B0 A0) = s'·[B, -B0] [A; A0]`` with
+    ``s' = s`` at rank 2r, for the tensors, the layers' ranks/alphas and the config."""
+    tensors = dict(tensors)
+    converted = []
+    for name, module, layer in layers:
+        a0, b0 = (t.detach().to("cpu") for t in layer.initial)
+        key_a, key_b = f"{name}.lora_A.weight", f"{name}.lora_B.weight"
+        tensors[key_a] = torch.cat([tensors[key_a], a0.to(tensors[key_a].dtype)], dim=0)
+        tensors[key_b] = torch.cat([tensors[key_b], -b0.to(tensors[key_b].dtype)], dim=1)
+        alpha = layer.alpha * (math.sqrt(2) if config.use_rslora else 2)
+        converted.append((name, module, dataclasses.replace(layer, r=2 * layer.r, alpha=alpha)))
+    return tensors, converted, dataclasses.replace(config, init="kaiming")
 
 
 def _kinds(model: nn.Module, plan) -> dict[str, str]:  # noqa: ANN001 - LoRAPlan | None

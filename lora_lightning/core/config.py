@@ -31,7 +31,10 @@ DTYPES: dict[str, torch.dtype | None] = {
     "float64": torch.float64,
     "auto": None,
 }
-INITS = ("kaiming", "gaussian")
+INITS = ("kaiming", "gaussian", "pissa", "olora", "pissa_niter_<k>")
+#: ``init`` values that also change the adapted base weights (PEFT's names): PiSSA, its fast
+#: randomised-SVD form ``pissa_niter_<k>``, and OLoRA.
+_BASE_CHANGING_INIT = re.compile(r"pissa|pissa_niter_[1-9][0-9]*|olora")
 BIAS_MODES = ("none", "lora_only", "all")
 DROPOUT_MASKS = ("fast", "torch")
 
@@ -65,7 +68,13 @@ class LoRAConfig:
         rank_pattern: name/regex -> rank overriding ``r``; 0 means "no adapter on this module".
         alpha_pattern: name/regex -> alpha overriding ``alpha``.
         use_rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
-        init: A's init, ``kaiming`` (uniform, a=sqrt(5)) or ``gaussian`` (std 1/r).
+        init: A's init, ``kaiming`` (uniform, a=sqrt(5)) or ``gaussian`` (std 1/r); or an init
+            that also changes the base weight, as PEFT: ``pissa`` (A, B from the top ``r``
+            singular vectors of W), ``pissa_niter_<k>`` (the same by randomised SVD with
+            ``k`` iterations, seeded per module), ``olora`` (A, B from W's QR); the base
+            weight becomes ``W - s·B0 A0``. Linear (PiSSA also GPT-2 Conv1D) targets only; an
+            adapter file of such a run is correct on the stock base only converted
+            (``save_adapter(..., convert_to_plain_lora=True)``).
         bias: which biases train: ``none``, ``lora_only`` (of adapted modules), ``all``.
         modules_to_save: names/regexes of modules trained in full and saved with the adapter.
         group_shared_input: adapted Linear siblings reading the same input (query/key/value)
@@ -133,12 +142,21 @@ class LoRAConfig:
         self.dropout = _number_in("dropout", self.dropout, 0.0, 1.0)
         self.seed = _integer("seed", self.seed, minimum=0)
         _check_choice("dtype", self.dtype, tuple(DTYPES))
-        _check_choice("init", self.init, INITS)
+        if not (isinstance(self.init, str) and (self.init in INITS[:2] or self.changes_base)):
+            raise LoRAConfigError(
+                f"lora.init={self.init!r} is invalid: expected one of {', '.join(INITS)} "
+                "(k an integer >= 1, e.g. pissa_niter_4)"
+            )
         _check_choice("bias", self.bias, BIAS_MODES)
         _check_choice("dropout_masks", self.dropout_masks, DROPOUT_MASKS)
         self.use_rslora = _flag("use_rslora", self.use_rslora)
         self.group_shared_input = _flag("group_shared_input", self.group_shared_input)
         self.use_dora = _flag("use_dora", self.use_dora)
+        if self.use_dora and self.changes_base:
+            raise LoRAConfigError(
+                f"lora.init={self.init!r} with lora.use_dora=true is not supported: use one of "
+                "them (PiSSA/OLoRA initialisation of a DoRA adapter is not implemented)"
+            )
         if self.loraplus_lr_ratio is not None:
             self.loraplus_lr_ratio = _positive_number("loraplus_lr_ratio", self.loraplus_lr_ratio)
         self.loraplus_lr_embedding = _positive_number(
@@ -166,6 +184,11 @@ class LoRAConfig:
             for key, value in _pattern_dict("alpha_pattern", self.alpha_pattern).items()
         }
         return self
+
+    @property
+    def changes_base(self) -> bool:
+        """True if ``init`` also changes the adapted base weights (PiSSA, OLoRA)."""
+        return isinstance(self.init, str) and bool(_BASE_CHANGING_INIT.fullmatch(self.init))
 
     @property
     def torch_dtype(self) -> torch.dtype | None:

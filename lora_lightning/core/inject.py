@@ -1,14 +1,15 @@
 """`inject_lora`: apply a checked plan to a model, all or nothing.
 
 Owns: :func:`inject_lora` (plan with ``core.plan``, then apply) and :func:`apply_plan`, which
-attaches every planned adapter (and its variant: DoRA's magnitude), groups shared inputs,
-places the marks and freezes what should not train. If anything fails while applying, every
-change is rolled back: the model keeps its parameters, hooks, ``requires_grad`` flags and
-attributes exactly. Must not import: ``core.adapter``, ``core.merge``, Lightning, Hydra.
+attaches every planned adapter (and its variant: DoRA's magnitude; a PiSSA/OLoRA init rewrites
+the base weight), groups shared inputs, places the marks and freezes what should not train. If
+anything fails while applying, every change is rolled back: the model keeps its parameters
+(base weight values bit for bit), hooks, ``requires_grad`` flags and attributes exactly. Must not import: ``core.adapter``, ``core.merge``, Lightning, Hydra.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from lora_lightning.core import dora
@@ -76,6 +77,10 @@ def apply_plan(model: nn.Module, plan: LoRAPlan) -> list[str]:
         )
     owner = AdapterSet(plan.config)
     flags = {id(p): p.requires_grad for p in model.parameters()}
+    # PiSSA/OLoRA rewrite the base weight: keep the original bits for a rollback.
+    originals = {
+        t.name: modules[t.name].weight.detach().clone() for t in plan.targets if t.base_init
+    }
     attached: list[nn.Module] = []
     try:
         for target in plan.targets:
@@ -99,6 +104,9 @@ def apply_plan(model: nn.Module, plan: LoRAPlan) -> list[str]:
             if layer_state(module) is not None:
                 detach(module)
         clear_marks(model)
+        with torch.no_grad():
+            for name, weight in originals.items():
+                modules[name].weight.copy_(weight)
         for param in model.parameters():
             if id(param) in flags:
                 param.requires_grad_(flags[id(param)])

@@ -154,12 +154,22 @@ def attach(
     if base.device.type == "meta":
         a = torch.empty(shape_a, dtype=dtype, device="meta")
         b = torch.empty(shape_b, dtype=dtype, device="meta")
+        initial = None
+    elif config.changes_base:
+        a, b, residual = base_changing_init(
+            base, kind, r, scaling, config.init, module_seed(config.seed, name)
+        )
+        a, b = a.to(base.device, dtype), b.to(base.device, dtype)
+        initial = (a.detach().clone(), b.detach().clone())
+        with torch.no_grad():
+            base.copy_(residual)  # the caller keeps the original for a rollback
     else:
         a, b = _init_weights(kind, shape_a, shape_b, config.init, r, config.seed, name)
         a, b = a.to(base.device, dtype), b.to(base.device, dtype)
+        initial = None
     module.lora_A = LoRAWeight(a)
     module.lora_B = LoRAWeight(b)
-    layer = LoRALayer(kind=kind, r=r, alpha=alpha, scaling=scaling, owner=owner)
+    layer = LoRALayer(kind=kind, r=r, alpha=alpha, scaling=scaling, owner=owner, initial=initial)
     layer.handle = module.register_forward_hook(_lora_forward_hook, with_kwargs=True)
     set_layer(module, layer)
     return layer
@@ -206,6 +216,77 @@ def _init_weights(
         b = torch.empty(shape_b).normal_(generator=generator)
         return a, b
     return _lora_a_init(shape_a, init, r, generator), torch.zeros(shape_b)
+
+
+#: Layer kinds each base-changing init adapts. PEFT's OLoRA factors the stored weight without
+#: PEFT's fan_in_fan_out transpose, so on GPT-2 Conv1D its shapes are not LoRA's.
+BASE_CHANGING_KINDS = {"pissa": (LINEAR, GPT2_CONV1D), "olora": (LINEAR,)}
+
+
+def base_changing_unsupported_reason(module: nn.Module, kind: str | None, init: str) -> str | None:
+    """Why ``init`` (pissa, pissa_niter_<k>, olora) cannot adapt ``module``, or None."""
+    family = "olora" if init == "olora" else "pissa"
+    kinds = BASE_CHANGING_KINDS[family]
+    if kind not in kinds:
+        names = " and ".join("nn.Linear" if k == LINEAR else "GPT-2 Conv1D" for k in kinds)
+        return f"a {type(module).__name__}, which init={init!r} cannot adapt (only {names})"
+    if module.weight.device.type == "meta":
+        return (
+            f"on the meta device: init={init!r} factors the base weight, which has no values; "
+            "load the base weights first"
+        )
+    return None
+
+
+@torch.no_grad()
+def base_changing_init(
+    weight: torch.Tensor, kind: str, r: int, scaling: float, init: str, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PEFT's PiSSA / OLoRA initialisation (``pissa_init``/``olora_init`` in
+    ``peft/tuners/lora/layer.py``), the same ops in the same order, in float32.
+
+    ``weight`` is ``[out, in]`` (``[in, out]`` for GPT-2 Conv1D). Returns ``A0`` ``[r, in]``,
+    ``B0`` ``[out, r]`` (float32) and the residual ``W - s·B0 A0`` in ``weight``'s layout and
+    dtype:
+
+    - ``pissa``: ``W = V S Uᵀ``; ``A0 = sqrt(S_r / s) U_rᵀ``, ``B0 = V_r sqrt(S_r / s)``.
+    - ``pissa_niter_<k>``: the same from ``torch.svd_lowrank(W, r, niter=k)``, its random
+      draws seeded with ``seed`` (PEFT draws from the global generator).
+    - ``olora``: ``W = Q R``; ``A0 = R[:r]``, ``B0 = Q[:, :r]``.
+    """
+    transposed = kind == GPT2_CONV1D
+    w = weight.detach().to(torch.float32)
+    w = w.t() if transposed else w
+    if init == "olora":
+        q, upper = torch.linalg.qr(w)
+        a, b = upper[:r].contiguous(), q[:, :r].contiguous()
+    else:
+        if init == "pissa":
+            v, s, uh = torch.linalg.svd(w, full_matrices=False)
+            vr, sr, uhr = v[:, :r], s[:r], uh[:r]
+        else:
+            niter = int(init.rsplit("_", 1)[1])
+            devices = [w.device] if w.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                vr, sr, ur = torch.svd_lowrank(w, r, niter=niter)
+            uhr = ur.t()
+        sr = sr / scaling
+        a = torch.diag(torch.sqrt(sr)) @ uhr  # [r, r] @ [r, in] -> [r, in]
+        b = vr @ torch.diag(torch.sqrt(sr))  # [out, r] @ [r, r] -> [out, r]
+    residual = (w - scaling * b @ a).to(weight.dtype)
+    return a, b, residual.t() if transposed else residual
+
+
+def initial_delta(module: nn.Module) -> torch.Tensor | None:
+    """``s · B0 A0`` of a PiSSA/OLoRA layer in float32, in the base ``weight``'s layout: what
+    its init took out of the base weight. None for a layer with another init."""
+    layer = layer_state(module)
+    if layer.initial is None:
+        return None
+    a, b = (t.to(torch.float32) for t in layer.initial)
+    delta = (b @ a).t() if layer.kind == GPT2_CONV1D else b @ a
+    return delta * layer.scaling
 
 
 def _lora_a_init(

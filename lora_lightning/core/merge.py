@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lora_lightning.core.errors import LoRAStateError
-from lora_lightning.core.layers import delta_weight, detach
+from lora_lightning.core.layers import delta_weight, detach, initial_delta
 from lora_lightning.core.state import adapted_layers, clear_marks, is_merged, layer_state
 
 
@@ -44,7 +44,9 @@ def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
 
     Args:
         merge: fold the adapters into the base weights first (if not merged already);
-            with False the adapters' contribution is discarded (unmerged first if needed).
+            with False the adapters' contribution is discarded (unmerged first if needed),
+            and a PiSSA/OLoRA layer gets back its original weight ``W_res + s·B0 A0`` (up to
+            float rounding).
 
     Returns:
         ``model`` itself, modified in place (``modules_to_save`` keep their trained values).
@@ -55,6 +57,12 @@ def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
         merge_lora(model)
     elif not merge and merged:
         unmerge_lora(model)
+    with torch.no_grad():
+        for _, module, _ in layers:
+            initial = None if merge else initial_delta(module)
+            if initial is not None:
+                wide = module.weight.to(torch.promote_types(module.weight.dtype, torch.float32))
+                module.weight.copy_((wide + initial.to(wide.device)).to(module.weight.dtype))
     for _, module, _ in layers:
         detach(module)
     clear_marks(model)

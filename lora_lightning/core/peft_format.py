@@ -438,11 +438,12 @@ def check_supported_features(config: dict[str, Any], path: Path) -> None:
         raise AdapterFileError(
             f"{path}: init_lora_weights={init!r} is not supported: this initialisation also "
             "changes the base model's weights, so the file gives PEFT's outputs only on that "
-            "modified base. For PiSSA, OLoRA, CorDA and LoRA-GA save it converted in PEFT: "
-            "save_pretrained(dir, path_initial_model_for_weight_conversion=<the adapter saved "
-            "before training>) writes a plain LoRA file (init_lora_weights=true, rank 2r) for "
-            "the original base; a LoftQ adapter belongs to its LoftQ-quantized base: run it in "
-            "PEFT"
+            "modified base. Save PiSSA and OLoRA adapters converted: here with "
+            "save_adapter(model, dir, convert_to_plain_lora=True) (LoRACallback does so by "
+            "default); for PiSSA, OLoRA, CorDA and LoRA-GA in PEFT with save_pretrained(dir, "
+            "path_initial_model_for_weight_conversion=<the adapter saved before training>). "
+            "Either writes a plain LoRA file (init_lora_weights=true, rank 2r) for the original "
+            "base; a LoftQ adapter belongs to its LoftQ-quantized base: run it in PEFT"
         )
     if not (init is None or isinstance(init, bool) or init in PLAIN_INITS):
         raise AdapterFileError(
@@ -482,7 +483,11 @@ def peft_config(
         "bias": config.bias,
         "modules_to_save": sorted(saved) or None,
         "fan_in_fan_out": any(s.kind == GPT2_CONV1D for _, _, s in modules),
-        "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
+        # PiSSA/OLoRA keep PEFT's name: the file is then refused on a stock base (see
+        # check_supported_features) unless written converted (init "kaiming" here).
+        "init_lora_weights": config.init
+        if config.init == "gaussian" or config.changes_base
+        else True,
         "inference_mode": True,
         "use_dora": config.use_dora,
     }

@@ -22,7 +22,12 @@ from torch import nn
 from lora_lightning.core import dora
 from lora_lightning.core.config import LoRAConfig, NamePattern, compile_patterns, config_diff
 from lora_lightning.core.errors import LoRAConfigError, LoRAStateError, UnsupportedModuleError
-from lora_lightning.core.layers import adapter_shapes, layer_kind, unsupported_reason
+from lora_lightning.core.layers import (
+    adapter_shapes,
+    base_changing_unsupported_reason,
+    layer_kind,
+    unsupported_reason,
+)
 from lora_lightning.core.state import adapted_layers, owner_of, select_trainable
 
 TargetFn = Callable[[str, nn.Module], bool]
@@ -44,6 +49,9 @@ class TargetPlan:
     on_meta: bool  # the base weight has no values (meta device): nothing can be loaded
     variant: str | None = None  # "dora" (config.use_dora), None for plain LoRA
     variant_tensors: tuple[tuple[str, tuple[int, ...]], ...] = ()  # the variant's (name, shape)
+    # An init that also rewrites the base weight to W - s·B0 A0 (config.init: pissa,
+    # pissa_niter_<k>, olora); None when the base weight is left as it is.
+    base_init: str | None = None
 
 
 @dataclass(frozen=True)
@@ -112,7 +120,9 @@ def plan_lora(
             entry that matches no module (with close names among the layers LoRA can adapt);
             no target left.
         UnsupportedModuleError: a target LoRA cannot adapt, or with ``use_dora`` a target
-            DoRA cannot adapt (a convolution or embedding); every such target is listed.
+            DoRA cannot adapt (a convolution or embedding), or with a PiSSA/OLoRA ``init`` a
+            target it cannot adapt (see ``core.layers.base_changing_unsupported_reason``, tied
+            weights); every such target is listed.
         LoRAStateError: the model already holds adapters from another config or other
             targets, or from several injections.
     """
@@ -137,6 +147,8 @@ def plan_lora(
     if config.use_dora and not unsupported:
         reasons = [(n, dora.unsupported_reason(m, layer_kind(m))) for n, m in kept]
         unsupported = [(n, why) for n, why in reasons if why]
+    if config.changes_base and not unsupported and owner_of(model) is None:
+        unsupported = _base_changing_problems(model, kept, config.init)
     if unsupported:
         listed = "; ".join(f"module {n!r} is {why}" for n, why in unsupported[:5])
         more = f" (and {len(unsupported) - 5} more)" if len(unsupported) > 5 else ""
@@ -193,7 +205,30 @@ def _target_plan(name: str, module: nn.Module, config: LoRAConfig) -> TargetPlan
         variant_tensors=(
             ((dora.MAGNITUDE, dora.magnitude_shape(module, kind)),) if config.use_dora else ()
         ),
+        base_init=config.init if config.changes_base else None,
     )
+
+
+def _base_changing_problems(
+    model: nn.Module, targets: list[tuple[str, nn.Module]], init: str
+) -> list[tuple[str, str]]:
+    """Targets a PiSSA/OLoRA init cannot adapt: the wrong layer kind, no values (meta), or a
+    weight shared with another module (rewriting it would change that module too)."""
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    problems = []
+    for name, module in targets:
+        why = base_changing_unsupported_reason(module, layer_kind(module), init)
+        others = [n for n in owners.get(id(module.weight), []) if n != f"{name}.weight"]
+        if why is None and others:
+            why = (
+                f"tied to {others[:3]}: init={init!r} rewrites the base weight, which would "
+                "change those modules too"
+            )
+        if why:
+            problems.append((name, why))
+    return problems
 
 
 def _against_existing_adapters(model: nn.Module, plan: LoRAPlan) -> LoRAPlan:

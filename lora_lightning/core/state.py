@@ -68,6 +68,9 @@ class LoRALayer:
     handle: Any = None  # the forward hook's RemovableHandle
     group: Any = None  # a core.fusion.SharedInput when siblings share one A product
     variant: Any = None  # a layer variant (core.dora.DoRA) owning forward and merge; None: LoRA
+    # (A0, B0) of an init that changed the base weight to W - s·B0 A0 (PiSSA, OLoRA): what
+    # conversion to plain LoRA and unload subtract/restore. None for every other init.
+    initial: Any = None
 
     @property
     def dropout(self) -> float:

@@ -48,6 +48,7 @@ from torch import nn
 
 from lora_lightning.core import (
     LoRAConfig,
+    apply_loraplus,
     apply_plan,
     count_parameters,
     export_root,
@@ -97,10 +98,18 @@ class LoRACallback(pl.Callback):
             (``modules_to_save``, biases), so PEFT loads the adapter onto the stock model;
             otherwise the LightningModule itself (``""``). Resolved at ``setup``, before
             anything is injected: it must name a submodule holding every trained tensor.
+        export_converted: write the adapter of a PiSSA/OLoRA run (``init``) converted to plain
+            LoRA (rank 2r, ``save_adapter(..., convert_to_plain_lora=True)``), which loads on
+            the stock base; False writes the unconverted form, which PEFT and this project
+            load only onto the PiSSA/OLoRA-modified base. No effect for other inits.
         r, alpha, dropout, seed, dtype, target_modules, exclude_modules, rank_pattern,
             alpha_pattern, use_rslora, init, bias, modules_to_save, group_shared_input,
-            dropout_masks, fuse_shared_input: :class:`LoRAConfig` fields overriding ``config``
+            dropout_masks, use_dora, loraplus_lr_ratio, loraplus_lr_embedding,
+            fuse_shared_input: :class:`LoRAConfig` fields overriding ``config``
             (``LoRACallback(r=4)``; flat ``init_args`` in ``LightningCLI`` YAML).
+            ``loraplus_lr_ratio`` splits every param group of the optimizers
+            ``configure_optimizers`` returns (see :func:`lora_lightning.apply_loraplus`),
+            and the schedulers it returns with them.
 
     Raises:
         LoRAConfigError: an invalid config or option (at construction); at setup, before
@@ -119,6 +128,7 @@ class LoRACallback(pl.Callback):
         export_on_train_end: bool = True,
         merge_on_end: bool = False,
         export_root: str = "auto",
+        export_converted: bool = True,
         r: int | None = None,
         alpha: float | None = None,
         dropout: float | None = None,
@@ -134,6 +144,9 @@ class LoRACallback(pl.Callback):
         modules_to_save: list[str] | None = None,
         group_shared_input: bool | None = None,
         dropout_masks: str | None = None,
+        use_dora: bool | None = None,
+        loraplus_lr_ratio: float | None = None,
+        loraplus_lr_embedding: float | None = None,
         fuse_shared_input: bool | None = None,
     ) -> None:
         super().__init__()
@@ -143,6 +156,7 @@ class LoRACallback(pl.Callback):
             ("export_on_checkpoint", export_on_checkpoint),
             ("export_on_train_end", export_on_train_end),
             ("merge_on_end", merge_on_end),
+            ("export_converted", export_converted),
         ):
             if not isinstance(value, bool):
                 raise LoRAConfigError(
@@ -167,6 +181,7 @@ class LoRACallback(pl.Callback):
         self.export_on_checkpoint = export_on_checkpoint
         self.export_on_train_end = export_on_train_end
         self.merge_on_end = merge_on_end
+        self.export_converted = export_converted
         self.export_root = export_root
         self.adapted: list[str] = []
         self.fingerprint: str | None = None
@@ -242,6 +257,7 @@ class LoRACallback(pl.Callback):
         (a group left empty stays, so per-group scheduler lambdas keep their order).
         """
         result = original()
+        ratio = self.config.loraplus_lr_ratio
         for index, optimizer in enumerate(_find_optimizers(result)):
             kept = 0
             for group in optimizer.param_groups:
@@ -254,6 +270,12 @@ class LoRACallback(pl.Callback):
                     "ones are dropped) or from the adapter and modules_to_save parameters, or "
                     "add its modules to lora.modules_to_save"
                 )
+            if ratio is not None:
+                apply_loraplus(
+                    optimizer, self._require_module(), ratio,
+                    lr_embedding=self.config.loraplus_lr_embedding,
+                    schedulers=_find_schedulers(result),
+                )  # fmt: skip
         return result
 
     # ---------------------------------------------------------------------- checkpoints
@@ -322,7 +344,10 @@ class LoRACallback(pl.Callback):
         clean = ((clean_name(k), v) for k, v in state_dict.items())
         relative = {k[len(prefix) :]: v for k, v in clean if k.startswith(prefix)}
         with without_compile_wrappers(root):  # the adapter's names: the uncompiled model's
-            return save_adapter(getattr(root, "_orig_mod", root), directory, state_dict=relative)
+            return save_adapter(
+                getattr(root, "_orig_mod", root), directory, state_dict=relative,
+                convert_to_plain_lora=self.export_converted,
+            )  # fmt: skip
 
     def _export_beside_checkpoint(self, checkpoint: dict[str, Any], path: Any) -> None:
         if self.export_on_checkpoint and CHECKPOINT_KEY in checkpoint:
@@ -448,6 +473,23 @@ def _find_optimizers(value: Any) -> list[torch.optim.Optimizer]:
         for item in value:
             found += _find_optimizers(item)
     return list(dict.fromkeys(found))
+
+
+def _find_schedulers(value: Any) -> list[Any]:
+    """Every learning-rate scheduler inside a ``configure_optimizers`` return value (an
+    object with an ``optimizer``, bare or as the ``scheduler`` of a config dict), once."""
+    if isinstance(value, torch.optim.Optimizer):
+        return []
+    if hasattr(value, "optimizer"):
+        return [value]
+    found: list[Any] = []
+    if isinstance(value, Mapping):
+        for key in ("lr_scheduler", "scheduler"):
+            found += _find_schedulers(value.get(key))
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            found += _find_schedulers(item)
+    return list({id(s): s for s in found}.values())
 
 
 def _enable_input_grads_for_checkpointing(module: nn.Module) -> None:
