@@ -150,7 +150,7 @@ class Preemption(pl.Callback):
         if not isinstance(exception, SIGTERMException):
             return
         path = self.dirpath / PREEMPTED_NAME
-        trainer.save_checkpoint(path)  # every rank takes part; global rank zero writes
+        trainer.save_checkpoint(path, weights_only=False)  # every rank takes part; rank 0 writes
         self.saved = path
         log.info(f"SIGTERM: checkpoint saved to {path}")
 
