@@ -16,6 +16,7 @@ from lora_lightning import (
     LoRACallback,
     LoRAConfig,
     LoRAConfigError,
+    LoRAStateError,
     apply_loraplus,
     inject_lora,
     loraplus_param_groups,
@@ -158,6 +159,14 @@ def test_an_unknown_scheduler_is_refused_by_name_and_nothing_changes():
     with pytest.raises(LoRAConfigError, match="CyclicLR.*loraplus_param_groups"):
         apply_loraplus(optimizer, model, RATIO, schedulers=[scheduler])
     assert optimizer.param_groups == before
+
+
+def test_an_optimizer_is_split_once():
+    model = _ours("bert")
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+    apply_loraplus(optimizer, model, RATIO)
+    with pytest.raises(LoRAStateError, match="already"):
+        apply_loraplus(optimizer, model, RATIO)
 
 
 @pytest.mark.parametrize("value", [0, -2.0, "16", True, float("nan")])

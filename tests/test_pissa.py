@@ -9,6 +9,7 @@ import json
 import peft
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_models import BertModule, trainer
 from models import assert_close_relative, conv_embed_net, logits, tiny_bert, tiny_gpt2, token_ids
 from torch import nn
@@ -221,3 +222,14 @@ def test_callback_export_is_converted_by_default(tmp_path, export_converted):
     expected = logits(module.model.eval(), ids)
     stock = peft.PeftModel.from_pretrained(tiny_bert(), str(tmp_path / "adapter")).eval()
     assert_close_relative(logits(stock, ids), expected, rtol=1e-5)
+
+
+def test_callback_resumes_a_pissa_run_exactly(tmp_path):
+    straight = BertModule()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1)
+    trainer(tmp_path, [LoRACallback(r=2, init="pissa"), checkpoint], max_epochs=2).fit(straight)
+    resumed = BertModule()  # the stock base again: the init is redone, then the A, B loaded
+    again = trainer(tmp_path / "resumed", [LoRACallback(r=2, init="pissa")], max_epochs=2)
+    again.fit(resumed, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=2.ckpt")
+    expected, actual = straight.state_dict(), resumed.state_dict()
+    assert all(torch.equal(actual[k], v) for k, v in expected.items())

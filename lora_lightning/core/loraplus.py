@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lora_lightning.core.errors import LoRAConfigError
+from lora_lightning.core.errors import LoRAConfigError, LoRAStateError
 from lora_lightning.core.layers import EMBEDDING
 from lora_lightning.core.state import adapted_layers
 
@@ -36,6 +36,7 @@ DEFAULT_LR_EMBEDDING = 1e-6
 #: is set by every torch scheduler, ``max_lr``/``min_lr`` by ``OneCycleLR``.
 LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
 
+_APPLIED = "_lora_loraplus_applied"  # on an optimizer apply_loraplus has split
 _SCHEDULERS = torch.optim.lr_scheduler
 #: Schedulers whose per-group state is ``base_lrs``/``_last_lr`` (and lambdas): split with the
 #: groups. Others (``CyclicLR``: its learning rates are the scheduler's, not the groups';
@@ -134,8 +135,15 @@ def apply_loraplus(
         LoRAConfigError: a bad ``ratio``/``lr_embedding``; a scheduler of a type not in
             :data:`SUPPORTED_SCHEDULERS` (nothing is changed then); a group with learning
             rate 0 holding embedding adapters.
+        LoRAStateError: ``optimizer`` was split already (B would get ``ratio²``).
     """
     _check_rates(ratio, lr_embedding)
+    if optimizer.__dict__.get(_APPLIED):
+        raise LoRAStateError(
+            f"apply_loraplus: {type(optimizer).__name__} was split into LoRA+ groups already; "
+            "splitting again would scale B's learning rate twice. Build a new optimizer (in "
+            "configure_optimizers: return a new one each call)"
+        )
     schedulers = [s for s in _flatten(schedulers) if getattr(s, "optimizer", None) is optimizer]
     unsupported = [s for s in _flatten(schedulers) if type(s) not in SUPPORTED_SCHEDULERS]
     if unsupported:
@@ -154,6 +162,7 @@ def apply_loraplus(
         groups += [new for new, _ in split]
         origin += [(index, factor) for _, factor in split]
     optimizer.param_groups[:] = groups
+    optimizer.__dict__[_APPLIED] = True
     for scheduler in schedulers:
         _split_scheduler(scheduler, origin)
 

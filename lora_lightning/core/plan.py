@@ -2,10 +2,11 @@
 
 Owns: :class:`LoRAPlan` / :class:`TargetPlan` and :func:`plan_lora`, a pure function of
 (model, config, optional target function) that selects targets, resolves each target's rank,
-alpha, scaling, dtype and adapter shapes, lists what trains (``modules_to_save``, biases), and
-raises on everything that can be wrong: an invalid or mutated config, an entry that matches
-nothing, an unsupported layer, adapters from another config already in the model. It reads
-the model and never changes it. Must not import: ``core.inject``, ``core.adapter``, Lightning.
+alpha, scaling, dtype, adapter shapes and whether its init rewrites the base weight (PiSSA,
+OLoRA), lists what trains (``modules_to_save``, biases), and raises on everything that can be
+wrong: an invalid or mutated config, an entry that matches nothing, an unsupported layer (for
+the variant or init too), adapters from another config already in the model. It reads the
+model and never changes it. Must not import: ``core.inject``, ``core.adapter``, Lightning.
 """
 
 from __future__ import annotations
