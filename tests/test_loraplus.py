@@ -27,13 +27,19 @@ LR, RATIO, DECAY = 1e-3, 16.0, 0.05
 SCHEDULERS = torch.optim.lr_scheduler
 
 # family -> (builder, our config, PEFT LoraConfig kwargs): Linear adapters with trained
-# biases, a Linear and a LayerNorm trained in full; a Conv2d and an Embedding adapter.
+# biases, a Linear and a LayerNorm trained in full; DoRA (1-D magnitudes); a Conv2d and an
+# Embedding adapter.
 FAMILIES = {
     "bert": (
         tiny_bert,
         LoRAConfig(r=4, alpha=8, bias="lora_only", modules_to_save=["classifier", "LayerNorm"]),
         {"r": 4, "lora_alpha": 8, "target_modules": ["query", "key", "value"],
          "bias": "lora_only", "modules_to_save": ["classifier", "LayerNorm"]},
+    ),
+    "bert_dora": (
+        tiny_bert,
+        LoRAConfig(r=4, alpha=8, use_dora=True),
+        {"r": 4, "lora_alpha": 8, "target_modules": ["query", "key", "value"], "use_dora": True},
     ),
     "conv_embedding": (
         conv_embed_net,
@@ -49,16 +55,19 @@ def _plain_name(peft_name: str) -> str:
     name = peft_name.removeprefix("base_model.model.")
     for part in (".default", ".base_layer", ".modules_to_save"):
         name = name.replace(part, "")
+    name = name.replace("lora_magnitude_vector.weight", "lora_magnitude_vector")
     for part in ("A", "B"):  # PEFT's embedding adapters are raw parameters
         name = name.replace(f"lora_embedding_{part}", f"lora_{part}.weight")
     return name
 
 
 def _groups(optimizer: torch.optim.Optimizer, model: nn.Module, rename=str) -> list[tuple]:
-    """Each non-empty group as (parameter names, lr, weight_decay)."""
+    """Each non-empty group as (parameter names, lr, weight_decay). Names are sorted: the
+    groups hold the same tensors in model order, and DoRA's magnitude comes before lora_A
+    here (a parameter of the layer) but after lora_B in PEFT (a child module)."""
     names = {id(p): rename(n) for n, p in model.named_parameters()}
     return [
-        ([names[id(p)] for p in g["params"]], g["lr"], g["weight_decay"])
+        (sorted(names[id(p)] for p in g["params"]), g["lr"], g["weight_decay"])
         for g in optimizer.param_groups
         if g["params"]
     ]
