@@ -254,7 +254,9 @@ class LoRACallback(pl.Callback):
         Every return form works (an optimizer, lists, ``(optimizers, schedulers)``, dicts
         with ``lr_scheduler``) because optimizers are found wherever they are and edited in
         place: schedulers keep pointing at the same optimizer and the same param groups
-        (a group left empty stays, so per-group scheduler lambdas keep their order).
+        (a group left empty stays, so per-group scheduler lambdas keep their order). With
+        ``loraplus_lr_ratio`` each group is then split into LoRA+ groups, and the schedulers
+        returned with the optimizer follow the split (``core.loraplus.apply_loraplus``).
         """
         result = original()
         ratio = self.config.loraplus_lr_ratio
