@@ -3,7 +3,7 @@
 Owns: routing Lightning's and transformers' loggers (and Python warnings) through the handlers
 Hydra configures from ``conf/hydra/job_logging/app.yaml`` (console + ``train.log``), the filter
 that keeps known dependency noise off the console (``train.log`` still gets it), and the final
-block printed last. Must not import W&B, Hydra's application code or the default task.
+block printed last. Must not import W&B, Hydra or the default task.
 """
 
 from __future__ import annotations
