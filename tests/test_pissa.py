@@ -23,6 +23,7 @@ from lora_lightning import (
     inject_lora,
     load_adapter,
     merge_lora,
+    plan_lora,
     save_adapter,
     unload_lora,
 )
@@ -233,3 +234,11 @@ def test_callback_resumes_a_pissa_run_exactly(tmp_path):
     again.fit(resumed, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=2.ckpt")
     expected, actual = straight.state_dict(), resumed.state_dict()
     assert all(torch.equal(actual[k], v) for k, v in expected.items())
+
+
+def test_the_plan_records_the_base_rewrite_and_changes_nothing():
+    model = tiny_bert()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = plan_lora(model, LoRAConfig(init="olora"))
+    assert {t.base_init for t in plan.targets} == {"olora"}
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
