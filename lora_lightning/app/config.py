@@ -36,6 +36,8 @@ class ExportConfig:
         adapter_dir: the final PEFT-format adapter folder (null: ``<output_dir>/adapter``).
         export_on_checkpoint: also write ``<checkpoint stem>_adapter/`` beside every checkpoint.
         merge_on_end: also write ``merged_model.safetensors`` (adapters folded into the base).
+        export_converted: with a PiSSA/OLoRA init, write adapters converted to plain LoRA (they
+            load on the untouched base, in PEFT too); false writes the unconverted form.
         log_artifact: log the final adapter as a W&B artifact of type ``model`` (with the W&B
             logger only; works offline).
     """
@@ -43,11 +45,12 @@ class ExportConfig:
     adapter_dir: str | None = None
     export_on_checkpoint: bool = True
     merge_on_end: bool = False
+    export_converted: bool = True
     log_artifact: bool = True
 
 
 #: ``lora_export`` fields that are ``LoRACallback`` keyword arguments (the rest are the app's).
-CALLBACK_EXPORT_FIELDS = ("adapter_dir", "export_on_checkpoint", "merge_on_end")
+CALLBACK_EXPORT_FIELDS = ("adapter_dir", "export_on_checkpoint", "merge_on_end", "export_converted")
 EXPORT_FIELDS = tuple(f.name for f in fields(ExportConfig))
 
 
