@@ -25,7 +25,7 @@ from lora_lightning.core.errors import AdapterFileError, LoRAError, LoRAStateErr
 from lora_lightning.core.files import CONFIG_FILE
 from lora_lightning.core.inject import apply_plan
 from lora_lightning.core.peft_format import to_peft_key
-from lora_lightning.core.plan import plan_lora
+from lora_lightning.core.plan import LoRAPlan, plan_lora
 from lora_lightning.core.state import (
     adapted_layers,
     config_of,
@@ -188,7 +188,7 @@ def _converted_to_plain_lora(
     return tensors, converted, dataclasses.replace(config, init="kaiming")
 
 
-def _kinds(model: nn.Module, plan) -> dict[str, str]:  # noqa: ANN001 - LoRAPlan | None
+def _kinds(model: nn.Module, plan: LoRAPlan | None) -> dict[str, str]:
     if plan is not None:
         return {t.name: t.kind for t in plan.targets}
     return {name: layer.kind for name, _, layer in adapted_layers(model)}
@@ -196,9 +196,9 @@ def _kinds(model: nn.Module, plan) -> dict[str, str]:  # noqa: ANN001 - LoRAPlan
 
 def _check_same_adapters(
     model: nn.Module,
-    config,
+    config: LoRAConfig,
     file_modules: dict[str, int],
-    directory: Path,  # noqa: ANN001
+    directory: Path,
 ) -> None:
     """A model that already holds adapters takes a file only with the same modules, ranks and
     scalings: never load values under another scaling than they were trained with."""
