@@ -12,7 +12,13 @@ from torch import nn
 
 from lora_lightning.core.errors import LoRAStateError
 from lora_lightning.core.layers import delta_weight, detach, initial_delta
-from lora_lightning.core.state import adapted_layers, clear_marks, is_merged, layer_state
+from lora_lightning.core.state import (
+    adapted_layers,
+    clear_marks,
+    is_merged,
+    layer_state,
+    parameter_aliases,
+)
 
 
 def merge_lora(model: nn.Module) -> None:
@@ -108,13 +114,10 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def tied_weights(model: nn.Module) -> dict[str, list[str]]:
     """Adapted layer name -> the other parameter names sharing its weight (tied weights)."""
-    names_by_tensor: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        names_by_tensor.setdefault(id(param), []).append(name)
+    aliases = parameter_aliases(model)
     tied = {}
-    for name, module, _ in adapted_layers(model):
-        own = f"{name}.weight" if name else "weight"
-        others = [n for n in names_by_tensor.get(id(module.weight), []) if n != own]
+    for name, _, _ in adapted_layers(model):
+        others = aliases.get(f"{name}.weight" if name else "weight")
         if others:
             tied[name] = others
     return tied

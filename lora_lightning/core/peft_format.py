@@ -42,7 +42,7 @@ from lora_lightning.core.dora import MAGNITUDE
 from lora_lightning.core.errors import AdapterFileError
 from lora_lightning.core.files import CONFIG_FILE, WEIGHTS_FILE  # noqa: E402 - re-exported
 from lora_lightning.core.layers import EMBEDDING, GPT2_CONV1D
-from lora_lightning.core.state import LoRALayer
+from lora_lightning.core.state import LoRALayer, parameter_aliases
 
 PREFIX = "base_model.model."
 _ADAPTER_KEY = re.compile(
@@ -542,9 +542,9 @@ def _not_one(scale: Any) -> bool:
 def _tied_elsewhere(model: nn.Module, name: str) -> list[str]:
     """Names of parameters outside module ``name`` that are the same tensor as one inside."""
     prefix = f"{name}."
-    params = list(model.named_parameters(remove_duplicate=False))
-    inside = {id(p) for n, p in params if n.startswith(prefix)}
-    return [n for n, p in params if id(p) in inside and not n.startswith(prefix)]
+    aliases = parameter_aliases(model)
+    outside = {o for n, others in aliases.items() if n.startswith(prefix) for o in others}
+    return [n for n in aliases if n in outside and not n.startswith(prefix)]
 
 
 def _embedding_names(model: nn.Module) -> list[str]:

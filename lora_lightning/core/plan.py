@@ -29,7 +29,12 @@ from lora_lightning.core.layers import (
     layer_kind,
     unsupported_reason,
 )
-from lora_lightning.core.state import adapted_layers, owner_of, select_trainable
+from lora_lightning.core.state import (
+    adapted_layers,
+    owner_of,
+    parameter_aliases,
+    select_trainable,
+)
 
 TargetFn = Callable[[str, nn.Module], bool]
 _LORA_PART = re.compile(r"(^|.*\.)lora_(A|B)$")
@@ -173,11 +178,9 @@ class TiedWeightWarning(UserWarning):
 def _warn_about_tied_targets(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> None:
     """Warn, as PEFT does: training works (the adapter is the target's own), but merging would
     change the other module too, so ``merge_lora`` refuses it."""
-    owners: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(param), []).append(name)
-    for name, module in targets:
-        others = [n for n in owners.get(id(module.weight), []) if n != f"{name}.weight"]
+    aliases = parameter_aliases(model)
+    for name, _ in targets:
+        others = aliases.get(f"{name}.weight")
         if others:
             warnings.warn(
                 f"LoRA target {name!r} shares its weight with {others[:3]} (tied weights): the "
@@ -215,13 +218,11 @@ def _base_changing_problems(
 ) -> list[tuple[str, str]]:
     """Targets a PiSSA/OLoRA init cannot adapt: the wrong layer kind, no values (meta), or a
     weight shared with another module (rewriting it would change that module too)."""
-    owners: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(param), []).append(name)
+    aliases = parameter_aliases(model)
     problems = []
     for name, module in targets:
         why = base_changing_unsupported_reason(module, layer_kind(module), init)
-        others = [n for n in owners.get(id(module.weight), []) if n != f"{name}.weight"]
+        others = aliases.get(f"{name}.weight")
         if why is None and others:
             why = (
                 f"tied to {others[:3]}: init={init!r} rewrites the base weight, which would "

@@ -166,6 +166,16 @@ def is_merged(model: nn.Module) -> bool:
     return any(layer.merged for _, _, layer in adapted_layers(model))
 
 
+def parameter_aliases(model: nn.Module) -> dict[str, list[str]]:
+    """Parameter name -> the other names of the same tensor (tied weights, e.g. GPT-2's
+    ``lm_head.weight`` and ``transformer.wte.weight``); empty lists for untied parameters."""
+    params = list(model.named_parameters(remove_duplicate=False))
+    by_tensor: dict[int, list[str]] = {}
+    for name, param in params:
+        by_tensor.setdefault(id(param), []).append(name)
+    return {n: [o for o in by_tensor[id(p)] if o != n] for n, p in params}
+
+
 def is_adapter_parameter(name: str) -> bool:
     """True for the qualified name of an adapter tensor: ``...lora_A.weight``,
     ``...lora_B.weight``, or DoRA's ``...lora_magnitude_vector``."""
