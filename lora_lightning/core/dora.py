@@ -96,7 +96,8 @@ def weight_norm(
     transposed: bool = False,
     weight_sq: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``||W + s·B A||`` per output row, exactly, without forming the ``[out, in]`` sum.
+    """``||W + s·B A||`` per output row, exactly, without forming the ``[out, in]`` sum
+    (``||w||² + 2s·w·(BA) + s²||BA||²``; rows where those terms cancel are formed directly).
 
     ``weight`` is ``[out, in]`` (``[in, out]`` with ``transposed``, GPT-2 Conv1D), ``a``
     ``[r, in]``, ``b`` ``[out, r]``; ``weight_sq`` optionally the precomputed ``||w_i||²``.
@@ -109,7 +110,16 @@ def weight_norm(
     wa = (a @ w).t() if transposed else w @ a.t()  # [out, in] @ [in, r] -> [out, r]
     cross = (wa * b).sum(1)
     lora_sq = ((b @ (a @ a.t())) * b).sum(1)  # [out, r] @ [r, r] -> [out, r]
-    sq = weight_sq.to(dtype) + (2.0 * scaling) * cross + (scaling * scaling) * lora_sq
+    scale = weight_sq.to(dtype) + (scaling * scaling) * lora_sq
+    sq = scale + (2.0 * scaling) * cross
+    # The expanded square cancels where a row of s·B A nearly negates the row of W (the sum
+    # is then far below its terms, and rounding of the terms dominates it): recompute those
+    # rows from W + s·B A itself. Rare, and only those rows are formed.
+    ill = sq < 1e-2 * scale
+    if bool(ill.any()):
+        rows = ill.nonzero().squeeze(1)
+        w_rows = w[:, rows].t() if transposed else w[rows]  # [k, in]
+        sq[rows] = (w_rows + scaling * (b[rows] @ a)).square().sum(1)
     return sq.clamp_min_(0).sqrt_()
 
 
