@@ -28,6 +28,7 @@ from torch import nn
 
 import lora_lightning.core.files
 from lora_lightning import (
+    AdapterFileError,
     LoRAConfig,
     LoRAStateError,
     inject_lora,
@@ -172,6 +173,35 @@ def test_save_uses_the_given_state_dict_instead_of_live_parameters(tmp_path):
     state = {k: torch.full_like(v, 0.5) for k, v in lora_state_dict(model).items()}
     save_adapter(model, tmp_path, state_dict=state)
     assert torch.all(read_tensors(tmp_path)["base_model.model.layers.0.lora_A.weight"] == 0.5)
+
+
+def _folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize(
+    ("edit", "named"),
+    [
+        (lambda t: torch.zeros(t.shape[0] + 1, t.shape[1]), "shape (3, 6) to save"),
+        (lambda t: t.double(), "dtype torch.float64 to save"),
+        (lambda t: torch.full_like(t, float("nan")), "holds NaN or Inf values"),
+        (lambda t: torch.empty_like(t, device="meta"), "on the meta device"),
+        (lambda t: t.tolist(), "a list, not a tensor"),
+    ],
+    ids=["wrong-shape", "wrong-dtype", "nan", "meta", "not-a-tensor"],
+)
+def test_a_bad_state_dict_is_refused_before_any_byte_is_written(tmp_path, edit, named):
+    model = mlp()
+    inject_lora(model, LoRAConfig(r=2, target_modules=["layers.0"]))
+    save_adapter(model, tmp_path / "adapter")
+    before = _folder_bytes(tmp_path / "adapter")
+    state = dict(lora_state_dict(model))
+    key = "layers.0.lora_A.weight"
+    state[key] = edit(state[key])
+    with pytest.raises(AdapterFileError, match="nothing was written") as raised:
+        save_adapter(model, tmp_path / "adapter", state_dict=state)
+    assert f"{key}: {named}" in str(raised.value)
+    assert _folder_bytes(tmp_path / "adapter") == before
 
 
 def test_compiled_model_saves_keys_without_orig_mod(tmp_path):

@@ -236,18 +236,7 @@ def _check_fit(
     found: dict[str, torch.Tensor],
     directory: Path,
 ) -> None:
-    problems = [f"missing {k}" for k in sorted(set(expected) - set(found))]
-    problems += [f"unexpected {k}" for k in sorted(set(found) - set(expected))]
-    for key in sorted(set(expected) & set(found)):
-        (shape, dtype), got = expected[key], found[key]
-        if tuple(shape) != tuple(got.shape):
-            problems.append(
-                f"{key}: shape {tuple(got.shape)} in file, model expects {tuple(shape)}"
-            )
-        elif dtype != got.dtype:
-            problems.append(f"{key}: dtype {got.dtype} in file, model expects {dtype}")
-        elif got.is_floating_point() and not bool(torch.isfinite(got).all()):
-            problems.append(f"{key}: holds NaN or Inf values")
+    problems = _tensor_problems(found, expected, "in file")
     if problems:
         listed = "\n  ".join(problems)
         raise AdapterFileError(
@@ -259,24 +248,38 @@ def _check_savable(
     tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], directory: Path
 ) -> None:
     """Every tensor to be written fits the model and holds finite values, or nothing is."""
-    problems = []
-    for name, tensor in tensors.items():
-        want = expected[name]
-        if not isinstance(tensor, torch.Tensor):
-            problems.append(f"{name}: a {type(tensor).__name__}, not a tensor")
-        elif tensor.device.type == "meta":
-            problems.append(f"{name}: on the meta device (no values to save)")
-        elif tuple(tensor.shape) != tuple(want.shape):
-            problems.append(
-                f"{name}: shape {tuple(tensor.shape)}, the model has {tuple(want.shape)}"
-            )
-        elif tensor.dtype != want.dtype:
-            problems.append(f"{name}: dtype {tensor.dtype}, the model has {want.dtype}")
-        elif tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            problems.append(f"{name}: holds NaN or Inf values")
+    specs = {name: (tuple(t.shape), t.dtype) for name, t in expected.items()}
+    problems = _tensor_problems(tensors, specs, "to save")
     if problems:
         listed = "\n  ".join(problems[:10])
         raise AdapterFileError(
             f"save_adapter: refusing to write {directory} ({len(problems)} problem(s); nothing "
             f"was written):\n  {listed}"
         )
+
+
+def _tensor_problems(
+    tensors: dict[str, object],
+    expected: dict[str, tuple[tuple[int, ...], torch.dtype]],
+    where: str,
+) -> list[str]:
+    """Every way ``tensors`` (``where``: "in file", "to save") differ from the model's
+    ``expected`` name -> (shape, dtype): missing or extra names, non-tensors, meta tensors,
+    shapes, dtypes, NaN/Inf values. Empty when they fit."""
+    problems = [f"missing {k}" for k in sorted(set(expected) - set(tensors))]
+    problems += [f"unexpected {k}" for k in sorted(set(tensors) - set(expected))]
+    for key in sorted(set(expected) & set(tensors)):
+        (shape, dtype), got = expected[key], tensors[key]
+        if not isinstance(got, torch.Tensor):
+            problems.append(f"{key}: a {type(got).__name__}, not a tensor")
+        elif got.device.type == "meta":
+            problems.append(f"{key}: on the meta device (no values)")
+        elif tuple(shape) != tuple(got.shape):
+            problems.append(
+                f"{key}: shape {tuple(got.shape)} {where}, model expects {tuple(shape)}"
+            )
+        elif dtype != got.dtype:
+            problems.append(f"{key}: dtype {got.dtype} {where}, model expects {dtype}")
+        elif got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            problems.append(f"{key}: holds NaN or Inf values")
+    return problems
