@@ -142,8 +142,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> list[st
     if owner_of(model) is not None:
         _check_same_adapters(model, config, file_modules, directory)
         plan = None
-        expected = {n: (tuple(t.shape), t.dtype) for n, t in lora_state_dict(model).items()}
-        on_meta = any(t.device.type == "meta" for t in lora_state_dict(model).values())
+        present = lora_state_dict(model)
+        expected = {n: (tuple(t.shape), t.dtype) for n, t in present.items()}
+        on_meta = any(t.device.type == "meta" for t in present.values())
     else:
         try:
             plan = plan_lora(model, config, target_fn=lambda name, _: name in file_modules)
