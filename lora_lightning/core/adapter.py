@@ -108,7 +108,9 @@ def save_adapter(
     return files.write_adapter_files(Path(directory), config_text, peft_tensors)
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> list[str]:
+def load_adapter(
+    model: nn.Module, directory: str | os.PathLike[str], name: str | None = None
+) -> list[str]:
     """Load a PEFT-format LoRA adapter into ``model``, injecting adapters first if needed.
 
     Targets and ranks come from the tensors themselves; alpha, dropout, rslora, bias and
@@ -117,21 +119,65 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> list[st
     tensor's name, shape and dtype is checked against the planned injection and every
     mismatch reported at once, before the model is changed.
 
+    With a ``name`` the adapter is one of several on this base (see ``core.multi``): the
+    first named one loaded into a plain model is installed as above and recorded under
+    ``name``; later ones are checked the same way against their own plan and stored inactive
+    (switch with :func:`lora_lightning.core.multi.set_active_adapter`). An unnamed injection
+    counts as the adapter ``"default"``. A name already there is refused (use
+    :func:`lora_lightning.core.multi.hotswap_adapter`).
+
     Returns:
-        The qualified names of the adapted modules.
+        The qualified names of the adapted modules (of the named adapter with ``name``).
 
     Raises:
         AdapterFileError: missing or unreadable files, a pickle-only ``adapter_model.bin``, a
             non-LoRA adapter, tensors that do not fit the model, or a model on the ``meta``
             device (nothing to load the values into). The message names the directory.
-        LoRAStateError: if the model is merged.
+        LoRAStateError: if the model is merged; with ``name``, a name already in use.
+    """
+    if name is not None:
+        from lora_lightning.core.multi import load_named_adapter  # multi builds on this module
+
+        return load_named_adapter(model, directory, name)
+    model = getattr(model, "_orig_mod", model)
+    checked = read_adapter(model, directory)
+    if checked.plan is not None:
+        apply_plan(model, checked.plan)
+    with torch.no_grad():
+        for key, target in lora_state_dict(model).items():
+            target.copy_(checked.tensors[key])
+    return [layer_name for layer_name, _, _ in adapted_layers(model)]
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckedAdapter:
+    """An adapter directory read and checked against ``model``: what loading it will do.
+
+    ``plan`` is the injection it needs (None: the model holds exactly its adapters already);
+    ``tensors`` are the file's values keyed as ``lora_state_dict`` keys them once loaded.
+    """
+
+    directory: Path
+    config: LoRAConfig
+    plan: LoRAPlan | None
+    tensors: dict[str, torch.Tensor]
+
+
+def read_adapter(
+    model: nn.Module, directory: str | os.PathLike[str], *, alongside: bool = False
+) -> CheckedAdapter:
+    """Read ``directory`` and check it in full against ``model``, changing nothing: the first
+    half of :func:`load_adapter` (same checks, same errors).
+
+    With ``alongside`` the file is checked against its own plan as if the model held no
+    adapters (``plan_lora(..., alongside=True)``), for an inactive named adapter.
     """
     model = getattr(model, "_orig_mod", model)
     directory = Path(directory)
     text, tensors = files.read_adapter_files(directory)
     peft_config = peft_format.parse_adapter_config(text, directory / CONFIG_FILE)
     file_modules = peft_format.file_modules(tensors, directory)
-    if is_merged(model):
+    if is_merged(model) and not alongside:
         raise LoRAStateError(
             "load_adapter: the model is merged; call unmerge_lora(model) before loading"
         )
@@ -139,7 +185,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> list[st
     tensors = peft_format.without_saved_base_weights(
         tensors, peft_config, model, file_modules, directory
     )
-    if owner_of(model) is not None:
+    if owner_of(model) is not None and not alongside:
         _check_same_adapters(model, config, file_modules, directory)
         plan = None
         present = lora_state_dict(model)
@@ -147,7 +193,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> list[st
         on_meta = any(t.device.type == "meta" for t in present.values())
     else:
         try:
-            plan = plan_lora(model, config, target_fn=lambda name, _: name in file_modules)
+            plan = plan_lora(
+                model, config, target_fn=lambda n, _: n in file_modules, alongside=alongside
+            )
         except LoRAError as err:
             raise AdapterFileError(f"adapter {directory} cannot be loaded: {err}") from None
         expected = plan.trainable_tensors(model)
@@ -156,20 +204,15 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> list[st
             params[n].device.type == "meta" for n in expected if n in params
         )
     kinds = _kinds(model, plan)
-    expected = {to_peft_key(n, kinds): spec for n, spec in expected.items()}
-    _check_fit(expected, tensors, directory)
+    keys = {n: to_peft_key(n, kinds) for n in expected}
+    _check_fit({keys[n]: spec for n, spec in expected.items()}, tensors, directory)
     if on_meta:
         raise AdapterFileError(
             f"adapter {directory} cannot be loaded into a model on the meta device (its tensors "
             "hold no values, so the loaded ones would be dropped); materialise the model first "
             "(model.to_empty(device=...) and load the base weights), then load the adapter"
         )
-    if plan is not None:
-        apply_plan(model, plan)
-    with torch.no_grad():
-        for name, target in lora_state_dict(model).items():
-            target.copy_(tensors[to_peft_key(name, kinds)])
-    return [name for name, _, _ in adapted_layers(model)]
+    return CheckedAdapter(directory, config, plan, {n: tensors[keys[n]] for n in expected})
 
 
 def _converted_to_plain_lora(

@@ -31,6 +31,7 @@ from lora_lightning.core.layers import (
 )
 from lora_lightning.core.state import (
     adapted_layers,
+    is_adapter_parameter,
     owner_of,
     parameter_aliases,
     select_trainable,
@@ -96,7 +97,12 @@ class LoRAPlan:
             bias_modules=set(self.trained_biases),
             all_biases=self.config.bias == "all",
         )
-        specs = {n: (tuple(params[n].shape), params[n].dtype) for n in names}
+        # Adapter tensors are this plan's own (not those of adapters already in the model).
+        specs = {
+            n: (tuple(params[n].shape), params[n].dtype)
+            for n in names
+            if not is_adapter_parameter(n)
+        }
         return {**specs, **self.adapter_tensors()}
 
     def summary(self) -> str:
@@ -112,7 +118,11 @@ class LoRAPlan:
 
 
 def plan_lora(
-    model: nn.Module, config: LoRAConfig | None = None, *, target_fn: TargetFn | None = None
+    model: nn.Module,
+    config: LoRAConfig | None = None,
+    *,
+    target_fn: TargetFn | None = None,
+    alongside: bool = False,
 ) -> LoRAPlan:
     """Work out and check what ``inject_lora(model, config, target_fn=...)`` would do.
 
@@ -120,6 +130,11 @@ def plan_lora(
     matches as a name suffix, as in PEFT; anything else is a full-match regex), or for which
     ``target_fn(name, module)`` is true, minus ``exclude_modules``, minus modules inside a
     ``modules_to_save`` module, minus those whose ``rank_pattern`` rank is 0.
+
+    With ``alongside`` the plan is made as if the model held no adapters (the adapters
+    already there are neither compared nor counted): how ``core.multi`` checks an inactive,
+    named adapter while another is installed. Such a plan is applied only once those are
+    removed (``apply_plan`` refuses it before).
 
     Raises:
         LoRAConfigError: an invalid config value; a ``target_modules`` or ``modules_to_save``
@@ -153,7 +168,7 @@ def plan_lora(
     if config.use_dora and not unsupported:
         reasons = [(n, dora.unsupported_reason(m, layer_kind(m))) for n, m in kept]
         unsupported = [(n, why) for n, why in reasons if why]
-    if config.changes_base and not unsupported and owner_of(model) is None:
+    if config.changes_base and not unsupported and (alongside or owner_of(model) is None):
         unsupported = _base_changing_problems(model, kept, config.init)
     if unsupported:
         listed = "; ".join(f"module {n!r} is {why}" for n, why in unsupported[:5])
@@ -168,7 +183,7 @@ def plan_lora(
         n for n, m in kept if config.bias == "lora_only" and getattr(m, "bias", None) is not None
     )
     plan = LoRAPlan(config, targets, tuple(saved_names), biases, already_applied=False)
-    return _against_existing_adapters(model, plan)
+    return plan if alongside else _against_existing_adapters(model, plan)
 
 
 class TiedWeightWarning(UserWarning):

@@ -19,7 +19,7 @@ Must not import: ``core.layers``/``core.inject`` (they build on this), Lightning
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,6 +32,7 @@ _LAYER = "_lora_layer"  # on an adapted layer: its LoRALayer
 _SAVED = "_lora_saved"  # on a module trained in full: the AdapterSet
 _BIAS = "_lora_bias"  # on an adapted layer whose bias trains (bias="lora_only"): the AdapterSet
 _ROOT = "_lora_root"  # on the module inject_lora was called on: the AdapterSet
+_BANK = "_lora_bank"  # on the root of a model holding named adapters: its AdapterBank
 _MARKS = (_LAYER, _SAVED, _BIAS, _ROOT)
 
 #: Names of LoRA's own child modules, never targets themselves.
@@ -71,11 +72,62 @@ class LoRALayer:
     # (A0, B0) of an init that changed the base weight to W - s·B0 A0 (PiSSA, OLoRA): what
     # conversion to plain LoRA and unload subtract/restore. None for every other init.
     initial: Any = None
+    # True while core.multi runs the base model (a mixed batch's "__base__" rows): the
+    # forward hook then adds nothing.
+    disabled: bool = False
 
     @property
     def dropout(self) -> float:
         """The configured dropout probability (applied only while the layer trains)."""
         return self.owner.config.dropout
+
+
+@dataclass(eq=False)
+class StoredAdapter:
+    """An inactive named adapter: its config and its tensors, keyed as :func:`lora_state_dict`
+    would key them once installed (adapters, ``modules_to_save`` parameters, trained biases)."""
+
+    config: LoRAConfig
+    tensors: dict[str, torch.Tensor]
+
+
+@dataclass(eq=False)
+class AdapterBank:
+    """The named adapters of one model (used by ``core.multi`` only).
+
+    The active adapter lives in the layers (its values are the model's ``lora_A``/``lora_B``
+    parameters, its config the :class:`AdapterSet`'s); ``stored`` holds the inactive ones.
+    ``base_values`` keeps the base model's own values of every parameter some adapter trains
+    in full (``modules_to_save``, biases), recorded before an adapter first replaced them, so
+    switching to an adapter that does not train them can put them back.
+    """
+
+    active: str
+    order: list[str]  # every name, active included, in the order they were added
+    stored: dict[str, StoredAdapter] = field(default_factory=dict)
+    base_values: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def add(self, name: str, adapter: StoredAdapter) -> None:
+        """Store ``adapter`` (inactive) under a new ``name``."""
+        self.stored[name] = adapter
+        self.order.append(name)
+
+    def remove(self, name: str) -> None:
+        """Forget the inactive adapter ``name``."""
+        del self.stored[name]
+        self.order.remove(name)
+
+    def activate(self, name: str, outgoing: StoredAdapter) -> None:
+        """Record that ``name`` is now in the layers and ``outgoing`` (the adapter that was)
+        waits in the bank under the previous active name."""
+        self.stored[self.active] = outgoing
+        del self.stored[name]
+        self.active = name
+
+    def remember_base(self, values: dict[str, torch.Tensor]) -> None:
+        """Record base values of parameters not recorded yet (the first record wins)."""
+        for name, value in values.items():
+            self.base_values.setdefault(name, value)
 
 
 # ------------------------------------------------------------------------------ writing marks
@@ -101,10 +153,35 @@ def pop_layer(module: nn.Module) -> LoRALayer:
 
 
 def clear_marks(model: nn.Module) -> None:
-    """Remove every LoRA mark in ``model`` (its layers must be detached already)."""
+    """Remove every LoRA mark in ``model`` (its layers must be detached already), the adapter
+    bank included: a model without adapters holds no named ones either."""
     for module in model.modules():
-        for mark in _MARKS:
+        for mark in (*_MARKS, _BANK):
             module.__dict__.pop(mark, None)
+
+
+def set_adapter_bank(model: nn.Module, bank: AdapterBank | None) -> None:
+    """Place (or with None remove) the named-adapter bank of ``model``."""
+    if bank is None:
+        model.__dict__.pop(_BANK, None)
+    else:
+        model.__dict__[_BANK] = bank
+
+
+def rebind_config(model: nn.Module, config: LoRAConfig) -> None:
+    """Make ``config`` the config of ``model``'s one injection (every mark sees it at once).
+    For ``core.multi``'s in-place switch, whose adapters have the same layers, ranks and
+    scalings."""
+    owner = owner_of(model)
+    if owner is None:
+        raise LoRAStateError("rebind_config: the model holds no adapters")
+    owner.config = config
+
+
+def set_adapters_disabled(model: nn.Module, disabled: bool) -> None:
+    """Switch every adapted layer of ``model`` off (its forward adds nothing) or on again."""
+    for _, _, layer in adapted_layers(model):
+        layer.disabled = disabled
 
 
 # ------------------------------------------------------------------------------------ queries
@@ -153,6 +230,11 @@ def owner_of(model: nn.Module) -> AdapterSet | None:
             "calls with different configs; call unload_lora(model) and inject once"
         )
     return owners[0] if owners else None
+
+
+def adapter_bank(model: nn.Module) -> AdapterBank | None:
+    """The named-adapter bank of ``model`` (see ``core.multi``), or None."""
+    return model.__dict__.get(_BANK)
 
 
 def config_of(model: nn.Module) -> LoRAConfig | None:
