@@ -37,6 +37,8 @@ INITS = ("kaiming", "gaussian", "pissa", "olora", "pissa_niter_<k>")
 _BASE_CHANGING_INIT = re.compile(r"pissa|pissa_niter_[1-9][0-9]*|olora")
 BIAS_MODES = ("none", "lora_only", "all")
 DROPOUT_MASKS = ("fast", "torch")
+#: Values of ``quantize_base`` (``core.quantize.SCHEMES``; kept here so config imports only torch).
+QUANTIZE_BASE = ("none", "nf4", "int8")
 
 #: Attention query/key/value projections of BERT-, RoBERTa-, Llama- and Mistral-style models.
 DEFAULT_TARGETS = [r"(.*\.)?(query|key|value|q_proj|k_proj|v_proj)"]
@@ -93,6 +95,13 @@ class LoRAConfig:
             or None (off). Optimizer-only: the adapters are the same (see ``core.loraplus``).
         loraplus_lr_embedding: with LoRA+, the learning rate of embedding adapters (both
             matrices), absolute as in PEFT; number > 0 (PEFT's default 1e-6).
+        quantize_base: QLoRA: the frozen base weights of adapted layers stored quantized,
+            ``none`` (default), ``nf4`` (4-bit NormalFloat, blocks of 64, double-quantized
+            scales, as QLoRA) or ``int8`` (symmetric, per output row); the adapters compute in
+            ``dtype`` on top. nn.Linear targets only; needs torchao (``pip install
+            'lora-lightning[quant]'``). ``merge_lora`` refuses a quantized base (use
+            ``merged_state_dict``); not with ``use_dora`` or a PiSSA/OLoRA ``init``. Other
+            frozen layers stay as they are (see ``core.quantize``).
         fuse_shared_input: deprecated (configs before 0.2): ``true`` means
             ``group_shared_input=true, dropout_masks=fast``; ``false`` means ``false, torch``.
 
@@ -118,6 +127,7 @@ class LoRAConfig:
     use_dora: bool = False
     loraplus_lr_ratio: Optional[float] = None  # noqa: UP045 - OmegaConf needs Optional
     loraplus_lr_embedding: float = 1e-6
+    quantize_base: str = "none"
     fuse_shared_input: Optional[bool] = None  # noqa: UP045 - OmegaConf needs Optional
 
     def __post_init__(self) -> None:
@@ -156,6 +166,14 @@ class LoRAConfig:
             raise LoRAConfigError(
                 f"lora.init={self.init!r} with lora.use_dora=true is not supported: use one of "
                 "them (PiSSA/OLoRA initialisation of a DoRA adapter is not implemented)"
+            )
+        _check_choice("quantize_base", self.quantize_base, QUANTIZE_BASE)
+        if self.quantize_base != "none" and (self.use_dora or self.changes_base):
+            other = "lora.use_dora=true" if self.use_dora else f"lora.init={self.init!r}"
+            raise LoRAConfigError(
+                f"lora.quantize_base={self.quantize_base!r} with {other} is not supported: "
+                "DoRA's weight norm and PiSSA/OLoRA's base rewrite need the float base; use "
+                "quantize_base=none, or plain LoRA (use_dora=false, init=kaiming/gaussian)"
             )
         if self.loraplus_lr_ratio is not None:
             self.loraplus_lr_ratio = _positive_number("loraplus_lr_ratio", self.loraplus_lr_ratio)

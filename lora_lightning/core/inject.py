@@ -2,9 +2,11 @@
 
 Owns: :func:`inject_lora` (plan with ``core.plan``, then apply) and :func:`apply_plan`, which
 attaches every planned adapter (and its variant: DoRA's magnitude; a PiSSA/OLoRA init rewrites
-the base weight), groups shared inputs, places the marks and freezes what should not train. If
-anything fails while applying, every change is rolled back: the model keeps its parameters
-(base weight values bit for bit), hooks, ``requires_grad`` flags and attributes exactly. Must not import: ``core.adapter``, ``core.merge``, Lightning, Hydra.
+the base weight; ``quantize_base`` stores the base weight quantized, see ``core.quantize``),
+groups shared inputs, places the marks and freezes what should not train. If anything fails
+while applying, every change is rolled back: the model keeps its parameters (the same
+objects, base weight values bit for bit), hooks, ``requires_grad`` flags and attributes
+exactly. Must not import: ``core.adapter``, ``core.merge``, Lightning, Hydra.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lora_lightning.core import dora
+from lora_lightning.core import dora, quantize
 from lora_lightning.core.config import LoRAConfig
 from lora_lightning.core.errors import LoRAStateError
 from lora_lightning.core.fusion import group_shared_inputs
@@ -82,6 +84,8 @@ def apply_plan(model: nn.Module, plan: LoRAPlan) -> list[str]:
         t.name: modules[t.name].weight.detach().clone() for t in plan.targets if t.base_init
     }
     attached: list[nn.Module] = []
+    floats: dict[str, nn.Parameter] = {}  # quantized layers' float weights, for a rollback
+    ddp_ignore = quantize.ddp_ignore_state(model)
     try:
         for target in plan.targets:
             module = modules[target.name]
@@ -91,6 +95,11 @@ def apply_plan(model: nn.Module, plan: LoRAPlan) -> list[str]:
             if target.variant == dora.DoRA.name:
                 dora.attach(module, layer, target.dtype)
             attached.append(module)
+        for target in plan.targets:
+            if target.quantize:
+                floats[target.name] = quantize.quantize_layer(modules[target.name], target.quantize)
+        if floats:
+            quantize.update_ddp_ignore(model)
         if plan.config.group_shared_input:
             group_shared_inputs([(t.name, modules[t.name]) for t in plan.targets], MATMUL_KINDS)
         for name in plan.modules_to_save:
@@ -104,6 +113,9 @@ def apply_plan(model: nn.Module, plan: LoRAPlan) -> list[str]:
             if layer_state(module) is not None:
                 detach(module)
         clear_marks(model)
+        for name, weight in floats.items():
+            quantize.restore_layer(modules[name], weight)
+        quantize.restore_ddp_ignore(model, ddp_ignore)
         with torch.no_grad():
             for name, weight in originals.items():
                 modules[name].weight.copy_(weight)

@@ -2,7 +2,9 @@
 
 Owns: merging and unmerging in place, :func:`merged_state_dict` (a deployable copy with the
 adapters folded in, the live model untouched), and :func:`unload_lora`. Every check happens
-before the first weight changes. Must not import: ``core.inject``, ``core.adapter``, Lightning.
+before the first weight changes. A quantized base (``quantize_base``, see ``core.quantize``)
+is never merged into: ``merge_lora`` refuses it, ``merged_state_dict`` folds the adapters into
+dequantized copies, and ``unload_lora`` leaves dequantized float weights. Must not import: ``core.inject``, ``core.adapter``, Lightning.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lora_lightning.core import quantize
 from lora_lightning.core.errors import LoRAStateError
 from lora_lightning.core.layers import delta_weight, detach, initial_delta
 from lora_lightning.core.state import (
@@ -30,8 +33,10 @@ def merge_lora(model: nn.Module) -> None:
     rounding, at the base model's inference cost.
 
     Raises:
-        LoRAStateError: if the model has no adapters, is already merged, or an adapted weight
-            is tied to another module's (merging would change that module too).
+        LoRAStateError: if the model has no adapters, is already merged, an adapted weight
+            is tied to another module's (merging would change that module too), or an adapted
+            base is stored quantized (``quantize_base``: merging into 4-bit or 8-bit codes
+            would round the adapter away; use ``merged_state_dict`` or ``unload_lora``).
     """
     _apply(model, merge=True)
 
@@ -52,13 +57,19 @@ def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
         merge: fold the adapters into the base weights first (if not merged already);
             with False the adapters' contribution is discarded (unmerged first if needed),
             and a PiSSA/OLoRA layer gets back its original weight ``W_res + s·B0 A0`` (up to
-            float rounding).
+            float rounding). A quantized base (``quantize_base``) becomes a float parameter
+            of its dequantized values (original dtype) first, either way: the original float
+            weights are not kept, so it differs from them by the quantization error; with
+            ``merge`` the adapters are then folded into those float weights.
 
     Returns:
         ``model`` itself, modified in place (``modules_to_save`` keep their trained values).
     """
     layers = list(adapted_layers(model))
     merged = is_merged(model)
+    for _, module, _ in layers:
+        quantize.dequantize_layer(module)
+    quantize.update_ddp_ignore(model)
     if merge and not merged and layers:
         merge_lora(model)
     elif not merge and merged:
@@ -83,7 +94,7 @@ def merged_weight(module: nn.Module, sign: int = 1) -> torch.Tensor:
     The sum is formed in at least float32 (float64 stays float64) and rounded once, at the
     cast back; the layer itself is not changed.
     """
-    weight = module.weight
+    weight = quantize.dequantize(module.weight)
     delta = delta_weight(module).to(weight.device)
     layer = layer_state(module)
     if layer.variant is not None:  # DoRA: rescaled rows, see core.dora
@@ -98,10 +109,11 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
     Keys are exactly the base model's (no ``lora_`` keys), values are CPU copies, and the live
     model is not changed (merging in place and back would move the frozen weights by float
-    rounding). A layer the user merged already is copied as it is.
+    rounding). A layer the user merged already is copied as it is. A quantized base weight
+    is written dequantized (its original dtype), with the adapters folded in.
     """
     merged = {
-        key: value.detach().to("cpu").contiguous().clone()
+        key: quantize.dequantize(value.detach()).to("cpu").contiguous().clone()
         for key, value in model.state_dict().items()
         if ".lora_" not in key
     }
@@ -138,6 +150,17 @@ def _apply(model: nn.Module, merge: bool) -> None:
         raise LoRAStateError(
             f"{verb}_lora: {len(wrong)} adapted module(s) are {state} (e.g. {wrong[0]!r}); "
             "merge_lora and unmerge_lora must alternate"
+        )
+    quantized = [
+        (n, quantize.scheme_of(m.weight)) for n, m, _ in layers if quantize.is_quantized(m.weight)
+    ]
+    if quantized and merge:
+        name, scheme = quantized[0]
+        raise LoRAStateError(
+            f"merge_lora: the base weight of adapted layer {name!r} (and {len(quantized) - 1} "
+            f"more) is stored quantized ({scheme}, lora.quantize_base); merging into quantized "
+            "weights would round the adapter away. Use merged_state_dict(model) for a "
+            "dequantized merged copy, or unload_lora(model, merge=True) for a float model"
         )
     tied = tied_weights(model)
     if tied and merge:

@@ -2,9 +2,9 @@
 
 Owns: :class:`LoRAPlan` / :class:`TargetPlan` and :func:`plan_lora`, a pure function of
 (model, config, optional target function) that selects targets, resolves each target's rank,
-alpha, scaling, dtype, adapter shapes and whether its init rewrites the base weight (PiSSA,
-OLoRA), lists what trains (``modules_to_save``, biases), and raises on everything that can be
-wrong: an invalid or mutated config, an entry that matches nothing, an unsupported layer (for
+alpha, scaling, dtype, adapter shapes, whether its init rewrites the base weight (PiSSA,
+OLoRA) and whether its base is stored quantized (``core.quantize``), lists what trains
+(``modules_to_save``, biases), and raises on everything that can be wrong: an invalid or mutated config, an entry that matches nothing, an unsupported layer (for
 the variant or init too), adapters from another config already in the model. It reads the
 model and never changes it. Must not import: ``core.inject``, ``core.adapter``, Lightning.
 """
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lora_lightning.core import dora
+from lora_lightning.core import dora, quantize
 from lora_lightning.core.config import LoRAConfig, NamePattern, compile_patterns, config_diff
 from lora_lightning.core.errors import LoRAConfigError, LoRAStateError, UnsupportedModuleError
 from lora_lightning.core.layers import (
@@ -59,6 +59,9 @@ class TargetPlan:
     # An init that also rewrites the base weight to W - s·B0 A0 (config.init: pissa,
     # pissa_niter_<k>, olora); None when the base weight is left as it is.
     base_init: str | None = None
+    # The scheme the frozen base weight is stored in once applied (config.quantize_base:
+    # nf4, int8, see core.quantize); None keeps the float weight.
+    quantize: str | None = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,7 @@ class LoRAPlan:
             f"{t.name}  {t.kind}{' ' + t.variant if t.variant else ''}  r={t.r}  "
             f"alpha={t.alpha:g}  scaling={t.scaling:g}  "
             f"A{list(t.shape_a)} B{list(t.shape_b)} {str(t.dtype).removeprefix('torch.')}"
+            + (f"  base {t.quantize}" if t.quantize else "")
             for t in self.targets
         ]
         rows += [f"{name}  trained in full" for name in self.modules_to_save]
@@ -143,7 +147,10 @@ def plan_lora(
         UnsupportedModuleError: a target LoRA cannot adapt, or with ``use_dora`` a target
             DoRA cannot adapt (a convolution or embedding), or with a PiSSA/OLoRA ``init`` a
             target it cannot adapt (see ``core.layers.base_changing_unsupported_reason``, tied
-            weights); every such target is listed.
+            weights), or with ``quantize_base`` a target whose base it cannot store (not an
+            nn.Linear, meta, a size nf4 cannot block, tied weights; see
+            ``core.quantize.unsupported_reason``); every such target is listed.
+        LoRAConfigError: also ``quantize_base`` without torchao installed.
         LoRAStateError: the model already holds adapters from another config or other
             targets, or from several injections.
     """
@@ -170,6 +177,9 @@ def plan_lora(
         unsupported = [(n, why) for n, why in reasons if why]
     if config.changes_base and not unsupported and (alongside or owner_of(model) is None):
         unsupported = _base_changing_problems(model, kept, config.init)
+    if config.quantize_base != quantize.NONE and not unsupported and owner_of(model) is None:
+        quantize.backend()  # a missing library is refused before anything changes
+        unsupported = _quantize_problems(model, kept, config.quantize_base)
     if unsupported:
         listed = "; ".join(f"module {n!r} is {why}" for n, why in unsupported[:5])
         more = f" (and {len(unsupported) - 5} more)" if len(unsupported) > 5 else ""
@@ -225,6 +235,7 @@ def _target_plan(name: str, module: nn.Module, config: LoRAConfig) -> TargetPlan
             ((dora.MAGNITUDE, dora.magnitude_shape(module, kind)),) if config.use_dora else ()
         ),
         base_init=config.init if config.changes_base else None,
+        quantize=config.quantize_base if config.quantize_base != quantize.NONE else None,
     )
 
 
@@ -242,6 +253,26 @@ def _base_changing_problems(
             why = (
                 f"tied to {others[:3]}: init={init!r} rewrites the base weight, which would "
                 "change those modules too"
+            )
+        if why:
+            problems.append((name, why))
+    return problems
+
+
+def _quantize_problems(
+    model: nn.Module, targets: list[tuple[str, nn.Module]], scheme: str
+) -> list[tuple[str, str]]:
+    """Targets whose base weight ``scheme`` cannot store, or which share it with another
+    module (the quantized copy would untie them: the other module would keep the float one)."""
+    aliases = parameter_aliases(model)
+    problems = []
+    for name, module in targets:
+        why = quantize.unsupported_reason(module, layer_kind(module), scheme)
+        others = aliases.get(f"{name}.weight")
+        if why is None and others:
+            why = (
+                f"tied to {others[:3]}: quantize_base={scheme!r} replaces the base weight, "
+                "which would untie it from those modules"
             )
         if why:
             problems.append((name, why))

@@ -28,7 +28,7 @@ import torch
 from packaging.version import InvalidVersion, Version
 from torch import nn
 
-from lora_lightning.core import LoRAConfig, adapted_layers, config_diff, trainable_names
+from lora_lightning.core import LoRAConfig, adapted_layers, config_diff, quantize, trainable_names
 from lora_lightning.core.errors import CheckpointMismatchError, LoRAConfigError
 from lora_lightning.core.state import is_adapter_parameter
 
@@ -401,6 +401,12 @@ def base_fingerprint(model: nn.Module) -> str:
     additions, so the hash is the same on every device and after a save and load. Meta
     tensors contribute structure only. Parameters only: buffers (e.g. batch-norm statistics)
     may change while training.
+
+    A base stored quantized (``quantize_base``) is hashed as stored: its scheme and every
+    storage tensor (codes, block scales), which is what the run computes with. Quantizing is
+    deterministic, so the same float base gives the same fingerprint on every rank and on
+    resume; a change of the float base too small to move any stored code is not seen (and
+    changes no output).
     """
     digest = hashlib.sha256(b"lora-lightning base fingerprint 2\n")
     trainable = set(trainable_names(model))
@@ -409,8 +415,13 @@ def base_fingerprint(model: nn.Module) -> str:
         if name in trainable or is_adapter_parameter(name):
             continue
         digest.update(f"{clean_name(name)}|{tuple(param.shape)}|{param.dtype}\n".encode())
+        scheme = quantize.scheme_of(param)
+        if scheme is not None:
+            digest.update(f"stored {scheme}\n".encode())
         if param.device.type != "meta" and param.numel():
-            _hash_values(digest, param.detach(), weights)
+            for part, tensor in quantize.storage(param.detach()):
+                digest.update(part.encode())
+                _hash_values(digest, tensor, weights)
     return digest.hexdigest()[:32]
 
 
