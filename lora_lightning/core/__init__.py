@@ -18,6 +18,7 @@ module             owns
 ``peft_format``    PEFT's keys and ``adapter_config.json``, both ways
 ``files``          atomic file and directory writes
 ``adapter``        ``save_adapter`` / ``load_adapter``
+``multi``          many named adapters on one base: switch, hot-swap, combine, mixed batches
 =================  ===============================================================
 """
 
@@ -35,6 +36,15 @@ from lora_lightning.core.errors import (
 from lora_lightning.core.inject import apply_plan, inject_lora
 from lora_lightning.core.loraplus import apply_loraplus, loraplus_param_groups
 from lora_lightning.core.merge import merge_lora, merged_state_dict, unload_lora, unmerge_lora
+from lora_lightning.core.multi import (
+    active_adapter,
+    combine_adapters,
+    delete_adapter,
+    hotswap_adapter,
+    list_adapters,
+    mixed_batch_forward,
+    set_active_adapter,
+)
 from lora_lightning.core.plan import LoRAPlan, TargetPlan, plan_lora
 from lora_lightning.core.state import (
     ParameterCounts,
@@ -58,21 +68,28 @@ __all__ = [
     "ParameterCounts",
     "TargetPlan",
     "UnsupportedModuleError",
+    "active_adapter",
     "adapted_layers",
     "apply_loraplus",
     "apply_plan",
+    "combine_adapters",
     "config_diff",
     "config_of",
     "count_parameters",
+    "delete_adapter",
     "export_root",
+    "hotswap_adapter",
     "inject_lora",
+    "list_adapters",
     "load_adapter",
     "lora_state_dict",
     "loraplus_param_groups",
     "merge_lora",
     "merged_state_dict",
+    "mixed_batch_forward",
     "plan_lora",
     "save_adapter",
+    "set_active_adapter",
     "trainable_names",
     "unload_lora",
     "unmerge_lora",

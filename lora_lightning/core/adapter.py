@@ -141,12 +141,20 @@ def load_adapter(
         return load_named_adapter(model, directory, name)
     model = getattr(model, "_orig_mod", model)
     checked = read_adapter(model, directory)
-    if checked.plan is not None:
-        apply_plan(model, checked.plan)
+    install_adapter(model, checked.plan, checked.tensors)
+    return [layer_name for layer_name, _, _ in adapted_layers(model)]
+
+
+def install_adapter(
+    model: nn.Module, plan: LoRAPlan | None, tensors: dict[str, torch.Tensor]
+) -> None:
+    """Apply ``plan`` (None: the adapters are there already), then copy ``tensors`` (keyed as
+    ``lora_state_dict``, checked against the plan by the caller) into the model's."""
+    if plan is not None:
+        apply_plan(model, plan)
     with torch.no_grad():
         for key, target in lora_state_dict(model).items():
-            target.copy_(checked.tensors[key])
-    return [layer_name for layer_name, _, _ in adapted_layers(model)]
+            target.copy_(tensors[key])
 
 
 @dataclasses.dataclass(frozen=True)
