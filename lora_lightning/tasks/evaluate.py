@@ -1,10 +1,14 @@
-"""Evaluate a saved adapter on a labelled TSV (``label<TAB>sentence``, SST-2 format).
+"""Evaluate saved adapters on a labelled TSV (``label<TAB>sentence``, SST-2 format).
 
     python -m lora_lightning.tasks.evaluate outputs/<date>/<time>/adapter --data my_split.tsv
+    python -m lora_lightning.tasks.evaluate run1/adapter run2/adapter run3/adapter
 
-The adapter (PEFT format, ours or PEFT's) is loaded onto the base model with
-:func:`lora_lightning.load_adapter`; accuracy, macro F1 and loss are printed and, with
-``--json``, written to a file.
+Each adapter (PEFT format, ours or PEFT's) is loaded onto the base model with
+:func:`lora_lightning.load_adapter`; with several directories the base model is built once,
+every adapter is loaded by name and made active in turn
+(:func:`lora_lightning.set_active_adapter`). One JSON row per adapter (accuracy, macro F1,
+loss) is printed; ``--json`` writes them to a file (one directory: its metrics, as before;
+several: the list of rows).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 
-from lora_lightning import load_adapter
+from lora_lightning import load_adapter, set_active_adapter
 
 
 def evaluate(
@@ -35,38 +39,83 @@ def evaluate(
         AdapterFileError: if the adapter directory is missing, unreadable or does not fit.
         ValueError: if the TSV is malformed (the message names the file and line).
     """
+    (metrics,) = evaluate_many(
+        [adapter_dir],
+        data,
+        model_name_or_path=model_name_or_path,
+        num_labels=num_labels,
+        batch_size=batch_size,
+        max_length=max_length,
+        accelerator=accelerator,
+    )
+    return metrics
+
+
+def evaluate_many(
+    adapter_dirs: list[str | Path],
+    data: str | Path | None = None,
+    *,
+    model_name_or_path: str | None = None,
+    num_labels: int = 2,
+    batch_size: int = 128,
+    max_length: int = 64,
+    accelerator: str = "auto",
+) -> list[dict[str, float]]:
+    """:func:`evaluate` for several adapters on one base model, built and tokenised once.
+
+    Every adapter is checked and loaded (by name, its index) before the first is scored, so a
+    bad directory fails fast. Returns the metrics of each adapter, in order.
+
+    Raises:
+        AdapterFileError: if an adapter directory is missing, unreadable or does not fit.
+        ValueError: if the TSV is malformed (the message names the file and line).
+    """
     from lora_lightning.tasks import SST2DataModule, TextClassifier
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     classifier = TextClassifier(model_name_or_path=model_name_or_path, num_labels=num_labels)
-    load_adapter(classifier.model, adapter_dir)
+    if len(adapter_dirs) == 1:
+        load_adapter(classifier.model, adapter_dirs[0])  # the single-adapter path, unchanged
+    else:
+        for index, directory in enumerate(adapter_dirs):
+            load_adapter(classifier.model, directory, name=str(index))
     datamodule = SST2DataModule(
         tokenizer=model_name_or_path,
         test_file=data,
         eval_batch_size=batch_size,
         max_length=max_length,
     )
-    trainer = pl.Trainer(
-        accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False
-    )
-    (metrics,) = trainer.test(classifier, datamodule=datamodule, verbose=False)
-    return {key.removeprefix("test/"): float(value) for key, value in metrics.items()}
+    rows = []
+    for index in range(len(adapter_dirs)):
+        if len(adapter_dirs) > 1:
+            set_active_adapter(classifier.model, str(index))
+        trainer = pl.Trainer(
+            accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False,
+        )  # fmt: skip
+        (metrics,) = trainer.test(classifier, datamodule=datamodule, verbose=False)
+        rows.append({key.removeprefix("test/"): float(value) for key, value in metrics.items()})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m lora_lightning.tasks.evaluate", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("adapter", help="adapter directory (adapter_config.json + safetensors)")
+    parser.add_argument(
+        "adapter", nargs="+", help="adapter directories (adapter_config.json + safetensors)"
+    )
     parser.add_argument("--data", help="labelled TSV or TSV.gz; default: vendored SST-2 dev")
     parser.add_argument("--model", help="base model directory; default: the bundled MiniLM")
     parser.add_argument("--num-labels", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--accelerator", default="auto")
-    parser.add_argument("--json", help="also write the metrics to this JSON file")
+    parser.add_argument(
+        "--json", help="also write the metrics to this JSON file (several adapters: all rows)"
+    )
     args = parser.parse_args(argv)
-    metrics = evaluate(
+    metrics = evaluate_many(
         args.adapter,
         args.data,
         model_name_or_path=args.model,
@@ -75,9 +124,15 @@ def main(argv: list[str] | None = None) -> None:
         max_length=args.max_length,
         accelerator=args.accelerator,
     )
-    print(json.dumps({"adapter": args.adapter, "data": args.data or "sst2-dev", **metrics}))
+    rows = [
+        {"adapter": adapter, "data": args.data or "sst2-dev", **values}
+        for adapter, values in zip(args.adapter, metrics, strict=True)
+    ]
+    for row in rows:
+        print(json.dumps(row))
     if args.json:
-        Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
+        written = metrics[0] if len(rows) == 1 else rows
+        Path(args.json).write_text(json.dumps(written, indent=2) + "\n")
 
 
 if __name__ == "__main__":
