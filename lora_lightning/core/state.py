@@ -4,7 +4,10 @@ Owns: the marks (plain ``__dict__`` attributes, so they add no state-dict keys) 
 about them: which layers are adapted and with what rank/alpha/scaling (:class:`LoRALayer`),
 the config the model was adapted with (:class:`AdapterSet`, stored once and referenced by every
 mark of one injection), which modules train in full, which biases train, what is trainable,
-and the parameter counts and state dicts that follow. No other module reads or writes a mark.
+and the parameter counts and state dicts that follow, plus the bank of named adapters
+(:class:`AdapterBank` on the root: the active name, the inactive adapters, the base's own values
+of what they train in full; used by ``core.multi`` only, cleared with the marks). No other
+module reads or writes a mark.
 Must not import: ``core.layers``/``core.inject`` (they build on this), Lightning, Hydra.
 
 ::
