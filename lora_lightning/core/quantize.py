@@ -23,8 +23,9 @@ adapter dtype::
 Nothing on the plain LoRA path knows about quantization: no branch in the hook or kernels.
 Quantization is deterministic, so the same float base gives bit-identical storage on every
 rank and every run (the base fingerprint hashes that storage, see ``lightning.checkpoint``).
-DDP would broadcast the quantized parameters at construction, which the subclasses do not
-support (``aten.view`` of the coalesced buffer): their names go into the model's
+DDP broadcasts parameters at construction, flattening them into one buffer: an int8 tensor
+cannot be flattened (``aten.view`` is not implemented), and broadcasting frozen codes that
+are identical on every rank is wasted work anyway: their names go into the model's
 ``_ddp_params_and_buffers_to_ignore`` (they are frozen and identical on every rank, so
 nothing is lost; the base must be loaded the same on every rank, as for any frozen base).
 """

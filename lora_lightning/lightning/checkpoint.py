@@ -421,6 +421,10 @@ def base_fingerprint(model: nn.Module) -> str:
         if param.device.type != "meta" and param.numel():
             for part, tensor in quantize.storage(param.detach()):
                 digest.update(part.encode())
+                if part:  # storage tensors may have odd strides (a 1-element stride-256 view)
+                    tensor = torch.empty_like(tensor, memory_format=torch.contiguous_format).copy_(
+                        tensor
+                    )
                 _hash_values(digest, tensor, weights)
     return digest.hexdigest()[:32]
 
