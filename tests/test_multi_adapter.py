@@ -24,6 +24,7 @@ from lora_lightning import (
     inject_lora,
     list_adapters,
     load_adapter,
+    lora_state_dict,
     merge_lora,
     mixed_batch_forward,
     save_adapter,
@@ -182,6 +183,25 @@ def test_a_head_whose_base_values_were_never_seen_is_not_guessed(dirs):
     with pytest.raises(LoRAStateError, match="never\\s+recorded"):
         set_active_adapter(model, "c")
     assert_unchanged(model, before)
+
+
+def test_a_quantized_base_switches_in_place_and_refuses_a_reinjection(dirs):
+    from lora_lightning.core import config_of
+
+    model = tiny_bert(0)
+    inject_lora(model, LoRAConfig(**SAME, quantize_base="int8"))
+    load_adapter(model, dirs["plain_a"], name="x")
+    load_adapter(model, dirs["c"], name="c")
+    set_active_adapter(model, "x")  # same layout: in place, the base stays quantized
+    assert config_of(model).quantize_base == "int8"
+    # (snapshot() compares values with torch.equal, which quantized tensors lack)
+    params = {n: id(p) for n, p in model.named_parameters()}
+    adapters = {n: t.clone() for n, t in lora_state_dict(model).items()}
+    with pytest.raises(LoRAStateError, match=r"stored\s+quantized"):
+        set_active_adapter(model, "c")
+    assert {n: id(p) for n, p in model.named_parameters()} == params
+    assert all(torch.equal(t, adapters[n]) for n, t in lora_state_dict(model).items())
+    assert active_adapter(model) == "x" and config_of(model).quantize_base == "int8"
 
 
 # -------------------------------------------------------------------------------- delete

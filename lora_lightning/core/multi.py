@@ -31,6 +31,7 @@ DoRA adapters or adapters that train ``modules_to_save``/biases.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import os
@@ -43,6 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lora_lightning.core import quantize
 from lora_lightning.core.adapter import install_adapter, read_adapter
 from lora_lightning.core.config import DTYPES, LoRAConfig
 from lora_lightning.core.errors import AdapterFileError, LoRAConfigError, LoRAStateError
@@ -146,7 +148,8 @@ def set_active_adapter(model: nn.Module, name: str) -> None:
         LoRAStateError: an unknown name (the message lists the names); a merged model; an
             active unconverted PiSSA/OLoRA adapter (it rewrote the base weights); a
             ``modules_to_save`` parameter the incoming adapter does not train whose base
-            values were never recorded. The model is then unchanged.
+            values were never recorded; a switch between layouts on a quantized (QLoRA)
+            base. The model is then unchanged.
     """
     model = _root(model)
     _check_known(model, name, "set_active_adapter")
@@ -162,8 +165,11 @@ def set_active_adapter(model: nn.Module, name: str) -> None:
         with torch.no_grad():
             for key, target in live.items():
                 target.copy_(incoming.tensors[key])
-        rebind_config(model, incoming.config)
+        # How the base is stored (QLoRA) belongs to the base, not to the adapter.
+        quantized = outgoing.config.quantize_base
+        rebind_config(model, dataclasses.replace(incoming.config, quantize_base=quantized))
     else:
+        _check_not_quantized(model, name)
         plan = _checked_plan(model, incoming, f"set_active_adapter({name!r})")
         _reinstall(model, bank, plan, incoming, restore, outgoing)
     bank.activate(name, outgoing)
@@ -469,6 +475,19 @@ def _same_layout(model: nn.Module, live: dict[str, torch.Tensor], incoming: Stor
         if (layer.r, layer.alpha, layer.scaling) != (r, alpha, new.scaling(r, alpha)):
             return False
     return True
+
+
+def _check_not_quantized(model: nn.Module, name: str) -> None:
+    """Re-injection unloads the active adapter, which dequantizes a QLoRA base for good."""
+    quantized = [n for n, m, _ in adapted_layers(model) if quantize.is_quantized(m.weight)]
+    if quantized:
+        raise LoRAStateError(
+            f"set_active_adapter({name!r}): the adapter has another layout than the active one, "
+            f"so switching re-injects, and the base weights of {quantized[:3]} are stored "
+            "quantized (quantize_base): unloading would leave them dequantized and the base "
+            "would no longer be the one the adapters run on. Only adapters of the same layout "
+            "(targets, ranks, alphas, modules_to_save) switch in place on a quantized base"
+        )
 
 
 def _checked_plan(model: nn.Module, adapter: StoredAdapter, what: str) -> LoRAPlan:
