@@ -136,6 +136,20 @@ def test_adapted_bases_are_stored_quantized_within_the_stated_output_error(schem
     assert 0 < error <= OUTPUT_ERROR[scheme], error
 
 
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_the_input_gradient_through_a_quantized_base_is_that_of_its_dequantized_weight(scheme):
+    """Adapters below a quantized layer learn through it: its input gradient must be right."""
+    weight = torch.randn(256, 128, generator=torch.Generator().manual_seed(0))
+    stored_weight = quantize.quantize(weight, scheme)
+    x = torch.randn(5, 128, requires_grad=True)
+    grad = torch.randn(5, 256)
+    F.linear(x, stored_weight).backward(grad)
+    through_quantized, x.grad = x.grad, None
+    F.linear(x, quantize.dequantize(stored_weight)).backward(grad)
+    torch.testing.assert_close(through_quantized, x.grad, rtol=1e-5, atol=1e-4)
+    assert not torch.allclose(x.grad, grad @ weight, atol=1e-3)  # dequantized != original
+
+
 def test_training_lowers_the_loss_and_leaves_the_quantized_storage_bit_identical():
     model = qbert().train()
     inject_lora(model, qconfig("nf4", dropout=0.1))

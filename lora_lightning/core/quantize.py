@@ -79,7 +79,11 @@ def backend() -> Any:
 
 def scheme_of(tensor: Any) -> str | None:
     """``nf4`` / ``int8`` for a weight quantized here, None for a plain tensor."""
-    name = type(tensor).__name__
+    # By type name, so asking (the fingerprint asks of every parameter) never imports torchao.
+    cls = type(tensor)
+    if not cls.__module__.startswith("torchao."):
+        return None
+    name = cls.__name__
     if name == "NF4Tensor":
         return NF4
     if name == "Int8Tensor":
