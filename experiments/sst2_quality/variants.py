@@ -6,8 +6,8 @@
     python -m experiments.sst2_quality.variants --quick            # smoke run, meaningless numbers
 
 ``variants``: the default job (``python train.py``: 16,000 sentences, 500 steps, lr 2e-3) with
-plain LoRA r=8 at training seeds 0, 1 and 2, then DoRA, LoRA+ (ratio 16) and PiSSA at seed 0,
-each changed from the default by one override only.
+plain LoRA r=8 at training seeds 0, 1 and 2, then DoRA, LoRA+ (ratio 16), PiSSA and QLoRA (an
+nf4-quantized base) at seed 0, each changed from the default by one override only.
 
 ``full``: the comparison the LoRA paper makes, on all 67,349 training sentences for one epoch
 (``experiment=sst2_full trainer.max_epochs=1``): LoRA r=8 at seeds 0, 1, 2 against full
@@ -44,6 +44,7 @@ VARIANTS: dict[str, list[str]] = {
     "dora": ["seed=0", "lora.use_dora=true"],
     "lora+ ratio 16": ["seed=0", "lora.loraplus_lr_ratio=16"],
     "pissa": ["seed=0", "lora.init=pissa"],
+    "lora nf4 base": ["seed=0", "lora.quantize_base=nf4"],
 }
 FULL: dict[str, list[str]] = {
     "lora r=8 seed 0": ["seed=0"],
@@ -107,7 +108,7 @@ def report(study: str, jobs: dict[str, list[str]], runs: Path, out: Path) -> Non
             rows.append(row)
     if not rows:
         return
-    lora = [r["dev_acc"] for r in rows if r["name"].startswith("lora") and "+" not in r["name"]]
+    lora = [r["dev_acc"] for r in rows if r["name"].startswith(("lora seed", "lora r=8 seed"))]
     summary = {"lora_mean": round(statistics.mean(lora), 4) if lora else None,
                "lora_stdev": round(statistics.stdev(lora), 4) if len(lora) > 1 else None,
                "lora_seeds": len(lora)}  # fmt: skip
@@ -123,6 +124,14 @@ def report(study: str, jobs: dict[str, list[str]], runs: Path, out: Path) -> Non
         spread = f" ± {summary['lora_stdev']:.4f} (sample sd)" if summary["lora_stdev"] else ""
         lines.append(f"\nPlain LoRA mean over {summary['lora_seeds']} seeds: "
                      f"{summary['lora_mean']:.4f}{spread}.")  # fmt: skip
+    nf4 = [r for r in rows if "nf4" in r["name"]]
+    if nf4 and summary["lora_mean"] is not None:
+        gap = 100 * (summary["lora_mean"] - nf4[0]["dev_acc"])
+        summary["nf4_gap_points"] = round(gap, 2)
+        summary["nf4_goal_met"] = abs(gap) <= 1.0
+        verdict = "met" if abs(gap) <= 1.0 else "NOT met"
+        lines.append(f"Float32-base LoRA mean minus nf4-base LoRA: {gap:+.2f} points; the goal "
+                     f"(within 1 point) is {verdict}.")  # fmt: skip
     if study == "full":
         full = [r for r in rows if r["name"].startswith("full")]
         if full and summary["lora_mean"] is not None:
