@@ -234,6 +234,33 @@ def test_unload_without_merge_leaves_dequantized_float_weights():
     assert not any("lora_" in k for k in model.state_dict())
 
 
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_a_float_base_loaded_after_injection_is_stored_as_quantizing_it_would(scheme):
+    """``load_state_dict`` of a plain base checkpoint into a quantized model: int8's tensor
+    cannot take a float copy_ at all; both schemes must store the new base's quantized codes."""
+    model = qbert()
+    inject_lora(model, qconfig(scheme))
+    new_base = qbert(seed=5)
+    expected = qbert(seed=5)
+    inject_lora(expected, qconfig(scheme))
+    result = model.load_state_dict(new_base.state_dict(), strict=False)
+    assert not result.unexpected_keys
+    assert all("lora_" in k for k in result.missing_keys)
+    assert stored(model).keys() == stored(expected).keys()
+    for key, tensor in stored(expected).items():
+        assert torch.equal(stored(model)[key], tensor), key
+    torch.testing.assert_close(logits(model, ids()), logits(expected, ids()))
+    # A wrong shape is still torch's size-mismatch error, and the weight is unchanged.
+    before = stored(model)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        model.load_state_dict({f"{ADAPTED[0]}.weight": torch.zeros(3, 3)}, strict=False)
+    assert all(torch.equal(stored(model)[k], v) for k, v in before.items())
+    # Once unloaded, the layer is a plain Linear again: a float load is a plain copy.
+    unload_lora(model, merge=False)
+    module = dict(model.named_modules())[ADAPTED[0]]
+    assert not module._load_state_dict_pre_hooks
+
+
 def test_unload_with_merge_folds_the_adapters_into_dequantized_weights():
     model = qbert()
     inject_lora(model, qconfig("int8"))

@@ -161,19 +161,27 @@ def stored_bytes(weight: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for _, t in storage(weight))
 
 
+_LOAD_HOOK = "_lora_quantized_load_hook"  # on a quantized layer: its load_state_dict hook
+
+
 def quantize_layer(module: nn.Module, scheme: str) -> nn.Parameter:
-    """Replace ``module.weight`` by a frozen parameter holding its quantized form.
+    """Replace ``module.weight`` by a frozen parameter holding its quantized form, and make
+    ``load_state_dict`` quantize a float weight loaded into it (see :func:`_quantize_on_load`).
 
     Returns:
         The original weight parameter (for :func:`restore_layer` on a rollback).
     """
     original = module.weight
     module.weight = nn.Parameter(quantize(original, scheme), requires_grad=False)
+    module.__dict__[_LOAD_HOOK] = module._register_load_state_dict_pre_hook(
+        _quantize_on_load, with_module=True
+    )
     return original
 
 
 def restore_layer(module: nn.Module, original: nn.Parameter) -> None:
     """Put back the parameter :func:`quantize_layer` returned (the same object, same bits)."""
+    _remove_load_hook(module)
     module.weight = original
 
 
@@ -181,7 +189,37 @@ def dequantize_layer(module: nn.Module) -> None:
     """Replace a quantized ``module.weight`` by a frozen float parameter of its dequantized
     values (original dtype); a plain weight is left as it is."""
     if is_quantized(module.weight):
+        _remove_load_hook(module)
         module.weight = nn.Parameter(dequantize(module.weight), requires_grad=False)
+
+
+def _remove_load_hook(module: nn.Module) -> None:
+    handle = module.__dict__.pop(_LOAD_HOOK, None)
+    if handle is not None:
+        handle.remove()
+
+
+def _quantize_on_load(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
+) -> None:
+    """``load_state_dict`` pre-hook of a quantized layer: a plain float tensor of the weight's
+    shape arriving for it (a base checkpoint loaded after injection) is quantized with the
+    layer's scheme first, so it is stored exactly as quantizing that base would store it (the
+    int8 tensor cannot take a float ``copy_`` at all, and NF4's ``copy_`` would re-quantize
+    it anyway). A tensor of another shape is left for ``load_state_dict`` to report."""
+    key = prefix + "weight"
+    value = state_dict.get(key)
+    weight = module.weight
+    scheme = scheme_of(weight)
+    if (
+        scheme is None
+        or not isinstance(value, torch.Tensor)
+        or is_quantized(value)
+        or not value.is_floating_point()
+        or value.shape != weight.shape
+    ):
+        return
+    state_dict[key] = quantize(value.to(weight.device, weight.dtype), scheme)
 
 
 def quantized_parameter_names(model: nn.Module) -> list[str]:
