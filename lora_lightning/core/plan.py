@@ -244,19 +244,12 @@ def _base_changing_problems(
 ) -> list[tuple[str, str]]:
     """Targets a PiSSA/OLoRA init cannot adapt: the wrong layer kind, no values (meta), or a
     weight shared with another module (rewriting it would change that module too)."""
-    aliases = parameter_aliases(model)
-    problems = []
-    for name, module in targets:
-        why = base_changing_unsupported_reason(module, layer_kind(module), init)
-        others = aliases.get(f"{name}.weight")
-        if why is None and others:
-            why = (
-                f"tied to {others[:3]}: init={init!r} rewrites the base weight, which would "
-                "change those modules too"
-            )
-        if why:
-            problems.append((name, why))
-    return problems
+    return _weight_problems(
+        model,
+        targets,
+        lambda module: base_changing_unsupported_reason(module, layer_kind(module), init),
+        f"init={init!r} rewrites the base weight, which would change those modules too",
+    )
 
 
 def _quantize_problems(
@@ -264,16 +257,30 @@ def _quantize_problems(
 ) -> list[tuple[str, str]]:
     """Targets whose base weight ``scheme`` cannot store, or which share it with another
     module (the quantized copy would untie them: the other module would keep the float one)."""
+    return _weight_problems(
+        model,
+        targets,
+        lambda module: quantize.unsupported_reason(module, layer_kind(module), scheme),
+        f"quantize_base={scheme!r} replaces the base weight, which would untie it from those "
+        "modules",
+    )
+
+
+def _weight_problems(
+    model: nn.Module,
+    targets: list[tuple[str, nn.Module]],
+    reason: Callable[[nn.Module], str | None],
+    tied_consequence: str,
+) -> list[tuple[str, str]]:
+    """``(name, why)`` for every target whose base weight cannot be replaced or rewritten:
+    ``reason(module)`` (a sentence, or None), else a weight tied to other parameters."""
     aliases = parameter_aliases(model)
     problems = []
     for name, module in targets:
-        why = quantize.unsupported_reason(module, layer_kind(module), scheme)
+        why = reason(module)
         others = aliases.get(f"{name}.weight")
         if why is None and others:
-            why = (
-                f"tied to {others[:3]}: quantize_base={scheme!r} replaces the base weight, "
-                "which would untie it from those modules"
-            )
+            why = f"tied to {others[:3]}: {tied_consequence}"
         if why:
             problems.append((name, why))
     return problems
