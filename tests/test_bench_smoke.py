@@ -149,3 +149,36 @@ def test_summary_lists_every_goal_with_a_verdict_and_rebuilds(quick_out: Path) -
     done = run_module("run_all", "--summary-only", "--out", str(quick_out))
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(json.loads((quick_out / "summary.json").read_text())["goals"]) == len(keys)
+
+
+@pytest.mark.parametrize(
+    ("module", "check"),
+    [
+        ("switch", lambda r: {"in_place", "reinject"} <= set(r["timings"])),
+        (
+            "memory_qlora",
+            lambda r: (
+                all(
+                    {"weight_bytes", "training_peak_above_baseline", "step_time"} <= set(v)
+                    for v in r["ratios"].values()
+                )
+                and r["ratios"]
+            ),
+        ),
+        (
+            "quant_libraries",
+            lambda r: (
+                {row["scheme"] for row in r["rows"]} >= {"float32", "torchao_nf4", "torchao_int8"}
+            ),
+        ),
+    ],
+)
+def test_standalone_benchmarks_run_quick_and_write_their_reports(module, check, tmp_path):
+    """The benchmarks outside ``run_all`` (adapter switching, QLoRA memory, quantization
+    libraries) run end to end with ``--quick`` and write their JSON and markdown."""
+    done = run_module(module, "--quick", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / f"{module}.md").is_file()
+    result = json.loads((tmp_path / f"{module}.json").read_text())
+    assert MACHINE_FIELDS <= set(result["machine"]), sorted(result["machine"])
+    assert check(result)
