@@ -235,6 +235,22 @@ def test_hotswap_into_an_inactive_adapter_takes_effect_when_it_is_activated(dirs
     assert torch.equal(logits(model, token_ids(batch=4)), _alone(dirs["a"]))
 
 
+def test_hotswap_matches_peft_hotswap_adapter(dirs, tmp_path):
+    from peft import PeftModel
+    from peft.utils.hotswap import hotswap_adapter as peft_hotswap
+
+    new = _saved_bert(tmp_path / "new", 7, head=False)  # the layout of plain_a, other values
+    peft_model = PeftModel.from_pretrained(tiny_bert(0), dirs["plain_a"]).eval()
+    peft_hotswap(peft_model, str(new), adapter_name="default")
+    model = _bank(dirs, ("plain_a",))
+    hotswap_adapter(model, new, "plain_a")
+    tokens = token_ids(batch=4)
+    with torch.no_grad():
+        expected = peft_model(**tokens).logits
+    torch.testing.assert_close(logits(model, tokens), expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(expected, _alone(dirs["plain_a"]))  # the swap changed outputs
+
+
 @torch.no_grad()
 def _saved_mlp(directory: Path, seed: int, **config) -> Path:
     model = mlp(0)
