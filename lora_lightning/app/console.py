@@ -22,6 +22,10 @@ NOISE = (
     re.compile(r"Loading `train_dataloader` to estimate number of stepping batches"),
     re.compile(r"`Trainer\(val_check_interval=1\.0\)` was configured"),
     re.compile(r"isinstance\(treespec, LeafSpec\)` is deprecated"),  # Lightning on torch >= 2.10
+    # torchao (the quant extra), imported by transformers whenever it loads a model: its GPU
+    # kernels built for another torch, and its enums registered the way torch 2.13 deprecates.
+    re.compile(r"Failed to load .*torchao.*Could not load this library"),
+    re.compile(r"is an Enum subclass and is now natively supported by torch\.compile"),
 )
 
 
@@ -43,12 +47,14 @@ class ConsoleNoiseFilter(logging.Filter):
 
 
 def route_dependency_logs() -> None:
-    """Send Lightning's, transformers' and Python's warnings through Hydra's log handlers.
+    """Send Lightning's, torch's, transformers' and Python's warnings through Hydra's log
+    handlers (so the console filter applies and ``train.log`` gets them).
 
-    Lightning gives its loggers a handler of their own and stops propagation when it is imported
-    before logging is configured (always, here), which left ``train.log`` empty.
+    Lightning and torch give their loggers a handler of their own and stop propagation when
+    imported before logging is configured (always, here), which left ``train.log`` empty.
     """
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+    # torch's loggers, too: torch gives its root logger a stderr handler of its own.
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "torch"):
         logger = logging.getLogger(name)
         for handler in list(logger.handlers):
             logger.removeHandler(handler)
