@@ -43,6 +43,8 @@ VARIANTS: dict[str, list[str]] = {
     "lora seed 2": ["seed=2"],
     "dora": ["seed=0", "lora.use_dora=true"],
     "lora+ ratio 16": ["seed=0", "lora.loraplus_lr_ratio=16"],
+    # At the default lr 2e-3 LoRA+'s B learns at 3.2e-2; one lower lr (B at 4e-3), untuned.
+    "lora+ ratio 16, lr 2.5e-4": ["seed=0", "lora.loraplus_lr_ratio=16", "model.lr=2.5e-4"],
     "pissa": ["seed=0", "lora.init=pissa"],
     "lora nf4 base": ["seed=0", "lora.quantize_base=nf4"],
 }
@@ -71,7 +73,7 @@ def main() -> None:
         for name, overrides in jobs.items():
             if args.report_only or (args.only and name not in args.only):
                 continue
-            run_dir = runs / study / name.replace(" ", "_").replace("+", "plus").replace("=", "")
+            run_dir = runs / study / _folder(name)
             if (run_dir / "results.json").exists():
                 print(f"= {name}: done ({run_dir})", flush=True)
                 continue
@@ -81,6 +83,11 @@ def main() -> None:
             env = dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1")
             subprocess.run(command, cwd=ROOT, env=env, check=True)
         report(study, jobs, runs / study, args.out)
+
+
+def _folder(name: str) -> str:
+    """The job folder of ``name``: ``lora+ ratio 16, lr 2.5e-4`` -> ``loraplus_ratio_16_lr_2.5e-4``."""
+    return name.replace(",", "").replace(" ", "_").replace("+", "plus").replace("=", "")
 
 
 def _row(name: str, run_dir: Path) -> dict | None:
@@ -103,7 +110,7 @@ def _row(name: str, run_dir: Path) -> dict | None:
 def report(study: str, jobs: dict[str, list[str]], runs: Path, out: Path) -> None:
     rows = []
     for name in jobs:
-        row = _row(name, runs / name.replace(" ", "_").replace("+", "plus").replace("=", ""))
+        row = _row(name, runs / _folder(name))
         if row is not None:
             rows.append(row)
     if not rows:
