@@ -35,6 +35,8 @@ ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 QUICK = ["data.train_limit=64", "data.val_limit=32", "trainer.max_steps=2"]
 FULL_FT_LR = 5e-5
+#: Dev accuracy below which a run is taken as diverged in the plot (the majority class is 0.509).
+CHANCE_PLUS = 0.6
 
 #: name -> overrides of the default job (one change each, plus the seed).
 VARIANTS: dict[str, list[str]] = {
@@ -173,7 +175,7 @@ def _plot(variants: list[dict], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.8, 4.4))
     lora = [r for r in sweep if r["method"].startswith("lora_lightning")]
     ax.plot([r["trainable_params"] for r in lora], [r["dev_acc"] for r in lora], "o-",
-            color="tab:blue", label="LoRA r = 1..16 (seed 0)")  # fmt: skip
+            color="tab:blue", label="LoRA r = 1..16 (run.py, 2026-11-23)")  # fmt: skip
     for r in lora:
         ax.annotate(r["method"].split()[-1], (r["trainable_params"], r["dev_acc"]),
                     textcoords="offset points", xytext=(4, -10), fontsize=8)  # fmt: skip
@@ -183,8 +185,16 @@ def _plot(variants: list[dict], out: Path) -> None:
     if seeds:
         ax.plot([r["trainable_params"] for r in seeds], [r["dev_acc"] for r in seeds], "x",
                 color="tab:blue", markersize=8, label="LoRA r=8, seeds 0-2")  # fmt: skip
-    for r, marker in zip([r for r in variants if r not in seeds], "DPv*h", strict=False):
+    others = [r for r in variants if r not in seeds]
+    shown = [r for r in others if r["dev_acc"] >= CHANCE_PLUS]
+    for r, marker in zip(shown, "DPv*h<>", strict=False):
         ax.plot(r["trainable_params"], r["dev_acc"], marker, markersize=8, label=r["name"])
+    # A run at chance would squash the axis: name it below the plot instead.
+    off = [f"{r['name']}: {r['dev_acc']:.3f}" for r in others if r["dev_acc"] < CHANCE_PLUS]
+    if off:
+        ax.set_ylim(bottom=min(r["dev_acc"] for r in sweep + shown + seeds) - 0.01)
+        ax.text(0.01, 0.01, "not shown (diverged): " + "; ".join(off), transform=ax.transAxes,
+                fontsize=7, va="bottom")  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale)")
     ax.set_ylabel("SST-2 dev accuracy")
