@@ -3,10 +3,10 @@ public names (``lora_lightning`` and the default task's ``lora_lightning.tasks``
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
+from test_layering import module_imports
 
 APP = Path(__file__).resolve().parent.parent / "lora_lightning" / "app"
 
@@ -22,23 +22,13 @@ FORBIDDEN = {
 }
 
 
-def _imports(path: Path) -> set[str]:
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
-        elif isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-    return names
-
-
 def _matches(name: str, prefixes: tuple[str, ...]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
 @pytest.mark.parametrize("module", sorted(FORBIDDEN))
 def test_app_module_imports_nothing_its_docstring_forbids(module):
-    assert not {n for n in _imports(APP / f"{module}.py") if _matches(n, FORBIDDEN[module])}
+    assert not {n for n in module_imports(APP / f"{module}.py") if _matches(n, FORBIDDEN[module])}
 
 
 def test_app_uses_the_library_through_its_public_names_only():
@@ -46,7 +36,7 @@ def test_app_uses_the_library_through_its_public_names_only():
     for path in APP.glob("*.py"):
         private = {
             name
-            for name in _imports(path)
+            for name in module_imports(path)
             if name.startswith("lora_lightning")
             and not (name == "lora_lightning" or _matches(name, ("lora_lightning.app",)))
         }

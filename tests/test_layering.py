@@ -48,7 +48,9 @@ def test_the_default_task_imports_nothing_of_lora():
     assert "lora_lightning.core" not in loaded
 
 
-def _imports(path: Path) -> set[str]:
+def module_imports(path: Path) -> set[str]:
+    """Every module name ``path`` imports (``import a.b`` and ``from a.b import c`` give
+    ``a.b``), read from its syntax tree, so nothing is executed."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module:
@@ -71,7 +73,7 @@ def test_no_module_imports_against_the_direction_of_the_layers(package, forbidde
     offending = {
         f"{path.relative_to(PACKAGE)}: {name}"
         for path in (PACKAGE / package).rglob("*.py")
-        for name in _imports(path)
+        for name in module_imports(path)
         if name.startswith(forbidden)
         and not name.startswith("lora_lightning.lightning.")
         or name in forbidden
