@@ -10,7 +10,16 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    ViTConfig,
+    ViTForImageClassification,
+)
 
 VOCAB = 64
 SEQ_LEN = 8
@@ -169,3 +178,67 @@ def assert_close_relative(actual: torch.Tensor, expected: torch.Tensor, rtol: fl
     scale = expected.abs().max().item()
     diff = (actual.float() - expected.float()).abs().max().item()
     assert diff <= rtol * max(scale, 1e-12), f"max abs diff {diff:.3g} > {rtol} * {scale:.3g}"
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    """A 2-layer, width-16 Llama (untied ``embed_tokens`` and ``lm_head``)."""
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_vit(seed: int = 0) -> ViTForImageClassification:
+    """A 1-layer, width-16 ViT classifier on 8x8 images (the patch embedding is a Conv2d)."""
+    config = ViTConfig(
+        image_size=8,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    torch.manual_seed(seed)
+    return ViTForImageClassification(config).eval()
+
+
+def snapshot(model: nn.Module) -> dict:
+    """Everything a failed operation could have changed: values, hooks, flags, modes, attrs."""
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
+        "params": [(n, id(p), p.requires_grad) for n, p in model.named_parameters()],
+        "modules": [
+            (
+                name,
+                type(m).__name__,
+                m.training,
+                sorted(m.__dict__),
+                list(m._modules),
+                list(m._parameters),
+                list(m._forward_hooks),
+                list(m._forward_pre_hooks),
+            )
+            for name, m in model.named_modules()
+        ],
+    }
+
+
+def assert_unchanged(model: nn.Module, before: dict) -> None:
+    after = snapshot(model)
+    assert after["params"] == before["params"]
+    assert after["modules"] == before["modules"]
+    assert after["state"].keys() == before["state"].keys()
+    for key, value in before["state"].items():
+        assert torch.equal(after["state"][key], value), key

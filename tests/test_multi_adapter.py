@@ -9,8 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import logits, mlp, mlp_inputs, randomize_adapters, tiny_bert, token_ids
-from test_plan import assert_unchanged, snapshot
+from models import (
+    assert_unchanged,
+    logits,
+    mlp,
+    mlp_inputs,
+    randomize_adapters,
+    snapshot,
+    tiny_bert,
+    token_ids,
+)
 
 from lora_lightning import (
     AdapterFileError,

@@ -16,9 +16,18 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from models import assert_close_relative, logits, tiny_bert, tiny_gpt2, token_ids
+from models import (
+    assert_close_relative,
+    assert_unchanged,
+    logits,
+    snapshot,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_vit,
+    token_ids,
+)
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, ViTConfig, ViTForImageClassification
 
 from lora_lightning import (
     AdapterFileError,
@@ -30,40 +39,6 @@ from lora_lightning import (
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-
-
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    """A 2-layer, width-16 Llama (untied ``embed_tokens`` and ``lm_head``)."""
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
-
-
-def tiny_vit(seed: int = 0) -> ViTForImageClassification:
-    """A 1-layer, width-16 ViT classifier on 8x8 images (the patch embedding is a Conv2d)."""
-    config = ViTConfig(
-        image_size=8,
-        patch_size=4,
-        num_channels=3,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        num_labels=3,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    torch.manual_seed(seed)
-    return ViTForImageClassification(config).eval()
 
 
 def images() -> dict[str, torch.Tensor]:
@@ -91,16 +66,6 @@ def peft_model(model_name: str, **kwargs) -> nn.Module:
     model = peft.get_peft_model(build(), peft.LoraConfig(**kwargs))
     perturb([p for _, p in sorted(model.named_parameters()) if p.requires_grad])
     return model.eval()
-
-
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def assert_unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
-    after = model.state_dict()
-    assert list(after) == list(before), "the failed load added or removed tensors"
-    assert all(torch.equal(after[k], before[k]) for k in before), "the failed load changed values"
 
 
 # --- supported rows: (model, PEFT LoraConfig kwargs, the equivalent LoRAConfig here) --------
@@ -250,7 +215,7 @@ def resized_llama() -> nn.Module:
     return model
 
 
-def tiny_llama_resized() -> LlamaForCausalLM:
+def tiny_llama_resized() -> nn.Module:
     model = tiny_llama()
     model.resize_token_embeddings(72)
     return model

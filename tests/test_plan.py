@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from models import mlp, randomize_adapters, tiny_bert, tiny_gpt2
+from models import assert_unchanged, mlp, randomize_adapters, snapshot, tiny_bert, tiny_gpt2
 from torch import nn
 
 from lora_lightning import (
@@ -34,36 +34,6 @@ from lora_lightning.core.plan import TiedWeightWarning
 
 
 # ------------------------------------------------------------------------------ snapshots
-def snapshot(model: nn.Module) -> dict:
-    """Everything a failed operation could have changed: values, hooks, flags, modes, attrs."""
-    return {
-        "state": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
-        "params": [(n, id(p), p.requires_grad) for n, p in model.named_parameters()],
-        "modules": [
-            (
-                name,
-                type(m).__name__,
-                m.training,
-                sorted(m.__dict__),
-                list(m._modules),
-                list(m._parameters),
-                list(m._forward_hooks),
-                list(m._forward_pre_hooks),
-            )
-            for name, m in model.named_modules()
-        ],
-    }
-
-
-def assert_unchanged(model: nn.Module, before: dict) -> None:
-    after = snapshot(model)
-    assert after["params"] == before["params"]
-    assert after["modules"] == before["modules"]
-    assert after["state"].keys() == before["state"].keys()
-    for key, value in before["state"].items():
-        assert torch.equal(after["state"][key], value), key
-
-
 def mixed_model() -> nn.Module:
     """Linear layers, a LayerNorm LoRA cannot adapt, and a head, some in train mode."""
     model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 8), nn.Linear(8, 3))
