@@ -3,7 +3,10 @@
 The model is a 1-layer BERT of width 128, so each query/key/value weight holds 128 x 128 =
 16384 values: one NF4 block group (64 x 256). Quantization error, measured on this model
 with zero adapters (relative L2 error of the logits against the float base): nf4 5.2e-3,
-int8 2.8e-4; the tests allow nf4 2e-2 and int8 2e-3 (:data:`OUTPUT_ERROR`). Per weight
+int8 2.8e-4; the tests allow nf4 2e-2 and int8 2e-3 (:data:`OUTPUT_ERROR`). With
+``quantize_scope=all_linear`` (every Linear but the classifier quantized too, nf4 keeping the
+3 x 128 classifier float): nf4 9.8e-2, int8 1.1e-2; allowed 0.15 and 2e-2
+(:data:`ALL_LINEAR_OUTPUT_ERROR`). Per weight
 (``experiments/bench/results/quant_libraries.md``, random Gaussian 768 x 3072): relative
 error of ``W x`` 9.2e-2 for nf4, 7.7e-3 for int8.
 
@@ -41,13 +44,14 @@ from lora_lightning import (
     save_adapter,
     unload_lora,
 )
-from lora_lightning.core import quantize
+from lora_lightning.core import config_of, quantize
 from lora_lightning.core.errors import (
     CheckpointMismatchError,
     LoRAConfigError,
     LoRAStateError,
     UnsupportedModuleError,
 )
+from lora_lightning.core.state import quantized_modules
 
 TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:  # when run as the DDP driver script
@@ -61,6 +65,15 @@ ADAPTED = [f"bert.encoder.layer.0.attention.self.{n}" for n in QKV]
 #: Largest relative L2 error of the logits (zero adapters) allowed per scheme; see docstring.
 OUTPUT_ERROR = {"nf4": 2e-2, "int8": 2e-3}
 SCHEMES = ("nf4", "int8")
+ALL_LINEAR_OUTPUT_ERROR = {"nf4": 0.15, "int8": 2e-2}
+#: The frozen Linears of :func:`qbert` besides the adapted ones (nf4 can store each: 16384 or
+#: 32768 weights); its classifier (3 x 128) is the one Linear nf4 cannot store.
+FROZEN = [
+    "bert.encoder.layer.0.attention.output.dense",
+    "bert.encoder.layer.0.intermediate.dense",
+    "bert.encoder.layer.0.output.dense",
+    "bert.pooler.dense",
+]
 
 
 def qbert(seed: int = 0) -> BertForSequenceClassification:
@@ -298,6 +311,10 @@ def test_adapter_file_loads_in_peft_onto_the_full_precision_base(tmp_path):
         ({"quantize_base": True}, r"quantize_base=True is invalid"),
         ({"quantize_base": "nf4", "use_dora": True}, r"quantize_base='nf4' with lora.use_dora"),
         ({"quantize_base": "int8", "init": "pissa"}, r"quantize_base='int8' with lora.init='pissa'"),
+        ({"quantize_base": "nf4", "quantize_scope": "all"},
+         r"quantize_scope='all' is invalid: expected one of adapted, all_linear"),
+        ({"quantize_scope": "all_linear"},
+         r"quantize_scope='all_linear' with lora.quantize_base='none'"),
     ],
 )  # fmt: skip
 def test_bad_quantize_base_values_are_refused_by_name(kwargs, text):
@@ -376,6 +393,162 @@ def test_a_failure_mid_apply_restores_the_original_float_weights(monkeypatch):
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert model._ddp_params_and_buffers_to_ignore == ["classifier.bias"]
     assert "_lora_ddp_ignored" not in model.__dict__
+
+
+# --- quantize_scope=all_linear: every frozen Linear ------------------------------------------
+
+
+def all_linear(scheme: str = "nf4", **kwargs: Any) -> LoRAConfig:
+    return qconfig(scheme, quantize_scope="all_linear", **kwargs)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_all_linear_stores_every_frozen_linear_quantized_within_the_stated_output_error(scheme):
+    reference = qbert()
+    model = qbert()
+    assert inject_lora(model, all_linear(scheme)) == ADAPTED
+    modules, float_modules = dict(model.named_modules()), dict(reference.named_modules())
+    storable = [*FROZEN, "classifier"] if scheme == "int8" else FROZEN
+    assert sorted(quantize_scope_names(model)) == sorted(storable)
+    for name in [*ADAPTED, *storable]:
+        weight = modules[name].weight
+        assert quantize.scheme_of(weight) == scheme and not weight.requires_grad
+        assert modules[name].bias is not None and not quantize.is_quantized(modules[name].bias)
+        # The layer computes with exactly its dequantized weight (zero adapters).
+        float_modules[name].weight.data = quantize.dequantize(weight)
+    assert quantize.is_quantized(modules["classifier"].weight) == (scheme == "int8")
+    out = logits(model, ids())
+    torch.testing.assert_close(out, logits(reference, ids()), rtol=1e-5, atol=1e-5)
+    error = relative_error(out, logits(qbert(), ids()))
+    assert 0 < error <= ALL_LINEAR_OUTPUT_ERROR[scheme], error
+
+
+def quantize_scope_names(model: nn.Module) -> list[str]:
+    """Frozen, not adapted modules whose weight is stored quantized."""
+    adapted = set(ADAPTED)
+    return [
+        n
+        for n, m in model.named_modules()
+        if n not in adapted and quantize.is_quantized(getattr(m, "weight", None))
+    ]
+
+
+def test_adapted_scope_plans_and_quantizes_the_adapted_layers_only():
+    plan = plan_lora(qbert(), qconfig("nf4"))
+    assert plan.quantized_frozen == () and plan.kept_float == ()
+    model = qbert()
+    inject_lora(model, qconfig("nf4"))
+    assert quantize_scope_names(model) == []
+
+
+def _bert_with_tied_dense() -> nn.Module:
+    model = qbert()
+    model.bert.pooler.dense.weight = model.bert.encoder.layer[0].attention.output.dense.weight
+    return model
+
+
+def test_all_linear_keeps_float_and_lists_with_reasons_what_it_cannot_or_must_not_store():
+    plan = plan_lora(qbert(), all_linear("nf4"))
+    assert plan.quantized_frozen == tuple((n, "nf4") for n in FROZEN)
+    ((name, why),) = plan.kept_float
+    assert name == "classifier" and "(3, 128) (384 weights): nf4 stores a multiple of 16384" in why
+    assert "classifier  frozen, base kept float: (3, 128)" in plan.summary()
+    assert "bert.pooler.dense  frozen, base nf4" in plan.summary()
+
+    saved = plan_lora(_bert_with_tied_dense(), all_linear("int8", modules_to_save=["classifier"]))
+    assert [n for n, _ in saved.quantized_frozen] == FROZEN[1:3]
+    reasons = dict(saved.kept_float)
+    assert list(reasons) == [FROZEN[0], FROZEN[3], "classifier"]
+    assert reasons["classifier"] == "trained in full (modules_to_save)"
+    assert reasons["bert.pooler.dense"].startswith(f"tied to ['{FROZEN[0]}.weight']")
+    assert "would untie" in reasons[FROZEN[0]]
+
+
+def test_all_linear_training_leaves_every_quantized_storage_bit_identical():
+    model = qbert().train()
+    inject_lora(model, all_linear("nf4", modules_to_save=["classifier"]))
+    before = stored(model)
+    assert len(before) == (3 + 4) * 5
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names == set(lora_state_dict(model))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    tokens, labels = ids(batch=8), torch.arange(8) % 3
+    for _ in range(3):
+        loss = F.cross_entropy(model(input_ids=tokens).logits, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = stored(model)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_all_linear_counts_logical_parameters_and_lists_every_quantized_one_for_ddp():
+    plain, model = qbert(), qbert()
+    inject_lora(plain, LoRAConfig(target_modules=QKV))
+    inject_lora(model, all_linear("nf4"))
+    assert count_parameters(model) == count_parameters(plain)
+    expected = sorted(f"{n}.weight" for n in [*ADAPTED, *FROZEN])
+    assert model._ddp_params_and_buffers_to_ignore == expected
+
+
+def test_all_linear_merge_refusal_and_merged_state_dict_dequantize_every_layer():
+    model = qbert()
+    inject_lora(model, all_linear("nf4"))
+    randomize_adapters(model, scale=0.05)
+    with pytest.raises(LoRAStateError, match=r"adapted layer .*stored quantized \(nf4"):
+        merge_lora(model)
+    out, modules = logits(model, ids()), dict(model.named_modules())
+    merged = merged_state_dict(model)
+    for name in FROZEN:
+        value = merged[f"{name}.weight"]
+        assert type(value) is torch.Tensor and value.dtype == torch.float32
+        assert torch.equal(value, quantize.dequantize(modules[name].weight))
+    plain = qbert()
+    plain.load_state_dict(merged)
+    torch.testing.assert_close(logits(plain, ids()), out, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_unload_under_all_linear_dequantizes_every_quantized_layer_and_clears_the_marks(merge):
+    model = qbert()
+    inject_lora(model, all_linear("nf4"))
+    modules = dict(model.named_modules())
+    dequantized = {n: quantize.dequantize(modules[n].weight) for n in FROZEN}
+    assert [n for n, _ in quantized_modules(model)] == FROZEN
+    unload_lora(model, merge=merge)
+    assert not quantize.quantized_parameter_names(model)
+    for name in FROZEN:
+        weight = modules[name].weight
+        assert type(weight) is nn.Parameter and torch.equal(weight, dequantized[name])
+    assert list(quantized_modules(model)) == [] and config_of(model) is None
+    assert "_ddp_params_and_buffers_to_ignore" not in model.__dict__
+
+
+def test_a_failure_mid_apply_under_all_linear_restores_every_original_weight(monkeypatch):
+    model = qbert()
+    modules = dict(model.named_modules())
+    params = {n: modules[n].weight for n in [*ADAPTED, *FROZEN]}
+    values = {n: p.detach().clone() for n, p in params.items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    calls = []
+    real = quantize.quantize_layer
+
+    def fail_on_sixth(module, scheme):
+        calls.append(scheme)
+        if len(calls) == 6:  # 3 adapted layers and 2 frozen ones quantized already
+            raise RuntimeError("out of memory while quantizing")
+        return real(module, scheme)
+
+    monkeypatch.setattr(quantize, "quantize_layer", fail_on_sixth)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        inject_lora(model, all_linear("nf4"))
+    assert len(calls) == 6
+    for name, param in params.items():
+        assert modules[name].weight is param and torch.equal(param, values[name])
+    assert not quantize.quantized_parameter_names(model)
+    assert list(quantized_modules(model)) == [] and config_of(model) is None
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert "_ddp_params_and_buffers_to_ignore" not in model.__dict__
 
 
 # --- Lightning: checkpoints, resume, fingerprint, DDP ----------------------------------------

@@ -39,6 +39,8 @@ BIAS_MODES = ("none", "lora_only", "all")
 DROPOUT_MASKS = ("fast", "torch")
 #: Values of ``quantize_base`` (``core.quantize.SCHEMES``; kept here so config imports only torch).
 QUANTIZE_BASE = ("none", "nf4", "int8")
+#: Values of ``quantize_scope``: which frozen ``nn.Linear`` weights ``quantize_base`` stores.
+QUANTIZE_SCOPES = ("adapted", "all_linear")
 
 #: Attention query/key/value projections of BERT-, RoBERTa-, Llama- and Mistral-style models.
 DEFAULT_TARGETS = [r"(.*\.)?(query|key|value|q_proj|k_proj|v_proj)"]
@@ -101,7 +103,15 @@ class LoRAConfig:
             ``dtype`` on top. nn.Linear targets only; needs torchao (``pip install
             'lora-lightning[quant]'``). ``merge_lora`` refuses a quantized base (use
             ``merged_state_dict``); not with ``use_dora`` or a PiSSA/OLoRA ``init``. Other
-            frozen layers stay as they are (see ``core.quantize``).
+            frozen layers stay as they are unless ``quantize_scope`` says otherwise (see
+            ``core.quantize``).
+        quantize_scope: which base weights ``quantize_base`` stores quantized: ``adapted``
+            (default) the adapted layers' only; ``all_linear`` also every other frozen
+            ``nn.Linear`` (not adapted, not in ``modules_to_save``, weight not tied), as QLoRA
+            does. A frozen Linear the scheme cannot store (nf4: a size not a multiple of
+            16384; a tied or meta weight) stays float and is listed in the plan
+            (``LoRAPlan.kept_float``); only the weight is quantized, a bias stays float.
+            Needs ``quantize_base`` other than ``none``. Not written to adapter files.
         fuse_shared_input: deprecated (configs before 0.2): ``true`` means
             ``group_shared_input=true, dropout_masks=fast``; ``false`` means ``false, torch``.
 
@@ -128,6 +138,7 @@ class LoRAConfig:
     loraplus_lr_ratio: Optional[float] = None  # noqa: UP045 - OmegaConf needs Optional
     loraplus_lr_embedding: float = 1e-6
     quantize_base: str = "none"
+    quantize_scope: str = "adapted"
     fuse_shared_input: Optional[bool] = None  # noqa: UP045 - OmegaConf needs Optional
 
     def __post_init__(self) -> None:
@@ -174,6 +185,12 @@ class LoRAConfig:
                 f"lora.quantize_base={self.quantize_base!r} with {other} is not supported: "
                 "DoRA's weight norm and PiSSA/OLoRA's base rewrite need the float base; use "
                 "quantize_base=none, or plain LoRA (use_dora=false, init=kaiming/gaussian)"
+            )
+        _check_choice("quantize_scope", self.quantize_scope, QUANTIZE_SCOPES)
+        if self.quantize_scope != "adapted" and self.quantize_base == "none":
+            raise LoRAConfigError(
+                f"lora.quantize_scope={self.quantize_scope!r} with lora.quantize_base='none' "
+                "quantizes nothing: set quantize_base to nf4 or int8, or quantize_scope=adapted"
             )
         if self.loraplus_lr_ratio is not None:
             self.loraplus_lr_ratio = _positive_number("loraplus_lr_ratio", self.loraplus_lr_ratio)

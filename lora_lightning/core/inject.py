@@ -2,7 +2,8 @@
 
 Owns: :func:`inject_lora` (plan with ``core.plan``, then apply) and :func:`apply_plan`, which
 attaches every planned adapter (and its variant: DoRA's magnitude; a PiSSA/OLoRA init rewrites
-the base weight; ``quantize_base`` stores the base weight quantized, see ``core.quantize``),
+the base weight; ``quantize_base`` stores the base weight quantized, see ``core.quantize``,
+and with ``quantize_scope=all_linear`` that of the plan's other frozen Linears too),
 groups shared inputs, places the marks and freezes what should not train. If anything fails
 while applying, every change is rolled back: the model keeps its parameters (the same
 objects, base weight values bit for bit), hooks, ``requires_grad`` flags and attributes
@@ -18,13 +19,14 @@ from lora_lightning.core import dora, quantize
 from lora_lightning.core.config import LoRAConfig
 from lora_lightning.core.errors import LoRAStateError
 from lora_lightning.core.fusion import group_shared_inputs
-from lora_lightning.core.layers import MATMUL_KINDS, attach, detach
+from lora_lightning.core.layers import MATMUL_KINDS, attach, detach, layer_kind
 from lora_lightning.core.plan import LoRAPlan, TargetFn, plan_lora
 from lora_lightning.core.state import (
     AdapterSet,
     clear_marks,
     layer_state,
     mark_only_lora_as_trainable,
+    mark_quantized,
     mark_root,
     mark_saved,
     mark_trained_bias,
@@ -64,7 +66,8 @@ def apply_plan(model: nn.Module, plan: LoRAPlan) -> list[str]:
 
     Raises:
         LoRAStateError: if the model changed since the plan was made (a target is gone,
-            another module now sits there, or it is adapted already).
+            another module now sits there, or it is adapted already; a frozen Linear the plan
+            stores quantized is gone, replaced, or quantized already).
     """
     model = getattr(model, "_orig_mod", model)
     if plan.already_applied:
@@ -72,9 +75,18 @@ def apply_plan(model: nn.Module, plan: LoRAPlan) -> list[str]:
         return plan.names
     modules = dict(model.named_modules())
     stale = [t.name for t in plan.targets if t.name not in modules or layer_state(modules[t.name])]
+    stale += [
+        n
+        for n, _ in plan.quantized_frozen
+        if n not in modules
+        or quantize.unsupported_reason(
+            modules[n], layer_kind(modules[n]), plan.config.quantize_base
+        )
+    ]
     if stale:
         raise LoRAStateError(
-            f"the plan no longer fits the model: {stale[:5]} are missing or already adapted; "
+            f"the plan no longer fits the model: {stale[:5]} are missing, already adapted or "
+            "already quantized; "
             "make a new plan with plan_lora(model, config)"
         )
     owner = AdapterSet(plan.config)
@@ -98,6 +110,9 @@ def apply_plan(model: nn.Module, plan: LoRAPlan) -> list[str]:
         for target in plan.targets:
             if target.quantize:
                 floats[target.name] = quantize.quantize_layer(modules[target.name], target.quantize)
+        for name, scheme in plan.quantized_frozen:  # quantize_scope=all_linear
+            floats[name] = quantize.quantize_layer(modules[name], scheme)
+            mark_quantized(modules[name], owner)
         if floats:
             quantize.update_ddp_ignore(model)
         if plan.config.group_shared_input:

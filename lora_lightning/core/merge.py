@@ -4,7 +4,10 @@ Owns: merging and unmerging in place, :func:`merged_state_dict` (a deployable co
 adapters folded in, the live model untouched), and :func:`unload_lora`. Every check happens
 before the first weight changes. A quantized base (``quantize_base``, see ``core.quantize``)
 is never merged into: ``merge_lora`` refuses it, ``merged_state_dict`` folds the adapters into
-dequantized copies, and ``unload_lora`` leaves dequantized float weights. Must not import: ``core.inject``, ``core.adapter``, Lightning.
+dequantized copies, and ``unload_lora`` leaves dequantized float weights. Frozen layers that
+are stored quantized but not adapted (``quantize_scope=all_linear``) do not block
+``merge_lora`` (it changes adapted weights only); ``merged_state_dict`` writes them
+dequantized, and ``unload_lora`` dequantizes them too. Must not import: ``core.inject``, ``core.adapter``, Lightning.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from lora_lightning.core.state import (
     is_merged,
     layer_state,
     parameter_aliases,
+    quantized_modules,
 )
 
 
@@ -60,7 +64,8 @@ def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
             float rounding). A quantized base (``quantize_base``) becomes a float parameter
             of its dequantized values (original dtype) first, either way: the original float
             weights are not kept, so it differs from them by the quantization error; with
-            ``merge`` the adapters are then folded into those float weights.
+            ``merge`` the adapters are then folded into those float weights. The same holds
+            for the other frozen Linears ``quantize_scope=all_linear`` stored quantized.
 
     Returns:
         ``model`` itself, modified in place (``modules_to_save`` keep their trained values).
@@ -68,6 +73,8 @@ def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     layers = list(adapted_layers(model))
     merged = is_merged(model)
     for _, module, _ in layers:
+        quantize.dequantize_layer(module)
+    for _, module in quantized_modules(model):  # quantize_scope=all_linear
         quantize.dequantize_layer(module)
     quantize.update_ddp_ignore(model)
     if merge and not merged and layers:

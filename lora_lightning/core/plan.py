@@ -3,7 +3,9 @@
 Owns: :class:`LoRAPlan` / :class:`TargetPlan` and :func:`plan_lora`, a pure function of
 (model, config, optional target function) that selects targets, resolves each target's rank,
 alpha, scaling, dtype, adapter shapes, whether its init rewrites the base weight (PiSSA,
-OLoRA) and whether its base is stored quantized (``core.quantize``), lists what trains
+OLoRA) and whether its base is stored quantized (``core.quantize``; with
+``quantize_scope=all_linear`` also which other frozen Linears are, and why any stays float),
+lists what trains
 (``modules_to_save``, biases), and raises on everything that can be wrong: an invalid or mutated config, an entry that matches nothing, an unsupported layer (for
 the variant or init too), adapters from another config already in the model. It reads the
 model and never changes it. Must not import: ``core.inject``, ``core.adapter``, Lightning.
@@ -11,6 +13,7 @@ model and never changes it. Must not import: ``core.inject``, ``core.adapter``, 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 import warnings
@@ -73,6 +76,14 @@ class LoRAPlan:
     modules_to_save: tuple[str, ...]
     trained_biases: tuple[str, ...]  # adapted layers whose bias trains (bias="lora_only")
     already_applied: bool  # the model holds exactly these adapters from an equal config
+    # quantize_scope=all_linear: the frozen nn.Linear layers (not adapted, not in
+    # modules_to_save, weight not tied) whose base weight is stored quantized too, as
+    # (name, scheme), in model order; empty under quantize_scope=adapted.
+    quantized_frozen: tuple[tuple[str, str], ...] = ()
+    # quantize_scope=all_linear: the other nn.Linear layers, whose weight stays float, as
+    # (name, why): trained in full, tied, or a weight the scheme cannot store (e.g. nf4 and
+    # a size not a multiple of 16384). Leaving them float changes no maths, only memory.
+    kept_float: tuple[tuple[str, str], ...] = ()
 
     @property
     def names(self) -> list[str]:
@@ -109,7 +120,9 @@ class LoRAPlan:
         return {**specs, **self.adapter_tensors()}
 
     def summary(self) -> str:
-        """One line per target (name, kind, rank, alpha, scaling, shapes), for people."""
+        """One line per target (name, kind, rank, alpha, scaling, shapes), per module trained
+        in full, and with ``quantize_scope=all_linear`` per other frozen Linear (its scheme, or
+        why its weight stays float), for people."""
         rows = [
             f"{t.name}  {t.kind}{' ' + t.variant if t.variant else ''}  r={t.r}  "
             f"alpha={t.alpha:g}  scaling={t.scaling:g}  "
@@ -118,6 +131,8 @@ class LoRAPlan:
             for t in self.targets
         ]
         rows += [f"{name}  trained in full" for name in self.modules_to_save]
+        rows += [f"{name}  frozen, base {scheme}" for name, scheme in self.quantized_frozen]
+        rows += [f"{name}  frozen, base kept float: {why}" for name, why in self.kept_float]
         return "\n".join(rows)
 
 
@@ -192,8 +207,61 @@ def plan_lora(
     biases = tuple(
         n for n, m in kept if config.bias == "lora_only" and getattr(m, "bias", None) is not None
     )
-    plan = LoRAPlan(config, targets, tuple(saved_names), biases, already_applied=False)
+    quantized_frozen: tuple[tuple[str, str], ...] = ()
+    kept_float: tuple[tuple[str, str], ...] = ()
+    if config.quantize_scope == "all_linear" and owner_of(model) is None:
+        quantized_frozen, kept_float = _frozen_linears(model, modules, kept, saved_names, config)
+    plan = LoRAPlan(
+        config,
+        targets,
+        tuple(saved_names),
+        biases,
+        already_applied=False,
+        quantized_frozen=quantized_frozen,
+        kept_float=kept_float,
+    )
     return plan if alongside else _against_existing_adapters(model, plan)
+
+
+def _frozen_linears(
+    model: nn.Module,
+    modules: list[tuple[str, nn.Module]],
+    targets: list[tuple[str, nn.Module]],
+    saved: list[str],
+    config: LoRAConfig,
+) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]:
+    """``quantize_scope=all_linear``: every nn.Linear that is neither a target nor trained in
+    full, split into ``(name, scheme)`` to store quantized and ``(name, why)`` to keep float.
+    A layer the scheme cannot store is kept float, not refused: its maths is the same either
+    way, only the memory saving is smaller."""
+    scheme = config.quantize_base
+    adapted = {n for n, _ in targets}
+    attention = [n for n, m in modules if isinstance(m, nn.MultiheadAttention)]
+    linears = [(n, m) for n, m in modules if n not in adapted and layer_kind(m) == "linear"]
+    trained = [
+        (n, "trained in full (modules_to_save)") for n, _ in linears if _inside_any(n, saved)
+    ]
+    # nn.MultiheadAttention reads its out_proj weight itself (its fused fast path included),
+    # not through the Linear's F.linear, which is what the quantized tensors implement.
+    fused = [
+        (n, "read directly by its nn.MultiheadAttention, not through F.linear")
+        for n, _ in linears
+        if _inside_any(n, attention) and not _inside_any(n, saved)
+    ]
+    skip = {n for n, _ in trained + fused}
+    rest = [(n, m) for n, m in linears if n not in skip]
+    problems = dict(
+        _weight_problems(
+            model,
+            rest,
+            lambda module: quantize.unsupported_reason(module, "linear", scheme),
+            "storing it quantized would untie it from those modules",
+        )
+    )
+    order = {n: i for i, (n, _) in enumerate(modules)}
+    kept_float = sorted(trained + fused + list(problems.items()), key=lambda item: order[item[0]])
+    quantized = tuple((n, scheme) for n, _ in rest if n not in problems)
+    return quantized, tuple(kept_float)
 
 
 class TiedWeightWarning(UserWarning):
@@ -307,9 +375,7 @@ def _against_existing_adapters(model: nn.Module, plan: LoRAPlan) -> LoRAPlan:
             f"adapt (adapted but not targeted now: {only_model}; targeted but not adapted: "
             f"{only_plan}); call unload_lora(model) first"
         )
-    return LoRAPlan(
-        plan.config, plan.targets, plan.modules_to_save, plan.trained_biases, already_applied=True
-    )
+    return dataclasses.replace(plan, already_applied=True)
 
 
 def _choose_targets(

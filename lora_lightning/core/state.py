@@ -14,6 +14,7 @@ Must not import: ``core.layers``/``core.inject`` (they build on this), Lightning
 
     model ─┬─ encoder.layer.0.attention.self.query   mark: LoRALayer(r, alpha, scaling, ─┐
            ├─ encoder.layer.0.attention.self.key     mark: LoRALayer(...)  ───────────────┤
+           ├─ encoder.layer.0.output.dense           mark: quantized (all_linear) ────────┤
            ├─ classifier                             mark: saved ─────────────────────────┤
            └─ (root)                                 mark: root ──────────────────────────┤
                                                                  AdapterSet(config) <─────┘
@@ -36,7 +37,10 @@ _SAVED = "_lora_saved"  # on a module trained in full: the AdapterSet
 _BIAS = "_lora_bias"  # on an adapted layer whose bias trains (bias="lora_only"): the AdapterSet
 _ROOT = "_lora_root"  # on the module inject_lora was called on: the AdapterSet
 _BANK = "_lora_bank"  # on the root of a model holding named adapters: its AdapterBank
-_MARKS = (_LAYER, _SAVED, _BIAS, _ROOT)
+# On a frozen, not adapted layer whose base weight the injection stored quantized
+# (quantize_scope=all_linear): the AdapterSet.
+_QUANTIZED = "_lora_quantized"
+_MARKS = (_LAYER, _SAVED, _BIAS, _ROOT, _QUANTIZED)
 
 #: Names of LoRA's own child modules, never targets themselves.
 LORA_PARTS = ("lora_A", "lora_B")
@@ -150,6 +154,12 @@ def mark_root(module: nn.Module, owner: AdapterSet) -> None:
     module.__dict__[_ROOT] = owner
 
 
+def mark_quantized(module: nn.Module, owner: AdapterSet) -> None:
+    """Record that ``owner``'s injection stored the frozen base weight of ``module`` (a layer
+    it does not adapt; ``quantize_scope=all_linear``) quantized, for ``unload_lora``."""
+    module.__dict__[_QUANTIZED] = owner
+
+
 def pop_layer(module: nn.Module) -> LoRALayer:
     """Remove and return the layer mark of ``module``."""
     return module.__dict__.pop(_LAYER)
@@ -205,6 +215,14 @@ def saved_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Yield ``(name, module)`` for every module in ``modules_to_save``."""
     for name, module in model.named_modules():
         if module.__dict__.get(_SAVED) is not None:
+            yield name, module
+
+
+def quantized_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Yield ``(name, module)`` for every frozen layer the injection stored quantized without
+    adapting it (``quantize_scope=all_linear``); adapted layers are not included."""
+    for name, module in model.named_modules():
+        if module.__dict__.get(_QUANTIZED) is not None:
             yield name, module
 
 
