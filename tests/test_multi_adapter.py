@@ -193,15 +193,17 @@ def test_a_head_whose_base_values_were_never_seen_is_not_guessed(dirs):
     assert_unchanged(model, before)
 
 
-def test_a_quantized_base_switches_in_place_and_refuses_a_reinjection(dirs):
+@pytest.mark.parametrize("scope", ["adapted", "all_linear"])
+def test_a_quantized_base_switches_in_place_and_refuses_a_reinjection(dirs, scope):
     from lora_lightning.core import config_of
 
     model = tiny_bert(0)
-    inject_lora(model, LoRAConfig(**SAME, quantize_base="int8"))
+    inject_lora(model, LoRAConfig(**SAME, quantize_base="int8", quantize_scope=scope))
     load_adapter(model, dirs["plain_a"], name="x")
     load_adapter(model, dirs["c"], name="c")
     set_active_adapter(model, "x")  # same layout: in place, the base stays quantized
     assert config_of(model).quantize_base == "int8"
+    assert config_of(model).quantize_scope == scope  # the base's, not the file's
     # (snapshot() compares values with torch.equal, which quantized tensors lack)
     params = {n: id(p) for n, p in model.named_parameters()}
     adapters = {n: t.clone() for n, t in lora_state_dict(model).items()}

@@ -162,12 +162,17 @@ def set_active_adapter(model: nn.Module, name: str) -> None:
     restore = _base_restores(bank, live, incoming.tensors, f"set_active_adapter({name!r})")
     outgoing = StoredAdapter(config_of(model), {n: t.clone() for n, t in live.items()})
     if _same_layout(model, live, incoming):
+        # How the base is stored (QLoRA) belongs to the base, not to the adapter; the config is
+        # built (and so validated) before the first value is copied.
+        config = dataclasses.replace(
+            incoming.config,
+            quantize_base=outgoing.config.quantize_base,
+            quantize_scope=outgoing.config.quantize_scope,
+        )
         with torch.no_grad():
             for key, target in live.items():
                 target.copy_(incoming.tensors[key])
-        # How the base is stored (QLoRA) belongs to the base, not to the adapter.
-        quantized = outgoing.config.quantize_base
-        rebind_config(model, dataclasses.replace(incoming.config, quantize_base=quantized))
+        rebind_config(model, config)
     else:
         _check_not_quantized(model, name)
         plan = _checked_plan(model, incoming, f"set_active_adapter({name!r})")
