@@ -171,6 +171,21 @@ def test_load_of_a_file_targeting_an_unsupported_layer_changes_nothing_and_names
     assert_unchanged(model, before)
 
 
+def test_a_linear_that_its_parent_reads_directly_is_refused_not_silently_inert():
+    """nn.MultiheadAttention computes with ``out_proj.weight`` itself and never calls
+    ``out_proj``: an adapter there would never run (its outputs were unchanged by it)."""
+    model = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    before = snapshot(model)
+    for targets in (["out_proj"], [r".*(out_proj|linear1)"]):
+        with pytest.raises(UnsupportedModuleError, match=r"'self_attn\.out_proj' is inside an nn"):
+            inject_lora(model, LoRAConfig(r=2, target_modules=targets))
+        assert_unchanged(model, before)
+    assert inject_lora(model, LoRAConfig(r=2, target_modules=["linear1", "linear2"])) == [
+        "linear1",
+        "linear2",
+    ]
+
+
 def test_load_with_a_wrong_shape_changes_nothing(tmp_path):
     directory = _saved(
         tmp_path, mlp(sizes=(6, 10, 8, 4)), LoRAConfig(r=2, target_modules=["layers.0"])

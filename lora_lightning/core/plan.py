@@ -187,6 +187,7 @@ def plan_lora(
             "lora.rank_pattern; narrow those, or target other modules"
         )
     unsupported = [(n, unsupported_reason(m)) for n, m in kept if unsupported_reason(m)]
+    unsupported += _read_directly(modules, kept)
     if config.use_dora and not unsupported:
         reasons = [(n, dora.unsupported_reason(m, layer_kind(m))) for n, m in kept]
         unsupported = [(n, why) for n, why in reasons if why]
@@ -429,6 +430,23 @@ def _match_every_entry(
 def _adaptable(modules: list[tuple[str, nn.Module]]) -> list[str]:
     """Names of the modules LoRA could adapt (hints point at these, not at metric objects)."""
     return [n for n, m in modules if layer_kind(m) is not None]
+
+
+#: Why a module inside an ``nn.MultiheadAttention`` cannot be adapted.
+READ_DIRECTLY = (
+    "inside an nn.MultiheadAttention, which reads its weights directly in "
+    "F.multi_head_attention_forward and never calls the module, so a LoRA adapter on it would "
+    "silently never run (PEFT wraps the whole attention instead; that is not implemented here)"
+)
+
+
+def _read_directly(
+    modules: list[tuple[str, nn.Module]], targets: list[tuple[str, nn.Module]]
+) -> list[tuple[str, str]]:
+    """Targets whose parent reads their weight itself instead of calling them: the
+    ``out_proj`` of an ``nn.MultiheadAttention``. A hook on such a layer never fires."""
+    attention = [n for n, m in modules if isinstance(m, nn.MultiheadAttention)]
+    return [(n, READ_DIRECTLY) for n, _ in targets if _inside_any(n, attention)]
 
 
 def _inside_any(name: str, parents: list[str]) -> bool:
