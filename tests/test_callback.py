@@ -582,3 +582,23 @@ def test_merge_on_end_is_refused_under_fsdp_before_anything_is_injected():
     with pytest.raises(LoRAConfigError, match=r"merge_on_end=True\) is not supported under FSDP"):
         callback.setup(SimpleNamespace(strategy=FSDPStrategy()), module, "fit")
     assert not list(adapted_layers(module))
+
+
+class DirectWeightModule(MLPModule):
+    """Computes ``net.layers.1`` from its weight with F.linear instead of calling the layer."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, second, last = self.net.layers
+        x = torch.relu(first(x))
+        x = torch.relu(torch.nn.functional.linear(x, second.weight, second.bias))
+        return last(x)
+
+
+def test_an_adapter_whose_layer_is_never_called_is_named_after_the_first_backward(tmp_path):
+    callback = LoRACallback(r=2, target_modules=MLP_TARGETS)
+    with pytest.warns(UserWarning, match=r"1 of 2 adapted module\(s\) got no gradient.*layers\.1"):
+        trainer(tmp_path, [callback], max_steps=2).fit(DirectWeightModule())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*got no gradient.*")
+        trainer(tmp_path / "plain", [LoRACallback(r=2, target_modules=MLP_TARGETS)],
+                max_steps=2).fit(MLPModule())  # fmt: skip

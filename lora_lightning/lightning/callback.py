@@ -40,7 +40,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from safetensors.torch import save_file
@@ -48,6 +48,7 @@ from torch import nn
 
 from lora_lightning.core import (
     LoRAConfig,
+    adapted_layers,
     apply_loraplus,
     apply_plan,
     count_parameters,
@@ -210,6 +211,7 @@ class LoRACallback(pl.Callback):
             )
         self._fit_started = False
         self._resumed_states = None
+        self._gradients_checked = False
         with without_compile_wrappers(pl_module):  # names (and init seeds) as uncompiled
             try:
                 plan = plan_lora(pl_module, self.config, target_fn=self.target_fn)
@@ -320,6 +322,35 @@ class LoRACallback(pl.Callback):
             scheduler_states,
             len(trainer.lr_scheduler_configs),
         )
+
+    # ------------------------------------------------------------------------ gradients
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """After the first backward of a fit, warn about adapters that got no gradient.
+
+        An adapter whose layer is never called in the forward pass trains nothing and changes
+        no output, silently: a parent module that reads the layer's weight itself instead of
+        calling it (``F.linear(x, self.proj.weight)``), a target the model does not use. The
+        plan refuses the cases it can see (``nn.MultiheadAttention``'s ``out_proj``); this
+        catches the rest at run time. A warning, not an error: a mixture-of-experts layer
+        whose expert got no token in the first batch looks the same. Checked where each
+        parameter holds its own gradient (single device, DDP), not under FSDP/DeepSpeed.
+        """
+        if getattr(self, "_gradients_checked", True):
+            return
+        self._gradients_checked = True
+        if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
+            return
+        idle = [name for name, module, _ in adapted_layers(pl_module)
+                if module.lora_B.weight.grad is None]  # fmt: skip
+        if idle:
+            rank_zero_warn(
+                f"LoRACallback: {len(idle)} of {len(self.adapted)} adapted module(s) got no "
+                f"gradient in the first backward pass: {idle[:6]}. Their forward was not "
+                "called, so their adapters train nothing and change no output. Usual causes: "
+                "the parent reads the layer's weight directly instead of calling the layer, or "
+                "the model does not use that module (or, in a mixture of experts, the expert "
+                "got no token in this batch). Check lora.target_modules"
+            )
 
     # -------------------------------------------------------------------------- export
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
