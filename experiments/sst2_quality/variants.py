@@ -48,6 +48,9 @@ VARIANTS: dict[str, list[str]] = {
     # At the default lr 2e-3 LoRA+'s B learns at 3.2e-2; one lower lr (B at 4e-3), untuned.
     "lora+ ratio 16, lr 2.5e-4": ["seed=0", "lora.loraplus_lr_ratio=16", "model.lr=2.5e-4"],
     "pissa": ["seed=0", "lora.init=pissa"],
+    # PiSSA's adapters start as W's principal part: PEFT advises LoRA dropout 0 with it, and
+    # its paper trains at far lower learning rates. One such setting, untuned.
+    "pissa, dropout 0, lr 2e-4": ["seed=0", "lora.init=pissa", "lora.dropout=0", "model.lr=2e-4"],
     "lora nf4 base": ["seed=0", "lora.quantize_base=nf4"],
 }
 FULL: dict[str, list[str]] = {
