@@ -74,7 +74,7 @@ class TextClassifier(LightningModule):
             .train()
         )
         if gradient_checkpointing:
-            _enable_activation_checkpointing(self.model)
+            enable_activation_checkpointing(self.model)
         metrics = MetricCollection(
             {
                 "acc": Accuracy(task="multiclass", num_classes=num_labels),
@@ -162,7 +162,7 @@ def linear_warmup_decay(step: int, warmup_steps: int, total_steps: int) -> float
     return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
-def _enable_activation_checkpointing(model: Any) -> None:
+def enable_activation_checkpointing(model: Any) -> None:
     # Non-reentrant checkpointing: the reentrant variant drops gradients when the inputs of a
     # checkpointed block do not require grad, which is the case once the embeddings are frozen.
     # transformers 5 renamed the method (the old name warns); support both.
