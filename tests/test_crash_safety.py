@@ -9,6 +9,9 @@
   old one or the new one; an overwritten ``last.ckpt`` is the old or the new one.
 - A full disk (``OSError(ENOSPC)`` halfway through a write) while saving an adapter or a
   checkpoint leaves the previous ones intact and loadable, and no temp file behind.
+- The order of fsyncs, which no kill can show (a killed process's writes survive in the page
+  cache): every rename of a save comes after the fsync of what it moves and before the fsync
+  of its folder, for a checkpoint file and for new and overwritten adapter folders.
 - A rank that raises under 2-process CPU DDP stops the whole run with that error, in bounded
   time, and writes no final adapter and no temp file (slow).
 
@@ -179,6 +182,69 @@ def test_kill_at_every_point_of_a_checkpoint_write(save_kills):
             for v in versions
         ), entry
     assert torch.load(root / entries[-1]["folder"] / "last.ckpt", weights_only=True)["step"] == 2
+
+
+# ----------------------------------------------------------------- the order of fsyncs
+# A kill cannot show a wrong order: a killed process's writes survive in the page cache, so
+# only a power loss would. The order is pinned from a log of the calls instead.
+
+#: A file or folder on disk: ``(st_dev, st_ino)``, which a rename keeps.
+Identity = tuple[int, int]
+
+
+def identity(stat: os.stat_result) -> Identity:
+    return stat.st_dev, stat.st_ino
+
+
+def log_fsyncs_and_renames(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
+    """From now on, ``("fsync", what)`` once ``os.fsync`` returns and ``("rename", moved,
+    folder)`` once ``os.replace`` does: ``moved`` the identities of the source and, for a
+    folder, of every entry in it; ``folder`` that of the destination's folder."""
+    log: list[tuple[Any, ...]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def logged_fsync(fd: int) -> None:
+        fsync(fd)
+        log.append(("fsync", identity(os.fstat(fd))))
+
+    def logged_replace(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        moved = [identity(os.lstat(src))]
+        if Path(src).is_dir() and not Path(src).is_symlink():
+            moved += [identity(entry.stat(follow_symlinks=False)) for entry in os.scandir(src)]
+        folder = identity(os.stat(Path(dst).parent))
+        replace(src, dst, *args, **kwargs)
+        log.append(("rename", moved, folder))
+
+    monkeypatch.setattr(os, "fsync", logged_fsync)
+    monkeypatch.setattr(os, "replace", logged_replace)
+    return log
+
+
+@pytest.mark.parametrize("write", ["checkpoint-file", "adapter-new", "adapter-overwrite"])
+def test_every_rename_of_a_save_comes_after_the_fsync_of_its_data_and_before_its_folders(
+    tmp_path, monkeypatch, write
+):
+    """A rename is durable only once what it moves is on disk (else a power loss can leave
+    the new name on an empty or partial file) and its folder is fsynced after it (else the
+    rename itself can be lost)."""
+    folder = tmp_path / "adapter"
+    if write == "adapter-overwrite":
+        save_adapter(adapted_tiny_net(1), folder)
+    log = log_fsyncs_and_renames(monkeypatch)
+    if write == "checkpoint-file":
+        adapter_module.atomic_write_file(tmp_path / "last.ckpt", lambda tmp: tmp.write_bytes(b"x"))
+    else:
+        save_adapter(adapted_tiny_net(2), folder)
+    monkeypatch.undo()
+
+    renames = [i for i, event in enumerate(log) if event[0] == "rename"]
+    assert renames, log
+    for i in renames:
+        _, moved, parent = log[i]
+        synced_before = {event[1] for event in log[:i] if event[0] == "fsync"}
+        synced_after = {event[1] for event in log[i + 1 :] if event[0] == "fsync"}
+        assert set(moved) <= synced_before, f"rename {i} moves data not fsynced yet: {log}"
+        assert parent in synced_after, f"rename {i}: its folder is not fsynced after it: {log}"
 
 
 # ------------------------------------------------------------------------------ disk full

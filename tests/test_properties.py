@@ -8,6 +8,7 @@ the state-dict key contract, and the adapter-file round trip.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass
 
@@ -209,3 +210,9 @@ def test_saved_adapter_loads_with_identical_outputs(case):
         save_adapter(model, directory)
         load_adapter(fresh, directory)
     assert torch.equal(fresh(case.inputs()), model(case.inputs()))
+
+
+def test_property_tests_are_derandomized_without_a_database_where_ci_is_set():
+    """The seed policy (``tests/conftest.py``): CI replays the same examples, nothing saved."""
+    assert settings.default.derandomize is bool(os.environ.get("CI"))
+    assert (settings.default.database is None) is bool(os.environ.get("CI"))

@@ -2,11 +2,11 @@
 variant of a Linear or GPT-2 Conv1D adapter that ``LoRAConfig.use_dora`` switches on.
 
 Owns: the magnitude parameter (``lora_magnitude_vector``, PEFT's name and state-dict key),
-its initialisation, the row norm of ``W + s·B A`` (:func:`weight_norm`, exact and without
-forming the ``[out, in]`` matrix), DoRA's forward (called by the layer's forward hook through
-its :class:`DoRA` variant), and its merged weight. Must not import: ``core.plan``,
-``core.inject``, ``core.merge``, ``core.adapter``, Lightning. PEFT's code
-(``peft/tuners/lora/dora.py``, ``variants.py``) is the ground truth for the maths::
+its initialisation, the row norm of ``W + s·B A`` (:func:`weight_norm`, within a stated
+rounding bound and without forming the ``[out, in]`` matrix), DoRA's forward (called by the
+layer's forward hook through its :class:`DoRA` variant), and its merged weight. Must not
+import: ``core.plan``, ``core.inject``, ``core.merge``, ``core.adapter``, Lightning. PEFT's
+code (``peft/tuners/lora/dora.py``, ``variants.py``) is the ground truth for the maths::
 
     V  = W + s · B A                     # [out, in] (never formed in the forward)
     n  = ||V||_row, detached             # [out]: one norm per output feature (paper 4.3)
@@ -49,6 +49,10 @@ __all__ = ["DoRA", "KINDS", "MAGNITUDE", "attach", "naive_weight_norm", "weight_
 KINDS = (LINEAR, GPT2_CONV1D)
 #: ``hidden(module, layer, x) -> A x`` (dropout-free): the layer's own, shared-input aware.
 Hidden = Callable[[nn.Module, LoRALayer, torch.Tensor], torch.Tensor]
+#: The largest condition ``κ`` (see :func:`weight_norm`) of a row whose norm comes from the
+#: expanded square; rows above it are formed directly. Bounds the expansion's relative error
+#: by ``50·γ_{in+2r+5}`` (about ``50·(in+2r)·u``, ``√(in+2r)`` times less for random rounding).
+EXPANSION_MAX_CONDITION = 100.0
 
 
 def unsupported_reason(module: nn.Module, kind: str | None) -> str | None:
@@ -96,26 +100,43 @@ def weight_norm(
     transposed: bool = False,
     weight_sq: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``||W + s·B A||`` per output row, exactly, without forming the ``[out, in]`` sum
-    (``||w||² + 2s·w·(BA) + s²||BA||²``; rows where those terms cancel are formed directly).
+    """``||W + s·B A||`` per output row, without forming the ``[out, in]`` sum
+    (``||w||² + 2s·w·(BA) + s²||BA||²``; rows where that expansion loses precision are
+    formed directly), within a rounding-error bound of the exact norm (below).
 
     ``weight`` is ``[out, in]`` (``[in, out]`` with ``transposed``, GPT-2 Conv1D), ``a``
     ``[r, in]``, ``b`` ``[out, r]``; ``weight_sq`` optionally the precomputed ``||w_i||²``.
     Computed in at least float32; returns ``[out]`` in that dtype, detached.
+
+    Precision, per row (``u`` the unit roundoff of that dtype, ``γ_k = k·u/(1 - k·u)``,
+    ``ṽ = |b_i|ᵀ|A|`` the row of ``B A`` with no cancellation inside it,
+    ``κ = || |w_i| + s·ṽ ||² / ||w_i + s·b_i A||²``): a row from the expansion is within
+    ``(γ_{in+2r+5}·κ/2 + u)`` relative of the exact norm, and it is used only where
+    ``κ <= EXPANSION_MAX_CONDITION`` (up to rounding); a row formed directly, as the
+    naive norm in that dtype, is within ``γ_{r+2}·√κ + γ_in/2 + u``.
     """
     dtype = torch.promote_types(a.dtype, torch.float32)
     w, a, b = weight.to(dtype), a.to(dtype), b.to(dtype)
     if weight_sq is None:
         weight_sq = row_sq_norms(w, transposed=transposed)
+    weight_sq = weight_sq.to(dtype)
     wa = (a @ w).t() if transposed else w @ a.t()  # [out, in] @ [in, r] -> [out, r]
     cross = (wa * b).sum(1)
     lora_sq = ((b @ (a @ a.t())) * b).sum(1)  # [out, r] @ [r, r] -> [out, r]
-    scale = weight_sq.to(dtype) + (scaling * scaling) * lora_sq
-    sq = scale + (2.0 * scaling) * cross
-    # The expanded square cancels where a row of s·B A nearly negates the row of W (the sum
-    # is then far below its terms, and rounding of the terms dominates it): recompute those
-    # rows from W + s·B A itself. Rare, and only those rows are formed.
-    ill = sq < 1e-2 * scale
+    sq = weight_sq + (scaling * scaling) * lora_sq + (2.0 * scaling) * cross
+    # Each term's rounding error is at most γ·(its sum taken over absolute values), so the
+    # expansion's error is γ·|| |w| + s·ṽ ||², which is κ·sq: large where s·B A nearly negates
+    # W's row and also where B A's row cancels within itself (b_i A small beside |b_i|ᵀ|A|,
+    # which a rank r above in allows exactly). Bound that square without forming ṽ
+    # (||ṽ|| <= Σ_k |b_ik|·||A_k||, Cauchy-Schwarz for the cross term) and form the rows over
+    # the limit directly. Rare in training: without cancellation the bound stays below about
+    # (1 + 2r/π)·sq (random B, A's rows near-orthogonal of like norms), so it passes the limit only
+    # for ranks above ~150 with s·B A's row about as long as W's (measured 2026-12-03, in=1024,
+    # r=256: 19% of rows formed directly at s·||b_i A|| = ||w_i||, all at twice that; none at
+    # r=64), or where s·B A's row nearly negates W's.
+    lora_bound = b.abs() @ a.norm(dim=1)  # [out, r] @ [r] -> [out]
+    bound_sq = (weight_sq.sqrt() + abs(scaling) * lora_bound).square()
+    ill = sq * EXPANSION_MAX_CONDITION < bound_sq
     if bool(ill.any()):
         rows = ill.nonzero().squeeze(1)
         w_rows = w[:, rows].t() if transposed else w[rows]  # [k, in]
