@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load on first
         LoRAPlan,
         LoRAStateError,
         ParameterCounts,
+        ServingCompatibilityWarning,
         UnsupportedModuleError,
         active_adapter,
         apply_loraplus,
@@ -43,6 +44,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load on first
         set_active_adapter,
         unload_lora,
         unmerge_lora,
+        vllm_unsupported,
     )
     from lora_lightning.lightning import LoRACallback
 
@@ -57,6 +59,7 @@ __all__ = [
     "LoRAPlan",
     "LoRAStateError",
     "ParameterCounts",
+    "ServingCompatibilityWarning",
     "UnsupportedModuleError",
     "active_adapter",
     "apply_loraplus",
@@ -78,6 +81,7 @@ __all__ = [
     "set_active_adapter",
     "unload_lora",
     "unmerge_lora",
+    "vllm_unsupported",
 ]
 
 __version__ = "0.1.0"

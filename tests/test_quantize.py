@@ -333,7 +333,7 @@ def _bert_with_tied_query() -> nn.Module:
     ("build", "config", "text"),
     [
         (lambda: mlp(sizes=(6, 10, 4)), LoRAConfig(target_modules=["layers.0"], quantize_base="nf4"),
-         r"'layers.0' is \(10, 6\) \(60 weights\): nf4 stores a multiple of 16384"),
+         r"'layers.0' is \(10, 6\) \(60 weights\): nf4 stores a multiple of 1024"),
         (qbert, LoRAConfig(target_modules=["word_embeddings"], quantize_base="int8"),
          r"'bert.embeddings.word_embeddings' is a Embedding, whose base weight "
          r"quantize_base='int8' cannot store"),
@@ -451,7 +451,7 @@ def test_all_linear_keeps_float_and_lists_with_reasons_what_it_cannot_or_must_no
     plan = plan_lora(qbert(), all_linear("nf4"))
     assert plan.quantized_frozen == tuple((n, "nf4") for n in FROZEN)
     ((name, why),) = plan.kept_float
-    assert name == "classifier" and "(3, 128) (384 weights): nf4 stores a multiple of 16384" in why
+    assert name == "classifier" and "(3, 128) (384 weights): nf4 stores a multiple of 1024" in why
     assert "classifier  frozen, base kept float: (3, 128)" in plan.summary()
     assert "bert.pooler.dense  frozen, base nf4" in plan.summary()
 
@@ -663,3 +663,23 @@ def _ddp_driver(out: Path) -> None:
 
 if __name__ == "__main__":
     _ddp_driver(Path(sys.argv[1]))
+
+
+def test_nf4_groups_block_scales_by_256_or_the_largest_power_of_two_dividing_the_blocks():
+    from lora_lightning.core.quantize import nf4_scaler_block
+
+    assert nf4_scaler_block(1536 * 576) == 256  # SmolLM2's MLP: QLoRA's grouping
+    assert nf4_scaler_block(576 * 576) == 64  # SmolLM2's q/o_proj: 5184 blocks
+    assert nf4_scaler_block(192 * 576) == 64  # its k/v_proj: 1728 blocks
+    assert nf4_scaler_block(1024) == 16
+    assert nf4_scaler_block(512) is None and nf4_scaler_block(1000) is None
+
+
+def test_a_smollm2_shaped_attention_projection_is_stored_as_nf4_with_qloras_error():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(576, 576, bias=False))
+    reference = model[0].weight.detach().clone()
+    inject_lora(model, LoRAConfig(r=4, target_modules=["0"], quantize_base="nf4"))
+    assert quantize.scheme_of(model[0].weight) == "nf4"
+    error = (quantize.dequantize(model[0].weight) - reference).norm() / reference.norm()
+    assert 0.05 < float(error) < 0.1  # NF4's error on Gaussian weights, as at 256 per group

@@ -46,6 +46,7 @@ from lora_lightning.core.multi import (
     set_active_adapter,
 )
 from lora_lightning.core.plan import LoRAPlan, TargetPlan, plan_lora
+from lora_lightning.core.serving import ServingCompatibilityWarning, vllm_unsupported
 from lora_lightning.core.state import (
     ParameterCounts,
     adapted_layers,
@@ -57,6 +58,8 @@ from lora_lightning.core.state import (
 )
 
 __all__ = [
+    "ServingCompatibilityWarning",
+    "vllm_unsupported",
     "AdapterFileError",
     "AdapterWriteError",
     "CheckpointMismatchError",

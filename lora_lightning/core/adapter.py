@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from lora_lightning.core.files import CONFIG_FILE
 from lora_lightning.core.inject import apply_plan
 from lora_lightning.core.peft_format import to_peft_key
 from lora_lightning.core.plan import LoRAPlan, plan_lora
+from lora_lightning.core.serving import ServingCompatibilityWarning, vllm_unsupported
 from lora_lightning.core.state import (
     adapted_layers,
     config_of,
@@ -105,7 +107,17 @@ def save_adapter(
     peft_config = peft_format.peft_config(config, layers, saved)
     peft_config["base_model_name_or_path"] = base_model_name_or_path
     config_text = json.dumps(peft_config, indent=2, sort_keys=True) + "\n"
-    return files.write_adapter_files(Path(directory), config_text, peft_tensors)
+    written = files.write_adapter_files(Path(directory), config_text, peft_tensors)
+    unservable = vllm_unsupported(model)
+    if unservable:
+        warnings.warn(
+            ServingCompatibilityWarning(
+                f"save_adapter: {written} loads in PEFT, but vLLM refuses adapters with "
+                f"{'; '.join(unservable)}: serve it merged (merged_state_dict) or with PEFT"
+            ),
+            stacklevel=2,
+        )
+    return written
 
 
 def load_adapter(

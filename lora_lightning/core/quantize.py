@@ -45,8 +45,11 @@ NONE, NF4, INT8 = QUANTIZE_BASE
 #: Values of ``LoRAConfig.quantize_base``.
 SCHEMES = QUANTIZE_BASE
 #: NF4 as in QLoRA and torchtune: 64 weights per block, block scales double-quantized in
-#: groups of 256, so an NF4 weight needs a multiple of 64 * 256 elements.
-NF4_BLOCK, NF4_SCALER_BLOCK = 64, 256
+#: groups of 256. A weight whose block count is not a multiple of 256 (SmolLM2's 576x576
+#: attention projections: 5184 blocks) has its scales grouped by the largest power of two that
+#: divides the block count, down to NF4_MIN_SCALER_BLOCK: smaller groups only store the scales
+#: more precisely (one more float per group), the 4-bit weights are the same NF4 code.
+NF4_BLOCK, NF4_SCALER_BLOCK, NF4_MIN_SCALER_BLOCK = 64, 256, 16
 INSTALL_HINT = "pip install 'lora-lightning[quant]'"
 #: Layer kinds a quantized base supports (``core.layers`` kinds).
 KINDS = ("linear",)
@@ -114,12 +117,28 @@ def unsupported_reason(module: nn.Module, kind: str | None, scheme: str) -> str 
         )
     if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"a {type(module).__name__} whose weight is {weight.dtype}, which {scheme} does not store"
-    if scheme == NF4 and weight.numel() % (NF4_BLOCK * NF4_SCALER_BLOCK):
+    if scheme == NF4 and nf4_scaler_block(weight.numel()) is None:
         return (
             f"{tuple(weight.shape)} ({weight.numel()} weights): nf4 stores a multiple of "
-            f"{NF4_BLOCK * NF4_SCALER_BLOCK} weights only (blocks of {NF4_BLOCK}, block "
-            f"scales in groups of {NF4_SCALER_BLOCK}); use int8 or exclude it"
+            f"{NF4_BLOCK * NF4_MIN_SCALER_BLOCK} weights only (blocks of {NF4_BLOCK}, block "
+            f"scales in groups of {NF4_MIN_SCALER_BLOCK} to {NF4_SCALER_BLOCK}); use int8 or "
+            "exclude it"
         )
+    return None
+
+
+def nf4_scaler_block(numel: int) -> int | None:
+    """Block scales per double-quantization group for an NF4 weight of ``numel`` elements:
+    256 (QLoRA's) when the block count allows, else the largest power of two dividing it, not
+    under ``NF4_MIN_SCALER_BLOCK``; None when ``numel`` cannot be stored as NF4."""
+    if numel % NF4_BLOCK:
+        return None
+    blocks = numel // NF4_BLOCK
+    size = NF4_SCALER_BLOCK
+    while size >= NF4_MIN_SCALER_BLOCK:
+        if blocks % size == 0:
+            return size
+        size //= 2
     return None
 
 
@@ -130,7 +149,13 @@ def quantize(weight: torch.Tensor, scheme: str) -> torch.Tensor:
     tq = backend()
     weight = weight.detach()
     if scheme == NF4:
-        return tq.to_nf4(weight, NF4_BLOCK, NF4_SCALER_BLOCK)
+        scaler_block = nf4_scaler_block(weight.numel())
+        if scaler_block is None:
+            raise LoRAConfigError(
+                f"quantize: a {tuple(weight.shape)} weight cannot be stored as nf4 (see "
+                "unsupported_reason)"
+            )
+        return tq.to_nf4(weight, NF4_BLOCK, scaler_block)
     if scheme == INT8:
         return tq.Int8Tensor.from_hp(weight, tq.PerRow())
     raise LoRAConfigError(f"lora.quantize_base={scheme!r} is invalid: expected one of {SCHEMES}")
