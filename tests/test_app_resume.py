@@ -20,10 +20,12 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import test_app
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning_models import MLPModule
 from safetensors.torch import load_file
 from test_app import compose_train, tiny_args, train_py
 
-from lora_lightning.app.signals import resume_checkpoint
+from lora_lightning.app.signals import SUBMITIT, Preemption, resume_checkpoint
 
 tiny_model_dir = test_app.tiny_model_dir  # the shared fixture (pytest finds it by this name)
 # PYTHONPATH: the killer callback is this module, imported by the job by its _target_.
@@ -151,6 +153,36 @@ def test_slurm_launcher_config_requeues_jobs_that_reach_the_time_limit():
     # out job would not be requeued (submitit raises UncompletedJobError instead).
     assert launcher.max_num_timeout >= 1
     assert launcher.signal_delay_s >= 60
+
+
+def test_submitit_signal_is_handled_at_the_step_boundary_and_handed_back_after_fit(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
+    monkeypatch.delenv("SUBMITIT_PREEMPT_SIGNAL", raising=False)
+    calls: list[tuple[int, bool]] = []
+    preemption = Preemption(tmp_path)
+
+    def submitit_handler(signum, frame):  # stands in for submitit's checkpoint_and_try_requeue
+        calls.append((signum, (tmp_path / "preempted.ckpt").is_file()))
+
+    previous = signal.signal(signal.SIGUSR2, submitit_handler)
+    try:
+        trainer = pl.Trainer(
+            accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False,
+            enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
+            callbacks=[preemption, SignalAtStep(2, "SIGUSR2")],
+        )  # fmt: skip
+        with pytest.raises(SIGTERMException):
+            trainer.fit(MLPModule())
+        assert calls == []  # not run mid-step
+        assert trainer.global_step == 2 and preemption.saved == tmp_path / "preempted.ckpt"
+        assert signal.getsignal(signal.SIGUSR2) is submitit_handler  # restored when fit ended
+        assert (preemption.launcher, preemption.signal_name) == (SUBMITIT, "SIGUSR2")
+        preemption.end_job()
+        assert calls == [(signal.SIGUSR2, True)]
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
 
 
 def test_resume_auto_in_an_empty_run_folder_starts_fresh(tmp_path):

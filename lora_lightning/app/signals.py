@@ -193,9 +193,8 @@ class Preemption(pl.Callback):
             self.saved = max(written, key=lambda path: path.stat().st_mtime_ns, default=None)
         else:
             path = self.dirpath / PREEMPTED_NAME
-            trainer.save_checkpoint(
-                path, weights_only=False
-            )  # every rank takes part; rank 0 writes
+            # Every rank takes part; rank 0 writes.
+            trainer.save_checkpoint(path, weights_only=False)
             self.saved = path
         log.info(f"{self.signal_name}: checkpoint saved to {self.saved}")
 
