@@ -1,37 +1,48 @@
-"""Resume and preemption: ``ckpt_path=``, ``resume=auto``, and SIGTERM mid-epoch.
+"""Resume and preemption: ``ckpt_path=``, ``resume=auto``, and "time is up" mid-epoch.
 
-A job stopped by SIGTERM saves ``checkpoints/preempted.ckpt`` and exits 143; rerunning the same
-command with ``resume=auto`` ends with an adapter bit-identical to an uninterrupted run's
-(dropout on: the RNG state and the position in the epoch are restored).
+Each way a cluster says "time is up" is delivered to a real short CPU job at optimizer step 5
+of 32 (16 batches per epoch, 2 epochs, LoRA and BERT dropout on, so the RNG state and the
+position in the epoch matter): SIGTERM; SLURM's requeue signal under Lightning's
+SLURMEnvironment (SIGUSR1, with ``scontrol`` replaced by a script that records its arguments);
+submitit's signal (USR2) in a job of submitit's local executor, which requeues and restarts it
+as SLURM would. Each test checks the checkpoint written, the exit status, and that the job
+continued ends with an adapter bit-identical to an uninterrupted run's.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import stat
 import time
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import test_app
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning_models import MLPModule
 from safetensors.torch import load_file
-from test_app import tiny_args, train_py
+from test_app import compose_train, tiny_args, train_py
 
-from lora_lightning.app.signals import resume_checkpoint
+from lora_lightning.app.signals import SUBMITIT, Preemption, resume_checkpoint
 
 tiny_model_dir = test_app.tiny_model_dir  # the shared fixture (pytest finds it by this name)
+# PYTHONPATH: the killer callback is this module, imported by the job by its _target_.
+KILLER_ENV = {"PYTHONPATH": str(Path(__file__).parent)}
 
 
-class SigtermAtStep(pl.Callback):
-    """Sends this process SIGTERM, as a scheduler would, after optimizer step ``step``."""
+class SignalAtStep(pl.Callback):
+    """Sends this process ``signal`` (a name: SIGTERM, SIGUSR1...), as a scheduler would, after
+    optimizer step ``step``."""
 
-    def __init__(self, step: int) -> None:
+    def __init__(self, step: int, signal: str = "SIGTERM") -> None:
         self.step = step
+        self.signal = signal
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
         if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), getattr(signal, self.signal))
 
 
 def _budget(model_dir: Path) -> list[str]:
@@ -40,16 +51,34 @@ def _budget(model_dir: Path) -> list[str]:
             "trainer.max_steps=-1", "trainer.max_epochs=2", "logger=none"]  # fmt: skip
 
 
+def _killer(signal_name: str) -> list[str]:
+    return ["+callbacks.kill._target_=test_app_resume.SignalAtStep", "+callbacks.kill.step=5",
+            f"+callbacks.kill.signal={signal_name}"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dir, tmp_path_factory) -> dict:
+    """The adapter of the budget's job run straight through."""
+    out = tmp_path_factory.mktemp("straight")
+    train_py([*_budget(tiny_model_dir), f"hydra.run.dir={out}"])
+    return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+def _assert_same_adapter(expected: dict, folder: Path) -> None:
+    got = load_file(folder / "adapter" / "adapter_model.safetensors")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert expected[key].equal(got[key]), key
+
+
 @pytest.mark.slow
-def test_sigterm_mid_epoch_then_rerun_gives_the_uninterrupted_adapter(tiny_model_dir, tmp_path):
-    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    train_py([*_budget(tiny_model_dir), f"hydra.run.dir={straight}"])
-    # PYTHONPATH: the killer callback is this module, imported by the job by its _target_.
-    env = {"PYTHONPATH": str(Path(__file__).parent)}
-    killer = ["+callbacks.kill._target_=test_app_resume.SigtermAtStep", "+callbacks.kill.step=5"]
+def test_sigterm_mid_epoch_then_rerun_gives_the_uninterrupted_adapter(
+    tiny_model_dir, uninterrupted, tmp_path
+):
+    interrupted = tmp_path / "interrupted"
     stopped = train_py(
-        [*_budget(tiny_model_dir), *killer, f"hydra.run.dir={interrupted}"], expect_rc=143,
-        env=env,
+        [*_budget(tiny_model_dir), *_killer("SIGTERM"), f"hydra.run.dir={interrupted}"],
+        expect_rc=143, env=KILLER_ENV,
     )  # fmt: skip
     assert (interrupted / "checkpoints" / "preempted.ckpt").is_file()
     assert "resume=auto" in stopped.stderr.strip().splitlines()[-1]
@@ -57,11 +86,103 @@ def test_sigterm_mid_epoch_then_rerun_gives_the_uninterrupted_adapter(tiny_model
     resumed = train_py([*_budget(tiny_model_dir), "resume=auto", f"hydra.run.dir={interrupted}"])
     assert f"Resuming from {interrupted / 'checkpoints' / 'preempted.ckpt'}" in resumed.stdout
     assert "not resumable" not in resumed.stdout + resumed.stderr
-    expected = load_file(straight / "adapter" / "adapter_model.safetensors")
-    got = load_file(interrupted / "adapter" / "adapter_model.safetensors")
-    assert expected.keys() == got.keys()
-    for key in expected:
-        assert expected[key].equal(got[key]), key
+    _assert_same_adapter(uninterrupted, interrupted)
+
+
+def _fake_slurm(tmp_path: Path) -> dict[str, str]:
+    """The environment of a one-task SLURM job whose ``scontrol`` appends its arguments to
+    ``tmp_path/scontrol.log``."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
+            "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_PROCID": "0",
+            "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_slurm_requeue_signal_writes_hpc_checkpoint_requeues_and_the_requeued_job_continues(
+    tiny_model_dir, uninterrupted, tmp_path
+):
+    run_dir, slurm = tmp_path / "run", _fake_slurm(tmp_path)
+    args = [*_budget(tiny_model_dir), f"hydra.run.dir={run_dir}"]
+    stopped = train_py([*args, *_killer("SIGUSR1")], expect_rc=143, env={**slurm, **KILLER_ENV})
+    assert sorted(p.name for p in run_dir.glob("hpc_ckpt_*.ckpt")) == ["hpc_ckpt_1.ckpt"]
+    assert not (run_dir / "checkpoints" / "preempted.ckpt").exists()
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+    assert "job requeued" in stopped.stderr.strip().splitlines()[-1]
+    assert not (run_dir / "adapter").exists()
+    # SLURM reruns the same script: Lightning resumes from hpc_ckpt_1.ckpt by itself.
+    train_py(args, env=slurm)
+    restored = f"Restoring states from the checkpoint path at {run_dir / 'hpc_ckpt_1.ckpt'}"
+    assert restored in (run_dir / "train.log").read_text()
+    _assert_same_adapter(uninterrupted, run_dir)
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"  # no second requeue
+
+
+@pytest.mark.slow
+def test_submitit_signal_checkpoints_then_submitit_requeues_and_the_job_continues(
+    tiny_model_dir, uninterrupted, tmp_path
+):
+    sweep = tmp_path / "sweep"
+    # timeout_min=60: the signal comes early, so submitit counts a preemption, not a timeout.
+    train_py(
+        ["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=60",
+         *_budget(tiny_model_dir), *_killer("SIGUSR2"), "resume=auto", f"hydra.sweep.dir={sweep}"],
+        env=KILLER_ENV, timeout=600,
+    )  # fmt: skip
+    job = sweep / "0"
+    assert (job / "checkpoints" / "preempted.ckpt").is_file()
+    # submitit's log of the job: its handler ran after the checkpoint, requeued the job (the
+    # local executor's requeue is exit status 144), and the executor started it again.
+    (submitit_log,) = sweep.glob(".submitit/*/*_0_log.out")
+    text = submitit_log.read_text()
+    saved = text.index(f"SIGUSR2: checkpoint saved to {job / 'checkpoints' / 'preempted.ckpt'}")
+    caught = text.index("this job is preempted", saved)
+    requeued = text.index("Requeued job", caught)
+    assert text.count("Starting with JobEnvironment") == 2
+    assert f"Resuming from {job / 'checkpoints' / 'preempted.ckpt'}" in text[requeued:]
+    _assert_same_adapter(uninterrupted, job)
+
+
+def test_slurm_launcher_config_requeues_jobs_that_reach_the_time_limit():
+    launcher = compose_train(["hydra/launcher=slurm"]).hydra.launcher
+    # submitit's signal comes signal_delay_s before the limit; with max_num_timeout=0 a timed
+    # out job would not be requeued (submitit raises UncompletedJobError instead).
+    assert launcher.max_num_timeout >= 1
+    assert launcher.signal_delay_s >= 60
+
+
+def test_submitit_signal_is_handled_at_the_step_boundary_and_handed_back_after_fit(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
+    monkeypatch.delenv("SUBMITIT_PREEMPT_SIGNAL", raising=False)
+    calls: list[tuple[int, bool]] = []
+    preemption = Preemption(tmp_path)
+
+    def submitit_handler(signum, frame):  # stands in for submitit's checkpoint_and_try_requeue
+        calls.append((signum, (tmp_path / "preempted.ckpt").is_file()))
+
+    previous = signal.signal(signal.SIGUSR2, submitit_handler)
+    try:
+        trainer = pl.Trainer(
+            accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False,
+            enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
+            callbacks=[preemption, SignalAtStep(2, "SIGUSR2")],
+        )  # fmt: skip
+        with pytest.raises(SIGTERMException):
+            trainer.fit(MLPModule())
+        assert calls == []  # not run mid-step
+        assert trainer.global_step == 2 and preemption.saved == tmp_path / "preempted.ckpt"
+        assert signal.getsignal(signal.SIGUSR2) is submitit_handler  # restored when fit ended
+        assert (preemption.launcher, preemption.signal_name) == (SUBMITIT, "SIGUSR2")
+        preemption.end_job()
+        assert calls == [(signal.SIGUSR2, True)]
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
 
 
 def test_resume_auto_in_an_empty_run_folder_starts_fresh(tmp_path):

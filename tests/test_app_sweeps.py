@@ -10,12 +10,14 @@ import pytest
 import test_app
 from test_app import compose_train, tiny_args, train_py
 
-from lora_lightning.app.summary import write_summary
+from lora_lightning.app.summary import override_values, write_summary
 
 tiny_model_dir = test_app.tiny_model_dir  # the shared fixture (pytest finds it by this name)
 
 
-def _job(sweep: Path, job: str, rank: int, acc: float, trainable: int) -> None:
+def _job(
+    sweep: Path, job: str, rank: int, acc: float, trainable: int, overrides: list[str] | None = None
+) -> None:
     folder = sweep / job
     folder.mkdir(parents=True)
     results = {
@@ -23,7 +25,7 @@ def _job(sweep: Path, job: str, rank: int, acc: float, trainable: int) -> None:
         "parameters": {"trainable": trainable, "total": 1000, "adapter": trainable,
                        "adapted_modules": 4, "trainable_percent": trainable / 10},
         "wall_time_s": 1.5,
-        "overrides": [f"lora.r={rank}", "data.train_limit=64"],
+        "overrides": overrides or [f"lora.r={rank}", "data.train_limit=64"],
     }  # fmt: skip
     (folder / "results.json").write_text(json.dumps(results))
 
@@ -41,6 +43,32 @@ def test_summary_compares_the_jobs_on_the_swept_values(tmp_path):
     assert (tmp_path / "summary.md").read_text() in table
     assert "data.train_limit" not in table  # the same in every job: not a swept value
     assert (tmp_path / "summary.png").stat().st_size > 0
+
+
+def test_added_and_force_added_overrides_are_keyed_without_their_prefix(tmp_path):
+    _job(tmp_path, "0", 1, 0.8, 10, ["+trainer.gradient_clip_val=0.5", "++seed=1"])
+    _job(tmp_path, "1", 1, 0.9, 10, ["+trainer.gradient_clip_val=1.0", "++seed=2"])
+    write_summary(tmp_path, "val/acc")
+    rows = list(csv.reader((tmp_path / "summary.csv").open()))
+    assert rows[0][:3] == ["job", "trainer.gradient_clip_val", "seed"]
+    assert [row[:3] for row in rows[1:]] == [["0", "0.5", "1"], ["1", "1.0", "2"]]
+
+
+def test_the_full_fine_tuning_baseline_is_its_own_row_and_lora_value(tmp_path):
+    _job(tmp_path, "0", 1, 0.8, 10, ["lora.r=1", "seed=0"])
+    _job(tmp_path, "1", 4, 0.85, 40, ["lora.r=4", "seed=0"])
+    _job(tmp_path, "2", 0, 0.9, 1000, ["~lora", "seed=0"])
+    write_summary(tmp_path, "val/acc")
+    rows = list(csv.reader((tmp_path / "summary.csv").open()))
+    assert rows[0][:4] == ["job", "lora.r", "lora", "val/acc"]
+    assert [row[:4] for row in rows[1:]] == [["0", "1", "", "0.8"], ["1", "4", "", "0.85"],
+                                             ["2", "", "~lora", "0.9"]]  # fmt: skip
+
+
+def test_override_values_read_keys_and_values_as_hydra_parses_them():
+    assert override_values(["lora.r=4", "+x.y='a=b'", "~lora", "m@pkg=v", "lr=1e-3"]) == {
+        "lora.r": "4", "x.y": "'a=b'", "lora": "~lora", "m@pkg": "v", "lr": "1e-3"
+    }  # fmt: skip
 
 
 def test_no_finished_job_writes_no_summary(tmp_path):

@@ -9,6 +9,7 @@ in the test; adapters and trained tensors hold random values so every row change
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +38,7 @@ from lora_lightning import (
     lora_state_dict,
     save_adapter,
 )
+from lora_lightning.core.peft_format import REFUSED_FIELDS, SUPPORTED_FIELDS, unmapped_fields
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -278,6 +280,32 @@ def test_refused_peft_feature_is_named_and_leaves_the_model_unchanged(row, tmp_p
     for word in words:
         assert word in str(raised.value), f"{word!r} not in {raised.value}"
     assert_unchanged(model, before)
+
+
+# --- the installed PEFT's LoraConfig against the fields the mapping knows -------------------
+
+
+def test_every_field_of_the_installed_peft_lora_config_is_supported_or_refused_by_name():
+    fields = [field.name for field in dataclasses.fields(peft.LoraConfig)]
+    assert unmapped_fields(fields) == [], (
+        f"PEFT {peft.__version__}'s LoraConfig has fields the PEFT-format mapping does not know: "
+        "support each in core/peft_format.py (SUPPORTED_FIELDS) if it is exact, else refuse it "
+        "by name (UNSUPPORTED_FIELDS), and add its row to docs/peft-format.md"
+    )
+
+
+def test_a_field_neither_supported_nor_refused_is_reported_as_unmapped():
+    assert unmapped_fields(["r", "lora_bias", "use_new_thing"]) == ["use_new_thing"]
+    assert not SUPPORTED_FIELDS & REFUSED_FIELDS
+
+
+def test_a_runtime_config_in_the_file_is_ignored_as_peft_ignores_it(tmp_path):
+    reference = peft_model("bert", target_modules=["query"])
+    reference.save_pretrained(str(tmp_path))
+    edit_config(runtime_config={"ephemeral_gpu_offload": True})(tmp_path)
+    model = tiny_bert()
+    load_adapter(model, tmp_path)
+    assert_close_relative(logits(model, token_ids()), logits(reference, token_ids()), rtol=1e-5)
 
 
 def test_saving_a_tied_module_to_save_is_refused_and_writes_nothing(tmp_path):

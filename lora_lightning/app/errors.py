@@ -1,10 +1,10 @@
 """The application's failures that are the user's to fix, and how they reach the terminal.
 
 Owns: :class:`ConfigError` (a config value that cannot work), :class:`Preempted` (the job was
-stopped by SIGTERM after saving a checkpoint) and :func:`report`, which turns those, and any
-:class:`lora_lightning.LoRAError`, into one line on stderr and an exit status. Anything else is a
-bug and keeps its traceback. Imports only the library's public error type; it must not import
-Lightning, Hydra or W&B.
+stopped by SIGTERM or SLURM's requeue signal after saving a checkpoint) and :func:`report`,
+which turns those, and any :class:`lora_lightning.LoRAError`, into one line on stderr and an
+exit status. Anything else is a bug and keeps its traceback. Imports only the library's public
+error type; it must not import Lightning, Hydra or W&B.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import NoReturn
 
 from lora_lightning import LoRAError
 
-#: Exit status of a job stopped by SIGTERM (128 + 15, what a shell reports for the signal).
+#: Exit status of a job stopped by SIGTERM or SLURM's requeue signal (128 + 15, what a shell
+#: reports for SIGTERM).
 PREEMPTED_EXIT = 143
 
 

@@ -1,34 +1,57 @@
-"""Resume and preemption: which checkpoint a job continues from, and what SIGTERM does.
+"""Resume and preemption: which checkpoint a job continues from, and what "time is up" does.
 
 Owns: :func:`resume_checkpoint` (``ckpt_path=`` or ``resume=auto``) and :class:`Preemption`, a
-Lightning callback that, when Lightning reports SIGTERM (what schedulers send before killing a
-job), saves ``checkpoints/preempted.ckpt`` so that the job can exit non-zero and a rerun
-continues exactly where it stopped. Exactness needs two things Lightning leaves to the user: the
-global RNG state (dropout masks) is saved with the checkpoint and restored when training
-resumes, and the training dataloader skips the batches of the interrupted epoch that were
-already trained on. Lightning's own SLURM requeue handler (SIGUSR1 under SLURM) writes
-``hpc_ckpt_<n>.ckpt``, which ``resume=auto`` picks up too.
+Lightning callback through which every way a cluster says "time is up" takes one path: the
+job finishes the current training step, writes a checkpoint there, and ends as its launcher
+expects. The signals:
 
-Must not import W&B, Hydra or the default task.
+- SIGTERM (any scheduler before it kills a job; SLURM at the time limit or on ``scancel``):
+  ``checkpoints/preempted.ckpt``, then the app exits with status 143.
+- SLURM's requeue signal under Lightning's ``SLURMEnvironment`` (SIGUSR1, asked for with
+  ``sbatch --signal=USR1@90``): Lightning's own handler runs at the step boundary instead of
+  mid-step: it writes ``hpc_ckpt_<n>.ckpt`` in the run folder and requeues the job
+  (``scontrol requeue``); the app then exits with status 143.
+- submitit's signal (USR2, or ``SUBMITIT_PREEMPT_SIGNAL``; ``hydra/launcher=slurm`` and
+  ``submitit_local``): ``checkpoints/preempted.ckpt``, then submitit's own handler ends the job
+  (:meth:`Preemption.end_job`): it requeues it (SLURM: exit status 255; the local executor
+  restarts a task that exits 144) or, after ``max_num_timeout`` timeouts, raises submitit's
+  ``UncompletedJobError``.
+
+A launcher's signal is taken over only when that launcher installed a handler for it in this
+process. Exactness needs two things Lightning leaves to the user: the global RNG state (dropout
+masks) is saved with the checkpoint and restored when training resumes, and the training
+dataloader skips the batches of the interrupted epoch that were already trained on.
+``resume=auto`` picks the newest checkpoint of the run folder, whichever signal wrote it.
+
+Must not import W&B, Hydra, submitit or the default task.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
-from collections.abc import Iterator
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
 
 log = logging.getLogger(__name__)
 
-#: Written on SIGTERM, in the run's checkpoint folder.
+#: Written on SIGTERM and submitit's signal, in the run's checkpoint folder.
 PREEMPTED_NAME = "preempted.ckpt"
+#: Lightning's SLURM requeue handler runs here; its checkpoint is ``hpc_ckpt_<n>.ckpt``.
+LIGHTNING_SLURM = "Lightning's SLURM requeue"
+#: submitit's handler runs after the checkpoint is written (:meth:`Preemption.end_job`).
+SUBMITIT = "submitit"
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -80,18 +103,29 @@ class _ResumableLoader(DataLoader):
 
 
 class Preemption(pl.Callback):
-    """Saves a checkpoint when Lightning reports SIGTERM; on resume, restores the RNG state and
-    skips the interrupted epoch's batches already trained on.
+    """Stops training at the step boundary when time is up (SIGTERM, SLURM's requeue signal
+    under Lightning, submitit's signal) and writes the checkpoint there; on resume, restores the
+    RNG state and skips the interrupted epoch's batches already trained on.
 
-    Call :meth:`attach` on the datamodule before training.
+    Call :meth:`attach` on the datamodule before training, and :meth:`end_job` after ``fit``
+    raised ``SIGTERMException``.
 
     Args:
         dirpath: where ``preempted.ckpt`` is written (the run's checkpoint folder).
+
+    Attributes:
+        saved: the checkpoint written when time was up (None before).
+        launcher: who asked to stop: None (SIGTERM), :data:`LIGHTNING_SLURM` or :data:`SUBMITIT`.
+        signal_name: the signal that asked (``"SIGTERM"`` unless a launcher's).
     """
 
     def __init__(self, dirpath: str | Path) -> None:
         self.dirpath = Path(dirpath)
         self.saved: Path | None = None
+        self.launcher: str | None = None
+        self.signal_name = "SIGTERM"
+        # The launchers' own handlers of their signals: launcher -> (signal, handler).
+        self._taken_over: dict[str, tuple[int, Callable[[int, FrameType | None], Any]]] = {}
         self._rng_to_restore: dict[str, Any] | None = None
         self._skip_on_resume = 0
         self._trainer: pl.Trainer | None = None
@@ -143,16 +177,77 @@ class Preemption(pl.Callback):
         if self._rng_to_restore is not None:
             set_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
+        # Lightning has installed its handlers by now (and restores the earlier ones, ours
+        # gone, when fit ends).
+        self._take_over_launcher_signals(trainer)
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         if not isinstance(exception, SIGTERMException):
             return
-        path = self.dirpath / PREEMPTED_NAME
-        trainer.save_checkpoint(path, weights_only=False)  # every rank takes part; rank 0 writes
-        self.saved = path
-        log.info(f"SIGTERM: checkpoint saved to {path}")
+        if self.launcher == LIGHTNING_SLURM:
+            signum, handler = self._taken_over[LIGHTNING_SLURM]
+            handler(signum, None)  # hpc_ckpt_<n>.ckpt and scontrol requeue, now at the boundary
+            written = Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt")
+            self.saved = max(written, key=lambda path: path.stat().st_mtime_ns, default=None)
+        else:
+            path = self.dirpath / PREEMPTED_NAME
+            # Every rank takes part; rank 0 writes.
+            trainer.save_checkpoint(path, weights_only=False)
+            self.saved = path
+        log.info(f"{self.signal_name}: checkpoint saved to {self.saved}")
+
+    def end_job(self) -> None:
+        """End the job as the launcher that asked to stop expects; return if that is the app's
+        to do (SIGTERM, Lightning's requeue: exit status 143).
+
+        For submitit this runs submitit's own handler, now that the checkpoint is written: it
+        requeues the job and exits, or raises ``UncompletedJobError`` when the job timed out
+        more often than ``max_num_timeout`` allows (or cannot be requeued).
+        """
+        if self.launcher == SUBMITIT:
+            signum, handler = self._taken_over[SUBMITIT]
+            log.info(f"{signal.Signals(signum).name}: handing the job back to submitit")
+            handler(signum, None)
+
+    def _take_over_launcher_signals(self, trainer: pl.Trainer) -> None:
+        """Route each launcher's "time is up" signal through :meth:`_time_is_up`, keeping the
+        launcher's handler to run at the step boundary (a handler runs between any two Python
+        bytecodes: a checkpoint written there can be half a step)."""
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python installs signal handlers from the main thread only
+        candidates: dict[str, int] = {}
+        if os.environ.get("SUBMITIT_EXECUTOR"):  # set by submitit in the jobs it runs
+            # submitit reads the same variable (JobEnvironment.USR_SIG).
+            name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+            candidates[SUBMITIT] = getattr(signal, f"SIG{name}")
+        if SLURMEnvironment.detect():
+            environment = getattr(trainer.strategy, "cluster_environment", None)
+            requeue = signal.SIGUSR1  # SLURMEnvironment's default (single-device strategies too)
+            if isinstance(environment, SLURMEnvironment) and environment.requeue_signal:
+                requeue = environment.requeue_signal
+            # Lightning installs no handler of its own on a signal submitit already handles.
+            if requeue not in candidates.values():
+                candidates[LIGHTNING_SLURM] = requeue
+        self._taken_over = {}
+        for launcher, signum in candidates.items():
+            handler = signal.getsignal(signum)
+            if callable(handler):
+                self._taken_over[launcher] = (signum, handler)
+                signal.signal(signum, self._time_is_up)
+
+    def _time_is_up(self, signum: int, frame: FrameType | None) -> None:
+        """A launcher's signal: stop after this step as on SIGTERM, remembering who asked."""
+        if self.launcher is None:
+            self.launcher = next(k for k, (s, _) in self._taken_over.items() if s == signum)
+            self.signal_name = signal.Signals(signum).name
+            log.info(f"{signal.Signals(signum).name} ({self.launcher}): stopping after this step")
+        # Lightning's SIGTERM handler sets the flag its loops check after each step (and, under
+        # DDP, tells the other ranks); SIGTERM, not signum, for the ranks it started itself.
+        on_sigterm = signal.getsignal(signal.SIGTERM)
+        if callable(on_sigterm):
+            on_sigterm(signal.SIGTERM, frame)
 
 
 def _train_loaders(trainer: pl.Trainer | None) -> list[_ResumableLoader]:

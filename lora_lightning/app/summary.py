@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
@@ -28,9 +29,31 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
     folders = [p for p in sweep_dir.iterdir() if (p / "results.json").is_file()]
     for folder in sorted(folders, key=lambda p: (len(p.name), p.name)):
         results = json.loads((folder / "results.json").read_text())
-        overrides = dict(o.split("=", 1) for o in results.get("overrides", []) if "=" in o)
+        overrides = override_values(results.get("overrides", []))
         rows.append({**results, "job": folder.name, "overrides": overrides})
     return rows
+
+
+def override_values(overrides: list[str]) -> dict[str, str]:
+    """A job's overrides (Hydra's command-line form) as key -> value text, read by Hydra's own
+    parser: ``+key=v`` and ``++key=v`` give ``key``; a package names the key as
+    ``group@package``; a deletion (``~lora``, the full fine-tuning baseline) gives
+    ``lora -> "~lora"``, so that the baseline is a value of the ``lora`` column. Values are the
+    text as written (``lr=1e-3`` stays ``1e-3``).
+
+    Raises:
+        hydra.errors.OverrideParseException: an override Hydra itself would not accept.
+    """
+    values = {}
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.key_or_group
+        if override.package is not None:
+            key = f"{key}@{override.package}"
+        if override.is_delete():
+            values[key] = override.input_line
+        else:
+            values[key] = override.input_line.split("=", 1)[1]  # after the key, which has none
+    return values
 
 
 def swept_keys(rows: list[dict[str, Any]]) -> list[str]:

@@ -53,7 +53,10 @@ def run(
 
     Raises:
         ConfigError, LoRAError: a bad config value (``main`` prints it as one line).
-        Preempted: SIGTERM stopped training after ``checkpoints/preempted.ckpt`` was saved.
+        Preempted: SIGTERM or SLURM's requeue signal stopped training after a checkpoint was
+            saved (``checkpoints/preempted.ckpt``, ``hpc_ckpt_<n>.ckpt``). Under submitit its
+            signal ends the job as submitit does instead (requeue and exit, or
+            ``UncompletedJobError``), after the checkpoint.
     """
     started = time.perf_counter()
     environment = dict(os.environ)
@@ -63,6 +66,7 @@ def run(
     _prepare_ddp_relaunch_in_multirun()
     _fill_run_names(cfg)
     exit_code = 1
+    stopped: Preempted | None = None
     try:
         job = _build(cfg, prepare_model)
         ckpt_path = signals.resume_checkpoint(
@@ -81,12 +85,14 @@ def run(
         artifact = _log_artifact(cfg, job.lora)
         wandb_dir = tracking.offline_run_dir()
         exit_code = 0
-    except Preempted:
-        exit_code = PREEMPTED_EXIT
-        raise
+    except Preempted as error:
+        exit_code, stopped = PREEMPTED_EXIT, error
     finally:
         tracking.finish_run(exit_code)
         _reset_distributed(environment)
+    if stopped is not None:
+        job.preemption.end_job()  # submitit requeues or fails the job its own way
+        raise stopped
     if job.trainer.is_global_zero:
         # Printed after W&B finished, so that it is the last thing on the terminal.
         lora = job.lora.config.to_dict() if job.lora is not None else None
@@ -131,15 +137,17 @@ def _build(cfg: DictConfig, prepare_model: Callable[[pl.LightningModule], Any] |
 
 
 def _fit(job: _Job, ckpt_path: str | None) -> None:
-    """``trainer.fit``; SIGTERM (a checkpoint was saved) becomes :class:`Preempted`."""
+    """``trainer.fit``; "time is up" (a checkpoint was saved) becomes :class:`Preempted`."""
     if ckpt_path is not None:
         log.info(f"Resuming from {ckpt_path}")
     try:
         job.trainer.fit(job.model, datamodule=job.datamodule, ckpt_path=ckpt_path)
     except SIGTERMException:
+        requeued = " (job requeued)" if job.preemption.launcher == signals.LIGHTNING_SLURM else ""
         raise Preempted(
-            f"SIGTERM: checkpoint saved to {job.preemption.saved}; rerun the same command with "
-            "resume=auto (and the same hydra.run.dir) or ckpt_path=<that file> to continue"
+            f"{job.preemption.signal_name}: checkpoint saved to {job.preemption.saved}"
+            f"{requeued}; rerun the same command with resume=auto (and the same "
+            "hydra.run.dir) or ckpt_path=<that file> to continue"
         ) from None
 
 
@@ -258,7 +266,8 @@ def main(cfg: DictConfig) -> float | None:
 
     A config error, a library error or a missing optional dependency ends the job with one line
     on stderr and exit status 1 (``HYDRA_FULL_ERROR=1`` shows the traceback); a job stopped by
-    SIGTERM exits with 143 after saving a checkpoint.
+    SIGTERM or SLURM's requeue signal exits with 143 after saving a checkpoint (see
+    :mod:`lora_lightning.app.signals`; submitit's signal ends the job as submitit does).
     """
     try:
         return run(cfg)

@@ -31,6 +31,7 @@ import json
 import math
 import re
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -78,19 +79,27 @@ PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva", "mica")
 #: init_lora_weights values (prefixes) that also change the base weights: such a file is
 #: correct only on the modified base model, unless PEFT converted it on saving.
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
-#: Every field PEFT 0.21's LoraConfig writes (with PeftConfig's); any other field with a
-#: value is refused: a newer PEFT feature might change the maths.
-KNOWN_FIELDS = frozenset({
+#: LoraConfig fields (with PeftConfig's) that a file may hold with any value: read by the
+#: mapping (r, lora_alpha, patterns, dropout, rslora, bias, modules_to_save, use_dora,
+#: init_lora_weights, ensure_weight_tying; fan_in_fan_out: the layer type decides), describing the file only (task_type...), choosing
+#: modules at injection time where the file's tensors name the modules (target_modules,
+#: exclude_modules, layers_to_transform, layers_pattern), used only to initialise (eva, corda,
+#: lora_ga, loftq configs: base-changing inits are refused through init_lora_weights), meaningful
+#: only with a refused field (megatron_core, qalora_group_size), or never saved (runtime_config:
+#: PEFT's to_dict drops it and its loader ignores it).
+SUPPORTED_FIELDS = frozenset({
     "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
     "revision", "inference_mode", "r", "target_modules", "exclude_modules", "lora_alpha",
     "lora_dropout", "fan_in_fan_out", "bias", "use_rslora", "modules_to_save",
     "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern",
-    "alpha_pattern", "megatron_config", "megatron_core", "trainable_token_indices",
-    "loftq_config", "eva_config", "corda_config", "lora_ga_config", "use_dora",
-    "velora_config", "alora_invocation_tokens", "use_qalora", "qalora_group_size",
-    "monteclora_config", "layer_replication", "lora_bias", "target_parameters", "use_bdlora",
-    "arrow_config", "kasa_config", "ensure_weight_tying",
+    "alpha_pattern", "megatron_core", "loftq_config", "eva_config", "corda_config",
+    "lora_ga_config", "use_dora", "qalora_group_size", "ensure_weight_tying", "runtime_config",
 })  # fmt: skip
+#: LoraConfig fields refused by name when set (:data:`UNSUPPORTED_FIELDS`).
+REFUSED_FIELDS = frozenset(UNSUPPORTED_FIELDS)
+#: Every field PEFT 0.21's LoraConfig has; any other field with a value is refused: a newer
+#: PEFT feature might change the maths.
+KNOWN_FIELDS = SUPPORTED_FIELDS | REFUSED_FIELDS
 #: Tensor-name parts that only PEFT features this project refuses write: part -> feature.
 _FEATURE_KEYS = {
     "lora_B.bias": "a bias on lora_B (lora_bias)",
@@ -522,6 +531,13 @@ def _expect(path: Path, config: dict[str, Any], field: str, kind: Any, ok: Any, 
     value = config.get(field)
     if isinstance(value, bool) and kind is not bool or not isinstance(value, kind) or not ok(value):
         raise AdapterFileError(f"{path}: {field}={value!r} is invalid; expected {allowed}")
+
+
+def unmapped_fields(fields: Iterable[str]) -> list[str]:
+    """The names among ``fields`` (e.g. a PEFT ``LoraConfig``'s) that this mapping neither
+    supports (:data:`SUPPORTED_FIELDS`) nor refuses by name (:data:`REFUSED_FIELDS`), sorted:
+    a file setting one of them is refused only as "not known", without saying what to do."""
+    return sorted(set(fields) - KNOWN_FIELDS)
 
 
 def _exact(name: str) -> str:
