@@ -1,0 +1,167 @@
+"""`python train.py experiment=llm_sft` end to end: on a tiny Llama saved to disk (fast), and on
+the real SmolLM2-135M-Instruct (slow): results with base and tuned exact match, a PEFT-format
+adapter that PEFT loads onto the plain float model with our logits and greedy tokens, a merged
+export a plain transformers model generates the same tokens from, and the tied-embedding rules."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from llm_models import char_tokenizer, tiny_causal_lm
+from test_app import compose_train, train_py
+
+from lora_lightning import (
+    AdapterFileError,
+    LoRAConfig,
+    LoRAStateError,
+    inject_lora,
+    load_adapter,
+    merge_lora,
+    save_adapter,
+)
+from lora_lightning.core.plan import TiedWeightWarning
+from lora_lightning.tasks.generation import greedy_generate, left_pad
+
+KEYS = ("test/exact_match", "base/test/exact_match", "val/loss", "val/perplexity")
+
+
+@pytest.fixture(scope="module")
+def tiny_llm_dir(tmp_path_factory) -> Path:
+    """A tiny tied Llama and the character ChatML tokenizer, saved as a model folder."""
+    folder = tmp_path_factory.mktemp("tiny_llm")
+    tiny_causal_lm().save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def short_job(model_dir: Path | None, out: Path) -> list[str]:
+    args = [
+        "experiment=llm_sft",
+        "trainer.accelerator=cpu",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "data.train_limit=16",
+        "data.val_limit=4",
+        "data.test_limit=5",
+        "data.eval_batch_size=5",
+        "model.max_new_tokens=4",
+        f"hydra.run.dir={out}",
+    ]
+    if model_dir is not None:  # characters are tokens: the task set needs room
+        args += [f"model.model={model_dir}", f"data.tokenizer={model_dir}", "data.max_length=400"]
+    return args
+
+
+def test_the_llm_experiment_composes_with_llama_targets_and_no_classifier_head():
+    cfg = compose_train(["experiment=llm_sft"])
+    assert cfg.model._target_ == "lora_lightning.tasks.CausalLMTask"
+    assert cfg.data._target_ == "lora_lightning.tasks.InstructDataModule"
+    assert "gate_proj" in cfg.lora.target_modules[0] and cfg.lora.modules_to_save == []
+    assert cfg.callbacks.model_checkpoint.monitor == "val/loss"
+
+
+def test_a_short_llm_job_writes_base_and_tuned_exact_match_and_a_peft_adapter(
+    tiny_llm_dir, tmp_path
+):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    result = train_py(short_job(tiny_llm_dir, out), timeout=600)
+    metrics = json.loads((out / "results.json").read_text())["metrics"]
+    assert set(KEYS) <= set(metrics)
+    assert any(k.startswith("test/exact_match/") for k in metrics)
+    assert "base/test/exact_match" in result.stdout + result.stderr  # the final block
+    ids = torch.tensor([[3, 40, 41, 42, 43, 44, 45]])
+    ours = AutoModelForCausalLM.from_pretrained(tiny_llm_dir)
+    load_adapter(ours, out / "adapter")
+    theirs = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_llm_dir), out / "adapter"
+    )
+    torch.testing.assert_close(theirs.eval()(ids).logits, ours.eval()(ids).logits)
+
+
+@pytest.mark.slow
+def test_the_llm_job_runs_under_two_process_cpu_ddp(tiny_llm_dir, tmp_path):
+    out = tmp_path / "ddp"
+    train_py([*short_job(tiny_llm_dir, out), "trainer=ddp", "trainer.devices=2"], timeout=900)
+    metrics = json.loads((out / "results.json").read_text())["metrics"]
+    assert set(KEYS) <= set(metrics)
+
+
+# --- the real SmolLM2 ---------------------------------------------------------------------
+
+
+def smollm2():
+    from transformers import AutoModelForCausalLM
+
+    from lora_lightning.tasks import smollm2_path
+
+    return AutoModelForCausalLM.from_pretrained(smollm2_path(), local_files_only=True).eval()
+
+
+@pytest.mark.slow
+def test_smollm2_job_exports_an_adapter_peft_and_a_merged_model_generate_alike(tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from lora_lightning.tasks import smollm2_path
+
+    out = tmp_path / "smol"
+    train_py([*short_job(None, out), "lora_export.merge_on_end=true", "logger=csv"], timeout=1800)
+    metrics = json.loads((out / "results.json").read_text())["metrics"]
+    assert set(KEYS) <= set(metrics)
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path(), local_files_only=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 12 plus 7? Answer with the number only."}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    batch = left_pad([tokenizer(prompt, add_special_tokens=False)["input_ids"]], 2)
+
+    def answer(model):
+        return greedy_generate(model, **batch, max_new_tokens=8, pad_id=2, eos_ids=[2])
+
+    base = smollm2()
+    ours = smollm2()
+    load_adapter(ours, out / "adapter")
+    theirs = PeftModel.from_pretrained(smollm2(), out / "adapter").eval()
+    with torch.no_grad():
+        logits_ours = ours(**batch).logits
+        logits_theirs = theirs(**batch).logits
+        logits_base = base(**batch).logits
+    assert not torch.allclose(logits_ours, logits_base, atol=1e-4)  # the adapter did train
+    torch.testing.assert_close(logits_theirs, logits_ours, rtol=1e-4, atol=1e-4)
+    assert answer(theirs).tolist() == answer(ours).tolist()
+
+    merged = smollm2()
+    state = load_file(out / "merged_model.safetensors")
+    missing, unexpected = merged.load_state_dict(
+        {k.removeprefix("model."): v for k, v in state.items()}
+        if "model.model.embed_tokens.weight" in state
+        else state,
+        strict=False,
+    )
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    assert answer(merged).tolist() == answer(ours).tolist()
+
+
+@pytest.mark.slow
+def test_smollm2s_tied_lm_head_follows_the_tied_weight_rules(tmp_path):
+    model = smollm2()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with pytest.warns(TiedWeightWarning, match="embed_tokens"):
+        inject_lora(model, LoRAConfig(r=2, target_modules=["lm_head"]))
+    with pytest.raises(LoRAStateError, match="tied"):
+        merge_lora(model)
+    trained_head = smollm2()
+    inject_lora(
+        trained_head, LoRAConfig(r=2, target_modules=[".*q_proj"], modules_to_save=["lm_head"])
+    )
+    with pytest.raises(AdapterFileError, match="tied weights"):
+        save_adapter(trained_head, tmp_path / "tied")
