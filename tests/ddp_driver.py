@@ -6,14 +6,21 @@ Lightning's ``ddp`` strategy re-launches this script for rank 1, so every rank r
 1. ``fit``: MLPModule for 2 epochs (2 batches per rank per epoch), a checkpoint every epoch.
 2. ``resume``: a fresh MLPModule from the same seed, resumed from the epoch-0 checkpoint of
    run 1 (``trainer.fit(ckpt_path=...)``) up to the same 2 epochs.
+3. ``dropout``: ResumableMLPModule with LoRA dropout 0.5, each rank's global RNG seeded
+   differently (so the ranks draw different masks), a checkpoint every 2 steps. Every rank
+   reads all 4 batches in order (no distributed sampler): Lightning creates a resumed run's
+   iterator before it sets the sampler's epoch, so a shuffled DistributedSampler would
+   reorder a resumed epoch; the data order is not what this run tests.
+4. ``dropout_resume``: the same, resumed from run 3's mid-epoch checkpoint (epoch 1, step 6).
 
 Each rank writes, per run, ``<run>_<moment>_rank<r>.pt`` (its ``lora_state_dict`` right after
-setup, at train start and at train end, plus the global step), and every call of
+setup, at train start and at train end, plus the global step; at train end also the first optimizer's state), and every call of
 ``LoRACallback.export`` leaves a marker file ``exports/<run>-rank<r>-<n>-<directory name>``.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,7 +29,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning_models import MLP_TARGETS, MLPModule, lora_tensors, trainer
+from lightning_models import MLP_TARGETS, MLPModule, ResumableMLPModule, lora_tensors, trainer
 
 from lora_lightning import LoRACallback
 
@@ -57,6 +64,8 @@ class Probe(pl.Callback):
 
     def _save(self, trainer: pl.Trainer, module: pl.LightningModule, moment: str) -> None:
         record = {"lora": lora_tensors(module), "global_step": trainer.global_step}
+        if moment == "end":
+            record["optimizer"] = trainer.optimizers[0].state_dict()
         torch.save(record, self.out / f"{self.run}_{moment}_rank{trainer.global_rank}.pt")
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -85,9 +94,30 @@ def run(out: Path, name: str, ckpt_path: Path | None = None) -> None:
     ddp.fit(MLPModule(), ckpt_path=ckpt_path)
 
 
+def run_with_dropout(out: Path, name: str, ckpt_path: Path | None = None) -> None:
+    module = ResumableMLPModule()  # seeds the global RNG with its own seed: seed after it
+    # Before the process group exists: rank 1 is the re-launched script, with LOCAL_RANK set.
+    torch.manual_seed(1000 + int(os.environ.get("LOCAL_RANK", 0)))
+    callback = LoRACallback(
+        target_modules=MLP_TARGETS, r=2, dropout=0.5, adapter_dir=out / f"{name}_adapter"
+    )
+    checkpoint = ModelCheckpoint(dirpath=out / f"{name}_ckpt", save_top_k=-1, every_n_train_steps=2)
+    ddp = trainer(
+        out,
+        [callback, Probe(out, name), checkpoint],
+        devices=2,
+        strategy="ddp",
+        max_epochs=2,
+        use_distributed_sampler=False,
+    )
+    ddp.fit(module, ckpt_path=ckpt_path)
+
+
 def main(out: Path) -> None:
     run(out, "fit")
     run(out, "resume", ckpt_path=out / "fit_ckpt" / "epoch=0-step=2.ckpt")
+    run_with_dropout(out, "dropout")
+    run_with_dropout(out, "dropout_resume", ckpt_path=out / "dropout_ckpt" / "epoch=1-step=6.ckpt")
 
 
 if __name__ == "__main__":

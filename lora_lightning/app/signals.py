@@ -15,7 +15,6 @@ Must not import W&B, Hydra or the default task.
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -80,8 +79,8 @@ class _ResumableLoader(DataLoader):
 
 
 class Preemption(pl.Callback):
-    """Saves a checkpoint when Lightning reports SIGTERM; on resume, restores the RNG state and
-    skips the interrupted epoch's batches already trained on.
+    """Saves a checkpoint when Lightning reports SIGTERM; on resume, skips the interrupted
+    epoch's batches already trained on.
 
     Call :meth:`attach` on the datamodule before training.
 
@@ -92,7 +91,6 @@ class Preemption(pl.Callback):
     def __init__(self, dirpath: str | Path) -> None:
         self.dirpath = Path(dirpath)
         self.saved: Path | None = None
-        self._rng_to_restore: dict[str, Any] | None = None
         self._skip_on_resume = 0
         self._trainer: pl.Trainer | None = None
 
@@ -125,24 +123,14 @@ class Preemption(pl.Callback):
             loader.batches_done = batch_idx + 1
 
     def state_dict(self) -> dict[str, Any]:
-        # Taken when the checkpoint is written: between two training steps, where the
-        # uninterrupted run continues with exactly this RNG state.
         done = [loader.state_dict()["batches_done"] for loader in _train_loaders(self._trainer)]
-        return {"rng": rng_state(), "batches_done": max(done, default=0)}
+        return {"batches_done": max(done, default=0)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._rng_to_restore = state_dict.get("rng")
         self._skip_on_resume = state_dict.get("batches_done", 0)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # After the sanity check and the train iterator's creation, which consume the RNG in
-        # the resumed run only.
-        if self._rng_to_restore is not None:
-            set_rng_state(self._rng_to_restore)
-            self._rng_to_restore = None
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
@@ -162,30 +150,3 @@ def _train_loaders(trainer: pl.Trainer | None) -> list[_ResumableLoader]:
     if not isinstance(loaders, (list, tuple)):
         loaders = [loaders]
     return [loader for loader in loaders if isinstance(loader, _ResumableLoader)]
-
-
-def rng_state() -> dict[str, Any]:
-    """The global RNG states (torch, CUDA, Python, NumPy) in types a weights-only load accepts."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    try:
-        import numpy as np
-    except ImportError:
-        return state
-    name, keys, position, has_gauss, gauss = np.random.get_state()
-    state["numpy"] = (name, torch.from_numpy(keys.astype("int64")), position, has_gauss, gauss)
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` returned."""
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "numpy" in state:
-        import numpy as np
-
-        name, keys, position, has_gauss, gauss = state["numpy"]
-        np.random.set_state((name, keys.numpy().astype("uint32"), position, has_gauss, gauss))

@@ -28,6 +28,8 @@ Hook placement (Lightning 2.x, see PITFALLS.md):
   ``from_compiled``); a compiled submodule (``self.net = torch.compile(net)``) is looked
   through while planning and injecting, so module names, adapter init seeds, checkpoint and
   adapter keys carry no ``_orig_mod.`` and equal the uncompiled model's.
+- The global RNG states of every rank go into the callback's own checkpoint state and are
+  restored at ``on_train_start`` (inherited from ``lightning.rng.RNGStateCallback``).
 """
 
 from __future__ import annotations
@@ -75,13 +77,17 @@ from lora_lightning.lightning.checkpoint import (
     without_compile_wrappers,
 )
 from lora_lightning.lightning.checkpoint_io import AdapterExportingIO
+from lora_lightning.lightning.rng import RNGStateCallback
 
 _WRAPPED = "_lora_callback_wrapped"
 _CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(LoRAConfig))
 
 
-class LoRACallback(pl.Callback):
+class LoRACallback(RNGStateCallback):
     """Adds LoRA to a LightningModule: inject, freeze, restrict optimizers, log, checkpoint.
+
+    A resume is exact with the callback alone: as a :class:`RNGStateCallback` it saves every
+    rank's global RNG states (dropout masks) with each checkpoint and restores them.
 
     Args:
         config: a :class:`LoRAConfig`, a mapping of its fields (e.g. a Hydra ``DictConfig``),
