@@ -7,11 +7,8 @@ Lightning's ``ddp`` strategy re-launches this script for rank 1, so every rank r
 2. ``resume``: a fresh MLPModule from the same seed, resumed from the epoch-0 checkpoint of
    run 1 (``trainer.fit(ckpt_path=...)``) up to the same 2 epochs.
 3. ``dropout``: ResumableMLPModule with LoRA dropout 0.5, each rank's global RNG seeded
-   differently (so the ranks draw different masks), a checkpoint every 2 steps. Every rank
-   reads all 4 batches in order (no distributed sampler): Lightning creates a resumed run's
-   iterator before it sets the sampler's epoch, so a shuffled DistributedSampler would
-   reorder a resumed epoch; the data order is not what this run tests.
-4. ``dropout_resume``: the same, resumed from run 3's mid-epoch checkpoint (epoch 1, step 6).
+   differently (so the ranks draw different masks), a checkpoint every step (2 per epoch).
+4. ``dropout_resume``: the same, resumed from run 3's mid-epoch checkpoint (epoch 1, step 3).
 
 Each rank writes, per run, ``<run>_<moment>_rank<r>.pt`` (its ``lora_state_dict`` right after
 setup, at train start and at train end, plus the global step; at train end also the first optimizer's state), and every call of
@@ -101,14 +98,14 @@ def run_with_dropout(out: Path, name: str, ckpt_path: Path | None = None) -> Non
     callback = LoRACallback(
         target_modules=MLP_TARGETS, r=2, dropout=0.5, adapter_dir=out / f"{name}_adapter"
     )
-    checkpoint = ModelCheckpoint(dirpath=out / f"{name}_ckpt", save_top_k=-1, every_n_train_steps=2)
+    checkpoint = ModelCheckpoint(dirpath=out / f"{name}_ckpt", save_top_k=-1, every_n_train_steps=1)
     ddp = trainer(
         out,
         [callback, Probe(out, name), checkpoint],
         devices=2,
         strategy="ddp",
         max_epochs=2,
-        use_distributed_sampler=False,
+        use_distributed_sampler=True,
     )
     ddp.fit(module, ckpt_path=ckpt_path)
 
@@ -117,7 +114,7 @@ def main(out: Path) -> None:
     run(out, "fit")
     run(out, "resume", ckpt_path=out / "fit_ckpt" / "epoch=0-step=2.ckpt")
     run_with_dropout(out, "dropout")
-    run_with_dropout(out, "dropout_resume", ckpt_path=out / "dropout_ckpt" / "epoch=1-step=6.ckpt")
+    run_with_dropout(out, "dropout_resume", ckpt_path=out / "dropout_ckpt" / "epoch=1-step=3.ckpt")
 
 
 if __name__ == "__main__":

@@ -170,7 +170,13 @@ class MLPModule(pl.LightningModule):
 class ResumableLoader(DataLoader):
     """A DataLoader Lightning resumes mid-epoch (it has ``state_dict``/``load_state_dict``, as
     torchdata's ``StatefulDataLoader`` has): its next iteration skips the ``batches_done``
-    batches of the interrupted epoch. Not shuffled, so each epoch is the same order."""
+    batches of the interrupted epoch.
+
+    Iteration starts at the first ``next``, not at ``iter``: a resumed run creates its
+    iterator before Lightning sets the sampler's epoch (a shuffled sampler would give the
+    first epoch's order). Give it a ``generator``: the iterator's base seed is then not drawn
+    from the global RNG, which a resumed run has restored by the time of that first ``next``.
+    """
 
     batches_done = 0
     _skip = 0
@@ -182,13 +188,11 @@ class ResumableLoader(DataLoader):
         self._skip = state["batches_done"]
 
     def __iter__(self) -> Any:
-        # Not a generator function: the iterator (which draws its base seed from the global
-        # RNG) is made when Lightning asks for it, as a plain DataLoader's is.
         skip, self._skip = self._skip, 0
         batches = super().__iter__()
         for _ in range(skip):
             next(batches)
-        return batches
+        yield from batches
 
 
 class ResumableMLPModule(MLPModule):
@@ -201,7 +205,8 @@ class ResumableMLPModule(MLPModule):
         return super().training_step(batch, batch_idx)
 
     def train_dataloader(self) -> DataLoader:
-        return ResumableLoader(mlp_dataset(self.n), batch_size=self.batch_size, shuffle=False)
+        generator = torch.Generator().manual_seed(0)
+        return ResumableLoader(mlp_dataset(self.n), batch_size=self.batch_size, generator=generator)
 
 
 class TwoOptimizerModule(MLPModule):

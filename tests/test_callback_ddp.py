@@ -111,7 +111,7 @@ def test_ddp_resume_ends_exactly_where_the_straight_run_did(ddp_out):
 
 
 def test_ddp_checkpoint_holds_the_random_state_of_each_rank(ddp_out):
-    saved = torch.load(ddp_out / "dropout_ckpt" / "epoch=1-step=6.ckpt", weights_only=False)
+    saved = torch.load(ddp_out / "dropout_ckpt" / "epoch=1-step=3.ckpt", weights_only=False)
     rng = saved["callbacks"]["LoRACallback"]["rng"]
     assert rng["world_size"] == 2
     first, second = (state["torch"] for state in rng["states"])
@@ -122,7 +122,7 @@ def test_ddp_mid_epoch_resume_with_dropout_is_bit_exact_on_every_rank(ddp_out):
     for rank in RANKS:
         straight = record(ddp_out, "dropout", "end", rank)
         resumed = record(ddp_out, "dropout_resume", "end", rank)
-        assert resumed["global_step"] == straight["global_step"] == 8
+        assert resumed["global_step"] == straight["global_step"] == 4
         assert_same_tensors(resumed["lora"], straight["lora"])
         moments, expected = resumed["optimizer"]["state"], straight["optimizer"]["state"]
         assert moments.keys() == expected.keys()
