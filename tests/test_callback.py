@@ -44,6 +44,7 @@ from lora_lightning import (
     lora_state_dict,
 )
 from lora_lightning.core import adapted_layers
+from lora_lightning.lightning import base_fingerprint
 from lora_lightning.lightning.rng import gather_rng_states, restore_rng_states
 
 ADAPTERS = {f"net.layers.{i}.lora_{ab}.weight" for i in (0, 1) for ab in ("A", "B")}
@@ -311,6 +312,23 @@ def test_weights_only_checkpoint_is_trimmed_too(tmp_path):
     assert set(saved["state_dict"]) == ADAPTERS
     assert saved["lora"]["base_fingerprint"] == callback.fingerprint
     assert "optimizer_states" not in saved
+
+
+def test_a_test_run_without_a_checkpoint_skips_the_base_fingerprint(tmp_path):
+    callback = make_callback()
+    trainer(tmp_path, [callback]).test(MLPModule(), verbose=False)
+    assert callback.fingerprint is None  # nothing to write or load: no checksum of the base
+
+
+def test_a_checkpoint_saved_outside_fit_still_carries_the_base_fingerprint(tmp_path):
+    module, callback = MLPModule(), make_callback()
+    run = trainer(tmp_path, [callback])
+    run.validate(module, verbose=False)
+    run.save_checkpoint(tmp_path / "validated.ckpt")
+    expected = MLPModule()
+    inject_lora(expected, LoRAConfig(target_modules=MLP_TARGETS, r=2))
+    saved = load_ckpt(tmp_path / "validated.ckpt")
+    assert saved["lora"]["base_fingerprint"] == base_fingerprint(expected)
 
 
 def _state(run) -> dict:

@@ -16,7 +16,8 @@ import pytest
 import torch
 from lightning_models import MLP_TARGETS, MLPModule, lora_tensors, trainer
 
-from lora_lightning import LoRACallback, load_adapter
+from lora_lightning import LoRACallback, LoRAConfig, inject_lora, load_adapter
+from lora_lightning.lightning import base_fingerprint
 
 pytestmark = pytest.mark.slow
 
@@ -92,6 +93,13 @@ def test_ddp_checkpoint_holds_only_the_adapters(ddp_out):
     saved = torch.load(ddp_out / "fit_ckpt" / "epoch=0-step=2.ckpt", weights_only=False)
     assert set(saved["state_dict"]) == set(record(ddp_out, "fit", "end", 0)["lora"])
     assert "base_fingerprint" in saved["lora"]
+
+
+def test_ddp_base_fingerprint_shared_by_the_ranks_equals_the_single_process_one(ddp_out):
+    saved = torch.load(ddp_out / "fit_ckpt" / "epoch=0-step=2.ckpt", weights_only=False)
+    module = MLPModule()
+    inject_lora(module, LoRAConfig(target_modules=MLP_TARGETS, r=2))
+    assert saved["lora"]["base_fingerprint"] == base_fingerprint(module)
 
 
 def test_ddp_resume_loads_the_checkpoint_on_every_rank(ddp_out):
