@@ -31,6 +31,13 @@ from torch import nn
 from lora_lightning.core import LoRAConfig, adapted_layers, config_diff, quantize, trainable_names
 from lora_lightning.core.errors import CheckpointMismatchError, LoRAConfigError
 from lora_lightning.core.state import is_adapter_parameter
+from lora_lightning.core.tensor_checks import (
+    DTYPE,
+    NON_FINITE,
+    NOT_TENSOR,
+    SHAPE,
+    tensor_problems,
+)
 
 CHECKPOINT_KEY = "lora"
 #: 2: clean names, and a base fingerprint over every value (1 sampled 64 values per tensor).
@@ -332,17 +339,20 @@ def _trainable_tensors(state: Mapping, model: nn.Module) -> Any:
             f"trainable tensor(s) {missing[:6]}, unexpected {len(unexpected)} "
             f"{unexpected[:6]}; frozen base weights may be absent, adapters may not"
         )
-    problems = []
-    for name, model_name in trainable.items():
-        value, want = state[given[name]], params[model_name]
-        if not isinstance(value, torch.Tensor):
-            problems.append(f"{name} is {_describe(value)}")
-        elif tuple(value.shape) != tuple(want.shape):
-            problems.append(f"{name} has shape {tuple(value.shape)}, model {tuple(want.shape)}")
-        elif not (value.is_floating_point() or value.is_complex()) and want.is_floating_point():
-            problems.append(f"{name} has dtype {value.dtype}, model {want.dtype}")
-        elif value.device.type != "meta" and not bool(torch.isfinite(value).all()):
-            problems.append(f"{name} holds NaN or Inf values (the run diverged before it)")
+    # Loading casts a float of another dtype; a model built on meta accepts meta tensors.
+    found = {name: state[given[name]] for name in trainable}
+    expected = {name: (tuple(params[p].shape), params[p].dtype) for name, p in trainable.items()}
+    problems = [
+        {
+            NOT_TENSOR: f"{name} is {_describe(value)}",
+            SHAPE: f"{name} has shape {value}, model {want}",
+            DTYPE: f"{name} has dtype {value}, model {want}",
+            NON_FINITE: f"{name} holds NaN or Inf values (the run diverged before it)",
+        }[rule]
+        for name, rule, value, want in tensor_problems(
+            found, expected, dtype_changes=True, meta=True
+        )
+    ]
     if problems:
         raise CheckpointMismatchError(
             "the checkpoint's trainable tensors do not fit the model: "
