@@ -75,30 +75,16 @@ class Probe(pl.Callback):
         self._save(trainer, pl_module, "end")
 
 
-def run(out: Path, name: str, ckpt_path: Path | None = None) -> None:
-    callback = CountingLoRACallback(
-        out / "exports", name, target_modules=MLP_TARGETS, r=2, adapter_dir=out / f"{name}_adapter"
-    )
-    checkpoint = ModelCheckpoint(dirpath=out / f"{name}_ckpt", save_top_k=-1)
-    ddp = trainer(
-        out,
-        [callback, Probe(out, name), checkpoint],
-        devices=2,
-        strategy="ddp",
-        max_epochs=2,
-        use_distributed_sampler=True,
-    )
-    ddp.fit(MLPModule(), ckpt_path=ckpt_path)
-
-
-def run_with_dropout(out: Path, name: str, ckpt_path: Path | None = None) -> None:
-    module = ResumableMLPModule()  # seeds the global RNG with its own seed: seed after it
-    # Before the process group exists: rank 1 is the re-launched script, with LOCAL_RANK set.
-    torch.manual_seed(1000 + int(os.environ.get("LOCAL_RANK", 0)))
-    callback = LoRACallback(
-        target_modules=MLP_TARGETS, r=2, dropout=0.5, adapter_dir=out / f"{name}_adapter"
-    )
-    checkpoint = ModelCheckpoint(dirpath=out / f"{name}_ckpt", save_top_k=-1, every_n_train_steps=1)
+def fit(
+    out: Path,
+    name: str,
+    module: pl.LightningModule,
+    callback: LoRACallback,
+    ckpt_path: Path | None = None,
+    **checkpoint_options: Any,
+) -> None:
+    """2-process DDP fit for 2 epochs, probed, a checkpoint per ``checkpoint_options``."""
+    checkpoint = ModelCheckpoint(dirpath=out / f"{name}_ckpt", save_top_k=-1, **checkpoint_options)
     ddp = trainer(
         out,
         [callback, Probe(out, name), checkpoint],
@@ -108,6 +94,23 @@ def run_with_dropout(out: Path, name: str, ckpt_path: Path | None = None) -> Non
         use_distributed_sampler=True,
     )
     ddp.fit(module, ckpt_path=ckpt_path)
+
+
+def run(out: Path, name: str, ckpt_path: Path | None = None) -> None:
+    callback = CountingLoRACallback(
+        out / "exports", name, target_modules=MLP_TARGETS, r=2, adapter_dir=out / f"{name}_adapter"
+    )
+    fit(out, name, MLPModule(), callback, ckpt_path)
+
+
+def run_with_dropout(out: Path, name: str, ckpt_path: Path | None = None) -> None:
+    module = ResumableMLPModule()  # seeds the global RNG with its own seed: seed after it
+    # Before the process group exists: rank 1 is the re-launched script, with LOCAL_RANK set.
+    torch.manual_seed(1000 + int(os.environ.get("LOCAL_RANK", 0)))
+    callback = LoRACallback(
+        target_modules=MLP_TARGETS, r=2, dropout=0.5, adapter_dir=out / f"{name}_adapter"
+    )
+    fit(out, name, module, callback, ckpt_path, every_n_train_steps=1)
 
 
 def main(out: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+from models import save_tiny_classifier
 
 from lora_lightning.tasks import (
     SST2DataModule,
@@ -49,20 +49,7 @@ def write_tsv(path: Path, rows: list[tuple[str, int]], header: str = "label\tsen
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A randomly initialised 2-layer BERT classifier saved with the MiniLM tokenizer."""
-    directory = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
-    tokenizer.save_pretrained(directory)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        num_labels=2,
-    )
-    BertForSequenceClassification(config).save_pretrained(directory)
-    return directory
+    return save_tiny_classifier(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture
