@@ -46,7 +46,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load on first
         unmerge_lora,
         vllm_unsupported,
     )
-    from lora_lightning.lightning import LoRACallback
+    from lora_lightning.lightning import LoRACallback, RNGStateCallback
 
 __all__ = [
     "AdapterFileError",
@@ -59,6 +59,7 @@ __all__ = [
     "LoRAPlan",
     "LoRAStateError",
     "ParameterCounts",
+    "RNGStateCallback",
     "ServingCompatibilityWarning",
     "UnsupportedModuleError",
     "active_adapter",
@@ -90,10 +91,10 @@ __version__ = "0.1.0"
 def __getattr__(name: str):  # noqa: ANN202 - PEP 562 lazy import
     # Names load on first use: ``import lora_lightning.tasks`` then imports no LoRA code, and
     # the callback (which imports Lightning) loads only when asked, so the core stays torch-only.
-    if name == "LoRACallback":
-        from lora_lightning.lightning import LoRACallback
+    if name in ("LoRACallback", "RNGStateCallback"):
+        import lora_lightning.lightning
 
-        return LoRACallback
+        return getattr(lora_lightning.lightning, name)
     if name in __all__:
         import lora_lightning.core
 

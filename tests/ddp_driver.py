@@ -6,14 +6,18 @@ Lightning's ``ddp`` strategy re-launches this script for rank 1, so every rank r
 1. ``fit``: MLPModule for 2 epochs (2 batches per rank per epoch), a checkpoint every epoch.
 2. ``resume``: a fresh MLPModule from the same seed, resumed from the epoch-0 checkpoint of
    run 1 (``trainer.fit(ckpt_path=...)``) up to the same 2 epochs.
+3. ``dropout``: ResumableMLPModule with LoRA dropout 0.5, each rank's global RNG seeded
+   differently (so the ranks draw different masks), a checkpoint every step (2 per epoch).
+4. ``dropout_resume``: the same, resumed from run 3's mid-epoch checkpoint (epoch 1, step 3).
 
 Each rank writes, per run, ``<run>_<moment>_rank<r>.pt`` (its ``lora_state_dict`` right after
-setup, at train start and at train end, plus the global step), and every call of
+setup, at train start and at train end, plus the global step; at train end also the first optimizer's state), and every call of
 ``LoRACallback.export`` leaves a marker file ``exports/<run>-rank<r>-<n>-<directory name>``.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,7 +26,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning_models import MLP_TARGETS, MLPModule, lora_tensors, trainer
+from lightning_models import MLP_TARGETS, MLPModule, ResumableMLPModule, lora_tensors, trainer
 
 from lora_lightning import LoRACallback
 
@@ -57,6 +61,8 @@ class Probe(pl.Callback):
 
     def _save(self, trainer: pl.Trainer, module: pl.LightningModule, moment: str) -> None:
         record = {"lora": lora_tensors(module), "global_step": trainer.global_step}
+        if moment == "end":
+            record["optimizer"] = trainer.optimizers[0].state_dict()
         torch.save(record, self.out / f"{self.run}_{moment}_rank{trainer.global_rank}.pt")
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -69,11 +75,16 @@ class Probe(pl.Callback):
         self._save(trainer, pl_module, "end")
 
 
-def run(out: Path, name: str, ckpt_path: Path | None = None) -> None:
-    callback = CountingLoRACallback(
-        out / "exports", name, target_modules=MLP_TARGETS, r=2, adapter_dir=out / f"{name}_adapter"
-    )
-    checkpoint = ModelCheckpoint(dirpath=out / f"{name}_ckpt", save_top_k=-1)
+def fit(
+    out: Path,
+    name: str,
+    module: pl.LightningModule,
+    callback: LoRACallback,
+    ckpt_path: Path | None = None,
+    **checkpoint_options: Any,
+) -> None:
+    """2-process DDP fit for 2 epochs, probed, a checkpoint per ``checkpoint_options``."""
+    checkpoint = ModelCheckpoint(dirpath=out / f"{name}_ckpt", save_top_k=-1, **checkpoint_options)
     ddp = trainer(
         out,
         [callback, Probe(out, name), checkpoint],
@@ -82,12 +93,31 @@ def run(out: Path, name: str, ckpt_path: Path | None = None) -> None:
         max_epochs=2,
         use_distributed_sampler=True,
     )
-    ddp.fit(MLPModule(), ckpt_path=ckpt_path)
+    ddp.fit(module, ckpt_path=ckpt_path)
+
+
+def run(out: Path, name: str, ckpt_path: Path | None = None) -> None:
+    callback = CountingLoRACallback(
+        out / "exports", name, target_modules=MLP_TARGETS, r=2, adapter_dir=out / f"{name}_adapter"
+    )
+    fit(out, name, MLPModule(), callback, ckpt_path)
+
+
+def run_with_dropout(out: Path, name: str, ckpt_path: Path | None = None) -> None:
+    module = ResumableMLPModule()  # seeds the global RNG with its own seed: seed after it
+    # Before the process group exists: rank 1 is the re-launched script, with LOCAL_RANK set.
+    torch.manual_seed(1000 + int(os.environ.get("LOCAL_RANK", 0)))
+    callback = LoRACallback(
+        target_modules=MLP_TARGETS, r=2, dropout=0.5, adapter_dir=out / f"{name}_adapter"
+    )
+    fit(out, name, module, callback, ckpt_path, every_n_train_steps=1)
 
 
 def main(out: Path) -> None:
     run(out, "fit")
     run(out, "resume", ckpt_path=out / "fit_ckpt" / "epoch=0-step=2.ckpt")
+    run_with_dropout(out, "dropout")
+    run_with_dropout(out, "dropout_resume", ckpt_path=out / "dropout_ckpt" / "epoch=1-step=3.ckpt")
 
 
 if __name__ == "__main__":

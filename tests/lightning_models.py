@@ -167,6 +167,48 @@ class MLPModule(pl.LightningModule):
         return self._loader()
 
 
+class ResumableLoader(DataLoader):
+    """A DataLoader Lightning resumes mid-epoch (it has ``state_dict``/``load_state_dict``, as
+    torchdata's ``StatefulDataLoader`` has): its next iteration skips the ``batches_done``
+    batches of the interrupted epoch.
+
+    Iteration starts at the first ``next``, not at ``iter``: a resumed run creates its
+    iterator before Lightning sets the sampler's epoch (a shuffled sampler would give the
+    first epoch's order). Give it a ``generator``: the iterator's base seed is then not drawn
+    from the global RNG, which a resumed run has restored by the time of that first ``next``.
+    """
+
+    batches_done = 0
+    _skip = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches_done": self.batches_done % len(self)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._skip = state["batches_done"]
+
+    def __iter__(self) -> Any:
+        skip, self._skip = self._skip, 0
+        batches = super().__iter__()
+        for _ in range(skip):
+            next(batches)
+        yield from batches
+
+
+class ResumableMLPModule(MLPModule):
+    """MLPModule whose training loader resumes mid-epoch: the position in the data is the
+    loader's, so a mid-epoch resume repeats the uninterrupted run's batches."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        # Counted before the step's checkpoint callbacks run (they run before module hooks).
+        self.trainer.train_dataloader.batches_done = batch_idx + 1
+        return super().training_step(batch, batch_idx)
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(0)
+        return ResumableLoader(mlp_dataset(self.n), batch_size=self.batch_size, generator=generator)
+
+
 class TwoOptimizerModule(MLPModule):
     """Manual optimization with two optimizers returned as a list of dicts.
 

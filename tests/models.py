@@ -7,6 +7,8 @@ seed give bit-identical weights and deterministic outputs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -23,24 +25,64 @@ from transformers import (
 
 VOCAB = 64
 SEQ_LEN = 8
+M = TypeVar("M", bound=nn.Module)
+C = TypeVar("C")
+
+
+def seeded(model_class: type[M], config: Any, seed: int) -> M:
+    """``model_class(config)`` with weights drawn after ``torch.manual_seed(seed)``, in eval
+    mode: the one way every builder here makes a model from its config."""
+    torch.manual_seed(seed)
+    return model_class(config).eval()
+
+
+#: What "tiny" means for every Hugging Face config built here: width 16, 2 layers of 2
+#: heads, no dropout. A config takes the fields it has (GPT-2 names its own).
+TINY = {
+    "vocab_size": VOCAB,
+    "hidden_size": 16,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+    "max_position_embeddings": 32,
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+}
+
+
+def tiny_config(config_class: type[C], **fields: Any) -> C:
+    """A ``config_class`` with the :data:`TINY` fields it has, ``fields`` overriding them."""
+    known = config_class().to_dict()
+    return config_class(**{**{k: v for k, v in TINY.items() if k in known}, **fields})
 
 
 def tiny_bert(seed: int = 0, num_labels: int = 3) -> BertForSequenceClassification:
     """A 2-layer, width-16 BERT for sequence classification (query/key/value are Linear)."""
+    # Weights of scale 0.2: logits of order 1, so output comparisons mean something.
+    config = tiny_config(BertConfig, num_labels=num_labels, initializer_range=0.2)
+    return seeded(BertForSequenceClassification, config, seed)
+
+
+def save_tiny_classifier(directory: Path) -> Path:
+    """A 2-layer, width-32 BERT classifier (2 labels, dropout on) with the real MiniLM
+    tokenizer, saved in ``directory`` like a pretrained model (for the default task and the
+    app, which load by path)."""
+    from transformers import AutoTokenizer
+
+    from lora_lightning.tasks import minilm_path
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    tokenizer.save_pretrained(directory)
     config = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=32,
-        num_labels=num_labels,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        initializer_range=0.2,  # logits of order 1, so output comparisons mean something
+        intermediate_size=37,
+        num_labels=2,
     )
-    torch.manual_seed(seed)
-    return BertForSequenceClassification(config).eval()
+    seeded(BertForSequenceClassification, config, 0).save_pretrained(directory)
+    return directory
 
 
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
@@ -57,8 +99,7 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
         bos_token_id=0,
         eos_token_id=0,
     )
-    torch.manual_seed(seed)
-    return GPT2LMHeadModel(config).eval()
+    return seeded(GPT2LMHeadModel, config, seed)
 
 
 @dataclass
@@ -182,36 +223,16 @@ def assert_close_relative(actual: torch.Tensor, expected: torch.Tensor, rtol: fl
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     """A 2-layer, width-16 Llama (untied ``embed_tokens`` and ``lm_head``)."""
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
+    config = tiny_config(LlamaConfig, num_key_value_heads=1, tie_word_embeddings=False)
+    return seeded(LlamaForCausalLM, config, seed)
 
 
 def tiny_vit(seed: int = 0) -> ViTForImageClassification:
     """A 1-layer, width-16 ViT classifier on 8x8 images (the patch embedding is a Conv2d)."""
-    config = ViTConfig(
-        image_size=8,
-        patch_size=4,
-        num_channels=3,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        num_labels=3,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
+    config = tiny_config(
+        ViTConfig, image_size=8, patch_size=4, num_channels=3, num_hidden_layers=1, num_labels=3
     )
-    torch.manual_seed(seed)
-    return ViTForImageClassification(config).eval()
+    return seeded(ViTForImageClassification, config, seed)
 
 
 def snapshot(model: nn.Module) -> dict:

@@ -128,24 +128,9 @@ def test_export_settings_are_typed_by_their_schema():
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer BERT classifier with the real MiniLM tokenizer, saved like a pretrained model."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    from models import save_tiny_classifier
 
-    from lora_lightning.tasks import minilm_path
-
-    path = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        num_labels=2,
-    )
-    BertForSequenceClassification(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_classifier(tmp_path_factory.mktemp("tiny-bert"))
 
 
 def tiny_args(model_dir: Path) -> list[str]:

@@ -22,6 +22,7 @@ from lightning_models import (
     BertModule,
     MLPModule,
     RecordingLogger,
+    ResumableMLPModule,
     TiedHeadModule,
     TwoOptimizerModule,
     lora_tensors,
@@ -43,6 +44,8 @@ from lora_lightning import (
     lora_state_dict,
 )
 from lora_lightning.core import adapted_layers
+from lora_lightning.lightning import base_fingerprint
+from lora_lightning.lightning.rng import gather_rng_states, restore_rng_states
 
 ADAPTERS = {f"net.layers.{i}.lora_{ab}.weight" for i in (0, 1) for ab in ("A", "B")}
 
@@ -311,6 +314,23 @@ def test_weights_only_checkpoint_is_trimmed_too(tmp_path):
     assert "optimizer_states" not in saved
 
 
+def test_a_test_run_without_a_checkpoint_skips_the_base_fingerprint(tmp_path):
+    callback = make_callback()
+    trainer(tmp_path, [callback]).test(MLPModule(), verbose=False)
+    assert callback.fingerprint is None  # nothing to write or load: no checksum of the base
+
+
+def test_a_checkpoint_saved_outside_fit_still_carries_the_base_fingerprint(tmp_path):
+    module, callback = MLPModule(), make_callback()
+    run = trainer(tmp_path, [callback])
+    run.validate(module, verbose=False)
+    run.save_checkpoint(tmp_path / "validated.ckpt")
+    expected = MLPModule()
+    inject_lora(expected, LoRAConfig(target_modules=MLP_TARGETS, r=2))
+    saved = load_ckpt(tmp_path / "validated.ckpt")
+    assert saved["lora"]["base_fingerprint"] == base_fingerprint(expected)
+
+
 def _state(run) -> dict:
     optimizer = run.optimizers[0].state_dict()
     return {
@@ -346,6 +366,38 @@ def test_resume_is_bit_exact(tmp_path):
     assert actual["moments"].keys() == expected["moments"].keys()
     for key, value in expected["moments"].items():
         assert torch.equal(actual["moments"][key], value), key
+
+
+def test_mid_epoch_resume_with_dropout_is_bit_exact_with_the_callback_alone(tmp_path):
+    """A plain Trainer with LoRACallback (dropout on, so every step draws random masks),
+    resumed with ckpt_path= from a checkpoint taken in the middle of an epoch."""
+    straight = ResumableMLPModule()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_train_steps=2)
+    run = trainer(tmp_path, [make_callback(dropout=0.5), checkpoint], max_epochs=2)
+    run.fit(straight)
+    mid_epoch = tmp_path / "ckpt" / "epoch=1-step=6.ckpt"  # 4 batches per epoch
+
+    resumed = ResumableMLPModule()
+    again = trainer(tmp_path / "resumed", [make_callback(dropout=0.5)], max_epochs=2)
+    again.fit(resumed, ckpt_path=mid_epoch)
+
+    assert again.global_step == run.global_step == 8
+    assert_same_tensors(lora_tensors(resumed), lora_tensors(straight))
+    expected, actual = _state(run), _state(again)
+    assert actual["step"] == expected["step"]
+    assert actual["moments"].keys() == expected["moments"].keys()
+    for key, value in expected["moments"].items():
+        assert torch.equal(actual["moments"][key], value), key
+
+
+def test_rng_states_of_another_world_size_are_not_restored_with_a_warning():
+    saved = gather_rng_states()
+    two_ranks = {"world_size": 2, "states": saved["states"] * 2}
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    with pytest.warns(UserWarning, match="random state of 2 process"):
+        assert not restore_rng_states(two_ranks, rank=0, world_size=1)
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 @pytest.fixture(scope="module")

@@ -1,47 +1,32 @@
 """LoRACallback under 2-process CPU DDP (gloo), via Lightning's script re-launch (``ddp``).
 
-One driver run (tests/ddp_driver.py: a fit, then a DDP resume from its epoch-0 checkpoint)
-writes per-rank result files; each test below asserts one fact about them. The last test
+One driver run (tests/ddp_driver.py: a fit, then a DDP resume from its epoch-0 checkpoint; a
+fit with LoRA dropout, then a DDP resume from its mid-epoch checkpoint) writes per-rank result
+files; each test below asserts one fact about them. The last test
 resumes the 2-process checkpoint in this single process (another world size).
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from ddp_runner import TESTS, run_ddp_driver
 from lightning_models import MLP_TARGETS, MLPModule, lora_tensors, trainer
 
-from lora_lightning import LoRACallback, load_adapter
+from lora_lightning import LoRACallback, LoRAConfig, inject_lora, load_adapter
+from lora_lightning.lightning import base_fingerprint
 
 pytestmark = pytest.mark.slow
 
-TESTS = Path(__file__).resolve().parent
 RANKS = (0, 1)
 
 
 @pytest.fixture(scope="module")
 def ddp_out(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ddp")
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-        and not k.startswith("PL_")
-    }
-    result = subprocess.run(
-        [sys.executable, str(TESTS / "ddp_driver.py"), str(out)],
-        cwd=TESTS.parent,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    run_ddp_driver(TESTS / "ddp_driver.py", out)
     return out
 
 
@@ -94,6 +79,13 @@ def test_ddp_checkpoint_holds_only_the_adapters(ddp_out):
     assert "base_fingerprint" in saved["lora"]
 
 
+def test_ddp_base_fingerprint_shared_by_the_ranks_equals_the_single_process_one(ddp_out):
+    saved = torch.load(ddp_out / "fit_ckpt" / "epoch=0-step=2.ckpt", weights_only=False)
+    module = MLPModule()
+    inject_lora(module, LoRAConfig(target_modules=MLP_TARGETS, r=2))
+    assert saved["lora"]["base_fingerprint"] == base_fingerprint(module)
+
+
 def test_ddp_resume_loads_the_checkpoint_on_every_rank(ddp_out):
     saved = torch.load(ddp_out / "fit_ckpt" / "epoch=0-step=2.ckpt", weights_only=False)
     for rank in RANKS:
@@ -102,12 +94,32 @@ def test_ddp_resume_loads_the_checkpoint_on_every_rank(ddp_out):
         assert_same_tensors(start["lora"], saved["state_dict"])
 
 
-def test_ddp_resume_ends_exactly_where_the_straight_run_did(ddp_out):
+def assert_resumed_run_ends_like_the_straight_one(out: Path, straight: str, resumed: str) -> None:
+    """On every rank: the same step, adapters and optimizer state at train end."""
     for rank in RANKS:
-        straight = record(ddp_out, "fit", "end", rank)
-        resumed = record(ddp_out, "resume", "end", rank)
-        assert resumed["global_step"] == straight["global_step"] == 4
-        assert_same_tensors(resumed["lora"], straight["lora"])
+        expected, actual = record(out, straight, "end", rank), record(out, resumed, "end", rank)
+        assert actual["global_step"] == expected["global_step"] == 4
+        assert_same_tensors(actual["lora"], expected["lora"])
+        moments = actual["optimizer"]["state"]
+        assert moments.keys() == expected["optimizer"]["state"].keys()
+        for index, state in expected["optimizer"]["state"].items():
+            assert_same_tensors(moments[index], state)
+
+
+def test_ddp_resume_ends_exactly_where_the_straight_run_did(ddp_out):
+    assert_resumed_run_ends_like_the_straight_one(ddp_out, "fit", "resume")
+
+
+def test_ddp_checkpoint_holds_the_random_state_of_each_rank(ddp_out):
+    saved = torch.load(ddp_out / "dropout_ckpt" / "epoch=1-step=3.ckpt", weights_only=False)
+    rng = saved["callbacks"]["LoRACallback"]["rng"]
+    assert rng["world_size"] == 2
+    first, second = (state["torch"] for state in rng["states"])
+    assert not torch.equal(first, second)  # each rank's own, not rank zero's twice
+
+
+def test_ddp_mid_epoch_resume_with_dropout_is_bit_exact_on_every_rank(ddp_out):
+    assert_resumed_run_ends_like_the_straight_one(ddp_out, "dropout", "dropout_resume")
 
 
 def test_two_process_checkpoint_resumes_in_one_process(ddp_out, tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from models import mlp, randomize_adapters, tiny_bert, tiny_gpt2
+from models import mlp, randomize_adapters, tiny_bert, tiny_config, tiny_gpt2
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
@@ -239,17 +239,7 @@ def test_unreadable_weights_file_is_named(saved):
 
 def _wider_bert() -> BertForSequenceClassification:
     """A BERT of hidden size 32: every adapter saved from the width-16 tiny BERT misfits."""
-    return BertForSequenceClassification(
-        BertConfig(
-            vocab_size=64,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=32,
-            max_position_embeddings=32,
-            num_labels=3,
-        )
-    )
+    return BertForSequenceClassification(tiny_config(BertConfig, hidden_size=32, num_labels=3))
 
 
 def test_wrong_shapes_list_every_mismatch_at_once(saved):

@@ -418,19 +418,12 @@ def test_mixed_batch_refuses_train_mode_and_batch_level_outputs_restoring_the_ad
 
 # ------------------------------------------------------------------------- evaluate CLI
 def test_evaluate_cli_scores_several_adapters_on_one_base(tmp_path, capsys):
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    from models import save_tiny_classifier
+    from transformers import BertForSequenceClassification
 
-    from lora_lightning.tasks import minilm_path
     from lora_lightning.tasks.evaluate import evaluate, main
 
-    base = tmp_path / "base"
-    AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True).save_pretrained(base)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=AutoTokenizer.from_pretrained(base).vocab_size, hidden_size=32,
-        num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, num_labels=2,
-    )  # fmt: skip
-    BertForSequenceClassification(config).save_pretrained(base)
+    base = save_tiny_classifier(tmp_path / "base")
     adapters = []
     for seed, head in ((1, True), (2, False)):
         model = BertForSequenceClassification.from_pretrained(base)

@@ -17,8 +17,6 @@ this file for rank 1), run by
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -57,8 +55,9 @@ TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:  # when run as the DDP driver script
     sys.path.insert(0, str(TESTS))
 
+from ddp_runner import run_ddp_driver  # noqa: E402
 from lightning_models import BertModule, token_dataset, trainer  # noqa: E402
-from models import mlp, randomize_adapters  # noqa: E402
+from models import mlp, randomize_adapters, seeded, tiny_config  # noqa: E402
 
 QKV = ["query", "key", "value"]
 ADAPTED = [f"bert.encoder.layer.0.attention.self.{n}" for n in QKV]
@@ -78,19 +77,11 @@ FROZEN = [
 
 def qbert(seed: int = 0) -> BertForSequenceClassification:
     """1 layer, width 128 (query/key/value 128 x 128: nf4-sized), 3 labels, eval mode."""
-    config = BertConfig(
-        vocab_size=64,
-        hidden_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        intermediate_size=256,
-        max_position_embeddings=32,
-        num_labels=3,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    torch.manual_seed(seed)
-    return BertForSequenceClassification(config).eval()
+    config = tiny_config(
+        BertConfig, hidden_size=128, num_hidden_layers=1, num_attention_heads=4,
+        intermediate_size=256, num_labels=3,
+    )  # fmt: skip
+    return seeded(BertForSequenceClassification, config, seed)
 
 
 def ids(seed: int = 1, batch: int = 4) -> torch.Tensor:
@@ -609,21 +600,7 @@ def test_two_process_ddp_trains_identical_adapters_on_a_quantized_base(tmp_path)
     """One driver run fits an nf4 and an int8 base under 2-process DDP (gloo). DDP's
     construction-time broadcast cannot flatten an int8 tensor (``aten.view``), so this fails
     unless the quantized weights are in ``_ddp_params_and_buffers_to_ignore``."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-        and not k.startswith("PL_")
-    }
-    result = subprocess.run(
-        [sys.executable, str(Path(__file__)), str(tmp_path)],
-        cwd=TESTS.parent,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    run_ddp_driver(Path(__file__), tmp_path)
     initial = QBertModule()
     inject_lora(initial, LoRAConfig(target_modules=QKV))
     start = lora_state_dict(initial)

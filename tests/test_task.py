@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+from models import save_tiny_classifier
 
 from lora_lightning.tasks import (
     SST2DataModule,
@@ -49,20 +49,7 @@ def write_tsv(path: Path, rows: list[tuple[str, int]], header: str = "label\tsen
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A randomly initialised 2-layer BERT classifier saved with the MiniLM tokenizer."""
-    directory = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
-    tokenizer.save_pretrained(directory)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        num_labels=2,
-    )
-    BertForSequenceClassification(config).save_pretrained(directory)
-    return directory
+    return save_tiny_classifier(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture
@@ -314,3 +301,77 @@ def test_length_grouped_batches_pad_less_than_random_batches():
     grouped = list(LengthGroupedSampler(lengths, batch_size=32, seed=0))
     shuffled = torch.randperm(3200, generator=torch.Generator().manual_seed(0)).tolist()
     assert mean_padded_width(grouped) < 0.6 * mean_padded_width(shuffled)
+
+
+# Resuming the task
+
+
+class _StepRecorder(TextClassifier):
+    """Records each training step's batch (input ids) and learning rate, and tells a
+    resumable train loader how many batches of the epoch are done."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.steps: list[tuple[list[int], float]] = []
+
+    def training_step(self, batch, batch_idx):
+        self.trainer.train_dataloader.batches_done = batch_idx + 1
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+        self.steps.append((batch["input_ids"][:, 1].tolist(), lr))
+        return super().training_step(batch, batch_idx)
+
+
+def _resumable(datamodule: SST2DataModule) -> SST2DataModule:
+    """The datamodule's train loader made resumable mid-epoch (Lightning restores its
+    position through ``state_dict``/``load_state_dict``)."""
+    from lightning_models import ResumableLoader
+
+    original = datamodule.train_dataloader
+
+    def train_dataloader():
+        loader = original()
+        loader.__class__ = ResumableLoader
+        return loader
+
+    object.__setattr__(datamodule, "train_dataloader", train_dataloader)
+    return datamodule
+
+
+def _fit(model_dir, data_files, root, ckpt_path=None, **trainer_options) -> _StepRecorder:
+    # Strings, not paths: the checkpoint's hyperparameters must load with weights_only=True.
+    files = {key: str(path) for key, path in data_files.items()}
+    datamodule = _resumable(SST2DataModule(tokenizer=str(model_dir), **files, batch_size=4))
+    classifier = _StepRecorder(str(model_dir), lr=1e-3, warmup_ratio=0.5)
+    pl.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=root, limit_val_batches=0, **trainer_options,
+    ).fit(classifier, datamodule=datamodule, ckpt_path=ckpt_path)  # fmt: skip
+    return classifier
+
+
+def test_a_resumed_fit_continues_the_interrupted_epoch_with_the_same_learning_rates(
+    tiny_model_dir: Path, data_files: dict[str, Path], tmp_path: Path
+) -> None:
+    """configure_optimizers must not build the train loader (estimated_stepping_batches
+    does): built before Lightning restores the loop state, it would restart the epoch."""
+    checkpoints = pl.callbacks.ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_train_steps=1
+    )
+    straight = _fit(tiny_model_dir, data_files, tmp_path, max_epochs=2, callbacks=[checkpoints])
+    assert len(straight.steps) == 6  # 10 sentences in batches of 4: 3 per epoch
+    mid_epoch = tmp_path / "ckpt" / "epoch=1-step=4.ckpt"
+    resumed = _fit(tiny_model_dir, data_files, tmp_path / "resumed", mid_epoch, max_epochs=2)
+    assert resumed.steps == straight.steps[4:]
+
+
+def test_the_first_step_uses_the_scheduled_learning_rate_without_warmup(
+    tiny_model_dir: Path, data_files: dict[str, Path], tmp_path: Path
+) -> None:
+    datamodule = SST2DataModule(tokenizer=tiny_model_dir, **data_files, batch_size=4)
+    classifier = _StepRecorder(tiny_model_dir, lr=1e-3, warmup_ratio=0.0)
+    pl.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path, limit_val_batches=0, max_epochs=1,
+    ).fit(classifier, datamodule=datamodule)  # fmt: skip
+    rates = [lr for _, lr in classifier.steps]
+    assert rates == pytest.approx([1e-3 * (3 - step) / 3 for step in range(3)])

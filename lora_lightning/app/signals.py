@@ -18,9 +18,10 @@ expects. The signals:
   ``UncompletedJobError``.
 
 A launcher's signal is taken over only when that launcher installed a handler for it in this
-process. Exactness needs two things Lightning leaves to the user: the global RNG state (dropout
-masks) is saved with the checkpoint and restored when training resumes, and the training
-dataloader skips the batches of the interrupted epoch that were already trained on.
+process. Exactness needs two things Lightning leaves to the user: the global RNG states (dropout
+masks), saved and restored per rank by ``LoRACallback`` (``RNGStateCallback`` for a run without
+LoRA), and a training dataloader that skips the batches of the interrupted epoch already
+trained on, which this module provides.
 ``resume=auto`` picks the newest checkpoint of the run folder, whichever signal wrote it.
 
 Must not import W&B, Hydra, submitit or the default task.
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -104,8 +104,9 @@ class _ResumableLoader(DataLoader):
 
 class Preemption(pl.Callback):
     """Stops training at the step boundary when time is up (SIGTERM, SLURM's requeue signal
-    under Lightning, submitit's signal) and writes the checkpoint there; on resume, restores the
-    RNG state and skips the interrupted epoch's batches already trained on.
+    under Lightning, submitit's signal) and writes the checkpoint there; on resume, skips the
+    interrupted epoch's batches already trained on (the RNG states are the LoRA callback's, or
+    ``RNGStateCallback``'s without LoRA).
 
     Call :meth:`attach` on the datamodule before training, and :meth:`end_job` after ``fit``
     raised ``SIGTERMException``.
@@ -126,7 +127,6 @@ class Preemption(pl.Callback):
         self.signal_name = "SIGTERM"
         # The launchers' own handlers of their signals: launcher -> (signal, handler).
         self._taken_over: dict[str, tuple[int, Callable[[int, FrameType | None], Any]]] = {}
-        self._rng_to_restore: dict[str, Any] | None = None
         self._skip_on_resume = 0
         self._trainer: pl.Trainer | None = None
 
@@ -159,24 +159,16 @@ class Preemption(pl.Callback):
             loader.batches_done = batch_idx + 1
 
     def state_dict(self) -> dict[str, Any]:
-        # Taken when the checkpoint is written: between two training steps, where the
-        # uninterrupted run continues with exactly this RNG state.
         done = [loader.state_dict()["batches_done"] for loader in _train_loaders(self._trainer)]
-        return {"rng": rng_state(), "batches_done": max(done, default=0)}
+        return {"batches_done": max(done, default=0)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._rng_to_restore = state_dict.get("rng")
         self._skip_on_resume = state_dict.get("batches_done", 0)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # After the sanity check and the train iterator's creation, which consume the RNG in
-        # the resumed run only.
-        if self._rng_to_restore is not None:
-            set_rng_state(self._rng_to_restore)
-            self._rng_to_restore = None
         # Lightning has installed its handlers by now (and restores the earlier ones, ours
         # gone, when fit ends).
         self._take_over_launcher_signals(trainer)
@@ -257,30 +249,3 @@ def _train_loaders(trainer: pl.Trainer | None) -> list[_ResumableLoader]:
     if not isinstance(loaders, (list, tuple)):
         loaders = [loaders]
     return [loader for loader in loaders if isinstance(loader, _ResumableLoader)]
-
-
-def rng_state() -> dict[str, Any]:
-    """The global RNG states (torch, CUDA, Python, NumPy) in types a weights-only load accepts."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    try:
-        import numpy as np
-    except ImportError:
-        return state
-    name, keys, position, has_gauss, gauss = np.random.get_state()
-    state["numpy"] = (name, torch.from_numpy(keys.astype("int64")), position, has_gauss, gauss)
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` returned."""
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "numpy" in state:
-        import numpy as np
-
-        name, keys, position, has_gauss, gauss = state["numpy"]
-        np.random.set_state((name, keys.numpy().astype("uint32"), position, has_gauss, gauss))

@@ -28,7 +28,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lora_lightning import LoRACallback, count_parameters
+from lora_lightning import LoRACallback, RNGStateCallback, count_parameters
 from lora_lightning.app import checks, console, signals, tracking
 from lora_lightning.app.config import CONF_DIR, register_configs
 from lora_lightning.app.errors import PREEMPTED_EXIT, Preempted, report
@@ -118,8 +118,9 @@ def _build(cfg: DictConfig, prepare_model: Callable[[pl.LightningModule], Any] |
         pl.seed_everything(cfg.seed, workers=True)
     preemption = signals.Preemption(signals.checkpoint_dir(cfg.paths.output_dir))
     callbacks = [preemption, *_instantiate_all(cfg, "callbacks")]
-    if lora_callback is not None:
-        callbacks.insert(0, lora_callback)
+    # The RNG states for an exact resume: LoRACallback saves them; full fine-tuning ('~lora')
+    # gets the same callback on its own.
+    callbacks.insert(0, lora_callback if lora_callback is not None else RNGStateCallback())
     loggers = _instantiate_all(cfg, "logger")
     if not loggers:  # Lightning refuses a LearningRateMonitor without a logger (logger=none)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]

@@ -36,6 +36,14 @@ from lora_lightning.core.state import (
     owner_of,
     saved_modules,
 )
+from lora_lightning.core.tensor_checks import (
+    DTYPE,
+    META,
+    NON_FINITE,
+    NOT_TENSOR,
+    SHAPE,
+    tensor_problems,
+)
 
 
 def save_adapter(
@@ -328,22 +336,19 @@ def _tensor_problems(
     where: str,
 ) -> list[str]:
     """Every way ``tensors`` (``where``: "in file", "to save") differ from the model's
-    ``expected`` name -> (shape, dtype): missing or extra names, non-tensors, meta tensors,
-    shapes, dtypes, NaN/Inf values. Empty when they fit."""
+    ``expected`` name -> (shape, dtype): missing or extra names, then the rules of
+    :func:`tensor_problems` with exact dtypes and no meta tensors. Empty when they fit."""
     problems = [f"missing {k}" for k in sorted(set(expected) - set(tensors))]
     problems += [f"unexpected {k}" for k in sorted(set(tensors) - set(expected))]
-    for key in sorted(set(expected) & set(tensors)):
-        (shape, dtype), got = expected[key], tensors[key]
-        if not isinstance(got, torch.Tensor):
-            problems.append(f"{key}: a {type(got).__name__}, not a tensor")
-        elif got.device.type == "meta":
-            problems.append(f"{key}: on the meta device (no values)")
-        elif tuple(shape) != tuple(got.shape):
-            problems.append(
-                f"{key}: shape {tuple(got.shape)} {where}, model expects {tuple(shape)}"
-            )
-        elif dtype != got.dtype:
-            problems.append(f"{key}: dtype {got.dtype} {where}, model expects {dtype}")
-        elif got.is_floating_point() and not bool(torch.isfinite(got).all()):
-            problems.append(f"{key}: holds NaN or Inf values")
+    in_order = {name: expected[name] for name in sorted(expected)}
+    for name, rule, found, want in tensor_problems(tensors, in_order):
+        problems.append(
+            {
+                NOT_TENSOR: f"{name}: a {type(found).__name__}, not a tensor",
+                META: f"{name}: on the meta device (no values)",
+                SHAPE: f"{name}: shape {found} {where}, model expects {want}",
+                DTYPE: f"{name}: dtype {found} {where}, model expects {want}",
+                NON_FINITE: f"{name}: holds NaN or Inf values",
+            }[rule]
+        )
     return problems

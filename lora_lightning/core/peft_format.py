@@ -217,7 +217,8 @@ def config_from_peft(
 
     Every name in it is an exact full-match pattern (``^<name>$``), so no module of another
     name is selected; ``modules_to_save`` follows PEFT's rule (a module whose name ends with
-    an entry, see :func:`peft_modules_to_save`).
+    an entry, see :func:`peft_modules_to_save`). Each feature is read, and refused where this
+    project would compute something else, by its own helper below.
 
     Raises:
         AdapterFileError: modules the model lacks; mixed or non-float dtypes; ranks that
@@ -226,13 +227,40 @@ def config_from_peft(
             magnitudes without ``use_dora: true``, or ``use_dora: true`` without them.
     """
     names = dict(model.named_modules())
+    _check_targets_exist(file_modules, names, directory)
+    dtype = _adapter_dtype(tensors, directory)
+    r, alpha = int(peft["r"]), float(peft["lora_alpha"])
+    _check_ranks(peft, file_modules, r, directory)
+    saved = _modules_to_save(peft, file_modules, model, list(names), directory)
+    alphas = {
+        n: float(pattern_value(peft.get("alpha_pattern") or {}, n, alpha)) for n in file_modules
+    }
+    return LoRAConfig(
+        r=r,
+        alpha=alpha,
+        dropout=float(peft.get("lora_dropout", 0.0)),
+        dtype=dtype,
+        target_modules=[_exact(n) for n in file_modules],
+        rank_pattern={_exact(n): rank for n, rank in file_modules.items() if rank != r},
+        alpha_pattern={_exact(n): a for n, a in alphas.items() if a != alpha},
+        use_rslora=bool(peft.get("use_rslora", False)),
+        bias=peft.get("bias", "none"),
+        modules_to_save=[_exact(n) for n in saved],
+        use_dora=_use_dora(peft, tensors, directory),
+    )
+
+
+def _check_targets_exist(file_modules: dict[str, int], names: dict, directory: Path) -> None:
     unknown = sorted(set(file_modules) - set(names))
     if unknown:
         raise AdapterFileError(
             f"adapter {directory} targets modules the model does not have: {unknown[:8]}; "
             "was it saved for another base model (or for a wrapper around this one)?"
         )
-    alpha_pattern = peft.get("alpha_pattern") or {}
+
+
+def _adapter_dtype(tensors: dict[str, torch.Tensor], directory: Path) -> str:
+    """The ``LoRAConfig.dtype`` name of the file's adapter tensors (one float dtype)."""
     dtype_names = {v: k for k, v in DTYPES.items() if v is not None}
     dtypes = {t.dtype for key, t in tensors.items() if ".lora_" in key}
     if len(dtypes) != 1 or next(iter(dtypes)) not in dtype_names:
@@ -240,9 +268,12 @@ def config_from_peft(
             f"{directory / WEIGHTS_FILE}: adapter tensors must share one float dtype of "
             f"{sorted(dtype_names.values())}, found {sorted(map(str, dtypes))}"
         )
-    dtype = dtype_names[dtypes.pop()]
-    r = int(peft["r"])
-    alpha = float(peft["lora_alpha"])
+    return dtype_names[dtypes.pop()]
+
+
+def _check_ranks(
+    peft: dict[str, Any], file_modules: dict[str, int], r: int, directory: Path
+) -> None:
     # The scaling depends on each module's rank as the config states it (PEFT's rule): a file
     # whose tensors disagree with its own config is inconsistent, not something to guess at.
     rank_config = peft.get("rank_pattern") or {}
@@ -257,9 +288,20 @@ def config_from_peft(
             f"{CONFIG_FILE} for {inconsistent[:5]}; the scaling lora_alpha / r would be wrong. "
             "Expected lora_A of shape [r, ...] with r from rank_pattern, else r"
         )
+
+
+def _modules_to_save(
+    peft: dict[str, Any],
+    file_modules: dict[str, int],
+    model: nn.Module,
+    names: list[str],
+    directory: Path,
+) -> list[str]:
+    """The modules trained in full, once the model's adapted and saved modules are checked
+    (:func:`check_model_features`) and ``ensure_weight_tying`` is refused on tied ones."""
     # PEFT lists its task's usual heads (``classifier``, ``score``) whether the model has them
     # or not: entries naming no module here select nothing; the tensors decide the rest.
-    saved = peft_modules_to_save(peft.get("modules_to_save") or [], list(names))
+    saved = peft_modules_to_save(peft.get("modules_to_save") or [], names)
     check_model_features(model, list(file_modules), saved, f"adapter {directory}")
     if peft.get("ensure_weight_tying") is True:
         tied = [n for n in [*file_modules, *saved] if _tied_elsewhere(model, n)]
@@ -270,6 +312,11 @@ def config_from_peft(
                 "saves it once, so loading it as separate adapters would leave the other layer "
                 "unadapted; load it in PEFT, or train with ensure_weight_tying=false"
             )
+    return saved
+
+
+def _use_dora(peft: dict[str, Any], tensors: dict[str, torch.Tensor], directory: Path) -> bool:
+    """``use_dora``, checked against the file: DoRA magnitudes iff the config says DoRA."""
     use_dora = peft.get("use_dora") is True
     magnitudes = sorted(k for k in tensors if k.endswith("." + MAGNITUDE))
     if use_dora and not magnitudes:
@@ -283,21 +330,7 @@ def config_from_peft(
             f"{CONFIG_FILE} says use_dora=false; loading it as plain LoRA would compute "
             "something else. Set use_dora to true if the adapter was trained with DoRA"
         )
-    rank_pattern = {_exact(n): rank for n, rank in file_modules.items() if rank != r}
-    alphas = {n: float(pattern_value(alpha_pattern, n, alpha)) for n in file_modules}
-    return LoRAConfig(
-        r=r,
-        alpha=alpha,
-        dropout=float(peft.get("lora_dropout", 0.0)),
-        dtype=dtype,
-        target_modules=[_exact(n) for n in file_modules],
-        rank_pattern=rank_pattern,
-        alpha_pattern={_exact(n): a for n, a in alphas.items() if a != alpha},
-        use_rslora=bool(peft.get("use_rslora", False)),
-        bias=peft.get("bias", "none"),
-        modules_to_save=[_exact(n) for n in saved],
-        use_dora=use_dora,
-    )
+    return use_dora
 
 
 def peft_modules_to_save(entries: list[str], names: list[str]) -> list[str]:

@@ -6,6 +6,7 @@ module             owns
 ``callback``       ``LoRACallback``: hooks only, calling the core
 ``checkpoint``     trimming, validating and fingerprinting checkpoint dicts (pure)
 ``checkpoint_io``  the atomic, adapter-exporting ``CheckpointIO`` wrapper
+``rng``            ``RNGStateCallback``: every rank's RNG states in the checkpoint
 =================  ===============================================================
 
 Uses the core; the core never imports this package. Must not import: ``app/``, Hydra, W&B.
@@ -19,10 +20,12 @@ from lora_lightning.lightning.checkpoint import (
     trim_checkpoint,
     validate_checkpoint,
 )
+from lora_lightning.lightning.rng import RNGStateCallback
 
 __all__ = [
     "CHECKPOINT_KEY",
     "LoRACallback",
+    "RNGStateCallback",
     "adapter_dir_for",
     "base_fingerprint",
     "trim_checkpoint",

@@ -28,6 +28,8 @@ Hook placement (Lightning 2.x, see PITFALLS.md):
   ``from_compiled``); a compiled submodule (``self.net = torch.compile(net)``) is looked
   through while planning and injecting, so module names, adapter init seeds, checkpoint and
   adapter keys carry no ``_orig_mod.`` and equal the uncompiled model's.
+- The global RNG states of every rank go into the callback's own checkpoint state and are
+  restored at ``on_train_start`` (inherited from ``lightning.rng.RNGStateCallback``).
 """
 
 from __future__ import annotations
@@ -75,13 +77,17 @@ from lora_lightning.lightning.checkpoint import (
     without_compile_wrappers,
 )
 from lora_lightning.lightning.checkpoint_io import AdapterExportingIO
+from lora_lightning.lightning.rng import RNGStateCallback
 
 _WRAPPED = "_lora_callback_wrapped"
 _CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(LoRAConfig))
 
 
-class LoRACallback(pl.Callback):
+class LoRACallback(RNGStateCallback):
     """Adds LoRA to a LightningModule: inject, freeze, restrict optimizers, log, checkpoint.
+
+    A resume is exact with the callback alone: as a :class:`RNGStateCallback` it saves every
+    rank's global RNG states (dropout masks) with each checkpoint and restores them.
 
     Args:
         config: a :class:`LoRAConfig`, a mapping of its fields (e.g. a Hydra ``DictConfig``),
@@ -226,7 +232,10 @@ class LoRACallback(pl.Callback):
             self.adapted = apply_plan(pl_module, plan)
             self._root = self._resolve_export_root(pl_module)
         self._module = pl_module
-        self.fingerprint = base_fingerprint(pl_module)
+        # Needed to write (fit) or load checkpoints only. Every rank is here: under DDP each
+        # checksums its share of the base, then they swap.
+        needed = stage == TrainerFn.FITTING or trainer.ckpt_path is not None
+        self.fingerprint = base_fingerprint(pl_module, shared=True) if needed else None
         # Frozen base weights are not in our checkpoints: the model load must be non-strict,
         # and validate_checkpoint checks the keys that must be there.
         pl_module.strict_loading = False
@@ -288,7 +297,7 @@ class LoRACallback(pl.Callback):
     def _trim_checkpoint(self, original: Callable[[dict], Any], checkpoint: dict) -> Any:
         output = original(checkpoint)
         module = self._require_module()
-        metadata = lora_metadata(self.config, self.fingerprint, self.adapted, self._root[0])
+        metadata = lora_metadata(self.config, self._fingerprint(), self.adapted, self._root[0])
         trim_checkpoint(checkpoint, lora_state_dict(module), metadata)
         return output
 
@@ -297,12 +306,20 @@ class LoRACallback(pl.Callback):
         module = self._require_module()
         trainer = getattr(module, "_trainer", None)
         training = trainer is not None and trainer.state.fn == TrainerFn.FITTING
-        validate_checkpoint(checkpoint, module, self.config, self.fingerprint, training=training)
+        fingerprint = self._fingerprint()
+        validate_checkpoint(checkpoint, module, self.config, fingerprint, training=training)
         if training:
             self._resumed_states = (checkpoint["optimizer_states"], checkpoint["lr_schedulers"])
             if self._fit_started:  # the strategy restores after setup: optimizers exist
                 self._check_resumed_states(trainer)
         return output
+
+    def _fingerprint(self) -> str:
+        # A stage that setup did not expect to touch checkpoints (e.g. a save in validate):
+        # computed now, on every rank, as the checkpoint hooks run on every rank.
+        if self.fingerprint is None:
+            self.fingerprint = base_fingerprint(self._require_module(), shared=True)
+        return self.fingerprint
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Compare a resumed checkpoint's optimizer states with the optimizers just built

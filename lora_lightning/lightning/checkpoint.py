@@ -31,6 +31,13 @@ from torch import nn
 from lora_lightning.core import LoRAConfig, adapted_layers, config_diff, quantize, trainable_names
 from lora_lightning.core.errors import CheckpointMismatchError, LoRAConfigError
 from lora_lightning.core.state import is_adapter_parameter
+from lora_lightning.core.tensor_checks import (
+    DTYPE,
+    NON_FINITE,
+    NOT_TENSOR,
+    SHAPE,
+    tensor_problems,
+)
 
 CHECKPOINT_KEY = "lora"
 #: 2: clean names, and a base fingerprint over every value (1 sampled 64 values per tensor).
@@ -332,17 +339,20 @@ def _trainable_tensors(state: Mapping, model: nn.Module) -> Any:
             f"trainable tensor(s) {missing[:6]}, unexpected {len(unexpected)} "
             f"{unexpected[:6]}; frozen base weights may be absent, adapters may not"
         )
-    problems = []
-    for name, model_name in trainable.items():
-        value, want = state[given[name]], params[model_name]
-        if not isinstance(value, torch.Tensor):
-            problems.append(f"{name} is {_describe(value)}")
-        elif tuple(value.shape) != tuple(want.shape):
-            problems.append(f"{name} has shape {tuple(value.shape)}, model {tuple(want.shape)}")
-        elif not (value.is_floating_point() or value.is_complex()) and want.is_floating_point():
-            problems.append(f"{name} has dtype {value.dtype}, model {want.dtype}")
-        elif value.device.type != "meta" and not bool(torch.isfinite(value).all()):
-            problems.append(f"{name} holds NaN or Inf values (the run diverged before it)")
+    # Loading casts a float of another dtype; a model built on meta accepts meta tensors.
+    found = {name: state[given[name]] for name in trainable}
+    expected = {name: (tuple(params[p].shape), params[p].dtype) for name, p in trainable.items()}
+    problems = [
+        {
+            NOT_TENSOR: f"{name} is {_describe(value)}",
+            SHAPE: f"{name} has shape {value}, model {want}",
+            DTYPE: f"{name} has dtype {value}, model {want}",
+            NON_FINITE: f"{name} holds NaN or Inf values (the run diverged before it)",
+        }[rule]
+        for name, rule, value, want in tensor_problems(
+            found, expected, dtype_changes=True, meta=True
+        )
+    ]
     if problems:
         raise CheckpointMismatchError(
             "the checkpoint's trainable tensors do not fit the model: "
@@ -389,61 +399,125 @@ def _check_training_state(checkpoint: Mapping) -> None:
 
 
 # ------------------------------------------------------------------------------ fingerprint
-def base_fingerprint(model: nn.Module) -> str:
+def base_fingerprint(model: nn.Module, *, shared: bool = False) -> str:
     """A hash of the frozen base: the clean name, shape and dtype of every frozen parameter
     and a checksum of every one of its values.
 
-    The checksum reads each tensor's raw bytes as 64-bit words, in rows of 65536 words, and
-    sums ``word[j] * (2j + 1)`` over each row in wrapping int64 arithmetic, on the tensor's
-    own device (vectorised, row blocks at a time, so no temporary of the tensor's size); the
-    row sums go into sha256. Changing any one element changes its row's sum (the weight is
-    odd, so invertible modulo 2**64); wrapping integer sums do not depend on the order of the
-    additions, so the hash is the same on every device and after a save and load. Meta
-    tensors contribute structure only. Parameters only: buffers (e.g. batch-norm statistics)
-    may change while training.
+    The value, defined so that any split of the work gives the same one: sha256 over, for
+    each frozen parameter in ``named_parameters`` order, the line ``name|shape|dtype`` (plus
+    ``stored <scheme>`` for a quantized base), then the checksum of each of its storage
+    tensors (the tensor itself, or a quantized base's codes and scales, each after its
+    name). A checksum reads the tensor's raw bytes (row-major) as little-endian 64-bit words
+    in rows of 65536 words (512 KiB) and takes per row ``sum(word[j] * (2j + 1))`` in
+    wrapping int64 arithmetic (``j`` counted from the row's start), written as int64
+    little-endian, after the 1-7 bytes that follow the last whole word, if any, as they are.
+
+    Changing any one element changes its row's sum (the weight is odd, so invertible modulo
+    2**64); wrapping integer sums do not depend on the order of the additions, so the hash
+    is the same on every device, after a save and load, and from pieces: a shard holding the
+    words ``[a, b)`` of a tensor (a dim-0 shard whose byte offset is a multiple of 8)
+    computes its share of each row it touches, with ``j`` counted from that row's start, and
+    the shares of a row add up (wrapping) to its sum; shards cut elsewhere, and the trailing
+    1-7 bytes, need their bytes gathered first. Meta tensors contribute structure only.
+    Parameters only: buffers (e.g. batch-norm statistics) may change while training.
 
     A base stored quantized (``quantize_base``) is hashed as stored: its scheme and every
     storage tensor (codes, block scales), which is what the run computes with. Quantizing is
     deterministic, so the same float base gives the same fingerprint on every rank and on
     resume; a change of the float base too small to move any stored code is not seen (and
     changes no output).
+
+    Args:
+        model: the adapted model (adapters and trainable tensors are left out).
+        shared: with an initialised ``torch.distributed`` process group of several ranks,
+            each rank checksums about ``1/world_size`` of the frozen bytes (whole tensors)
+            and the ranks exchange their checksums (``all_gather_object``): a collective that
+            every rank must call, each with the same full (unsharded) model. Same value as
+            without it; the cost on each rank shrinks with the number of ranks. Without a
+            group of several ranks it is ignored.
     """
+    frozen = _frozen_parameters(model)
+    rank, world = _rank_and_world() if shared else (0, 1)
+    owners = _owners([quantize.stored_bytes(param) for _, param in frozen], world)
+    weights: dict[torch.device, torch.Tensor] = {}  # the row weights, made once per device
+    sums = {
+        i: _value_checksum(param, weights)
+        for i, (_, param) in enumerate(frozen)
+        if owners[i] == rank
+    }
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, sums)
+        sums = {i: part for shares in gathered for i, part in shares.items()}
     digest = hashlib.sha256(b"lora-lightning base fingerprint 2\n")
-    trainable = set(trainable_names(model))
-    weights: dict[torch.device, torch.Tensor] = {}
-    for name, param in model.named_parameters():
-        if name in trainable or is_adapter_parameter(name):
-            continue
-        digest.update(f"{clean_name(name)}|{tuple(param.shape)}|{param.dtype}\n".encode())
+    for i, (name, param) in enumerate(frozen):
+        digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}\n".encode())
         scheme = quantize.scheme_of(param)
         if scheme is not None:
             digest.update(f"stored {scheme}\n".encode())
-        if param.device.type != "meta" and param.numel():
-            for part, tensor in quantize.storage(param.detach()):
-                digest.update(part.encode())
-                if part:  # storage tensors may have odd strides (a 1-element stride-256 view)
-                    tensor = torch.empty_like(tensor, memory_format=torch.contiguous_format).copy_(
-                        tensor
-                    )
-                _hash_values(digest, tensor, weights)
+        digest.update(sums[i])
     return digest.hexdigest()[:32]
 
 
-def _hash_values(digest: Any, tensor: torch.Tensor, weights: dict) -> None:
+def _frozen_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """``(clean name, parameter)`` of every frozen base parameter, in model order."""
+    trainable = set(trainable_names(model))
+    return [
+        (clean_name(name), param)
+        for name, param in model.named_parameters()
+        if name not in trainable and not is_adapter_parameter(name)
+    ]
+
+
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _owners(sizes: list[int], world: int) -> list[int]:
+    """The rank that checksums each tensor: the least loaded so far, largest tensors first
+    (the same answer on every rank: it depends on the sizes only)."""
+    load = [0] * world
+    owners = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        owners[i] = min(range(world), key=lambda r: (load[r], r))
+        load[owners[i]] += sizes[i]
+    return owners
+
+
+def _value_checksum(param: torch.Tensor, weights: dict[torch.device, torch.Tensor]) -> bytes:
+    """What the fingerprint takes from one parameter's values (see :func:`base_fingerprint`)."""
+    if param.device.type == "meta" or not param.numel():
+        return b""
+    out: list[bytes] = []
+    for part, tensor in quantize.storage(param.detach()):
+        out.append(part.encode())
+        if part:  # storage tensors may have odd strides (a 1-element stride-256 view)
+            tensor = torch.empty_like(tensor, memory_format=torch.contiguous_format).copy_(tensor)
+        _hash_values(out, tensor, weights)
+    return b"".join(out)
+
+
+def _hash_values(out: list[bytes], tensor: torch.Tensor, weights: dict) -> None:
     if tensor.is_quantized:
-        digest.update(f"{tensor.qscheme()}".encode())
+        out.append(f"{tensor.qscheme()}".encode())
         tensor = tensor.int_repr()
     data = tensor.reshape(-1).view(torch.uint8)  # copies only a non-contiguous tensor
     whole = data.numel() // 8 * 8
     if data.numel() > whole:  # the last 1-7 bytes
-        digest.update(data[whole:].cpu().numpy().tobytes())
+        out.append(data[whole:].cpu().numpy().tobytes())
     if not whole:
         return
     device = data.device
     if device not in weights:
         weights[device] = torch.arange(1, 2 * _ROW, 2, dtype=torch.int64, device=device)
     sums = word_checksums(_words(data[:whole]), weights[device])
-    digest.update(sums.cpu().numpy().tobytes())
+    out.append(sums.cpu().numpy().tobytes())
 
 
 def _words(data: torch.Tensor) -> torch.Tensor:
