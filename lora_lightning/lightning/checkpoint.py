@@ -419,7 +419,7 @@ def base_fingerprint(model: nn.Module) -> str:
         if scheme is not None:
             digest.update(f"stored {scheme}\n".encode())
         if param.device.type != "meta" and param.numel():
-            for part, tensor in quantize.storage(param.detach()):
+            for part, tensor in quantize.storage(_whole(param.detach())):
                 digest.update(part.encode())
                 if part:  # storage tensors may have odd strides (a 1-element stride-256 view)
                     tensor = torch.empty_like(tensor, memory_format=torch.contiguous_format).copy_(
@@ -427,6 +427,14 @@ def base_fingerprint(model: nn.Module) -> str:
                     )
                 _hash_values(digest, tensor, weights)
     return digest.hexdigest()[:32]
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded (FSDP2 ``DTensor``) parameter gathered whole, so a sharded base hashes as
+    the unsharded one; a collective, which every rank reaches in the same parameter order."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def _hash_values(digest: Any, tensor: torch.Tensor, weights: dict) -> None:
