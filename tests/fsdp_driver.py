@@ -35,7 +35,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from lora_lightning import LoRACallback
 from lora_lightning.core.errors import CheckpointMismatchError
 from lora_lightning.lightning import base_fingerprint
-from lora_lightning.lightning.sharded import full_tensors, shard_model, trainable_state_dict
+from lora_lightning.lightning.sharded import (
+    full_tensors,
+    is_dtensor,
+    shard_model,
+    trainable_state_dict,
+)
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 PROBE_IDS = torch.arange(16).reshape(2, 8) % 64
@@ -56,7 +61,8 @@ class LlamaModule(pl.LightningModule):
         self.model = tiny_llama(seed).train()
 
     def configure_model(self) -> None:
-        shard_model(self, self.device_mesh)
+        if self.device_mesh is not None:  # a single-process run stays whole
+            shard_model(self, self.device_mesh)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         (ids,) = batch
@@ -97,6 +103,11 @@ class Probe(pl.Callback):
         if moment == "start":  # a collective on the sharded model: both ranks hash
             lora = next(c for c in trainer.callbacks if isinstance(c, LoRACallback))
             record["fingerprint"] = {"setup": lora.fingerprint, "sharded": base_fingerprint(module)}
+            names = {id(p): n for n, p in module.named_parameters()}
+            record["optimized"] = [
+                names[id(p)] for g in trainer.optimizers[0].param_groups for p in g["params"]
+            ]
+            record["sharded"] = {n: is_dtensor(p) for n, p in module.named_parameters()}
         if moment == "end":
             module.eval()
             with torch.no_grad():
