@@ -6,6 +6,7 @@ module             owns
 ``callback``       ``LoRACallback``: hooks only, calling the core
 ``checkpoint``     trimming, validating and fingerprinting checkpoint dicts (pure)
 ``checkpoint_io``  the atomic, adapter-exporting ``CheckpointIO`` wrapper
+``sharded``        FSDP2: ``shard_model``, ``FSDP2Strategy``, adapter-only sharded checkpoints
 =================  ===============================================================
 
 Uses the core; the core never imports this package. Must not import: ``app/``, Hydra, W&B.
@@ -19,12 +20,15 @@ from lora_lightning.lightning.checkpoint import (
     trim_checkpoint,
     validate_checkpoint,
 )
+from lora_lightning.lightning.sharded import FSDP2Strategy, shard_model
 
 __all__ = [
     "CHECKPOINT_KEY",
+    "FSDP2Strategy",
     "LoRACallback",
     "adapter_dir_for",
     "base_fingerprint",
+    "shard_model",
     "trim_checkpoint",
     "validate_checkpoint",
 ]
