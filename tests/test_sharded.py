@@ -127,3 +127,24 @@ def test_distributed_checkpoint_shapes_and_optimizer_params_read_without_loading
 def test_full_tensors_leaves_plain_tensors_as_they_are():
     tensor = torch.arange(4.0)
     assert full_tensors({"x": tensor})["x"] is tensor
+
+
+def test_qlora_under_fsdp2_is_refused_by_name_before_injection():
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from lightning_models import MLP_TARGETS, MLPModule
+
+    from lora_lightning import LoRACallback, lora_state_dict
+
+    module = MLPModule()
+    callback = LoRACallback(target_modules=MLP_TARGETS, quantize_base="nf4")
+    run = pl.Trainer(accelerator="cpu", devices=1, strategy=ModelParallelStrategy(), logger=False)
+    with pytest.raises(LoRAConfigError, match=r"quantize_base='nf4' is not supported with FSDP2"):
+        callback.setup(run, module, "fit")
+    assert lora_state_dict(module) == {}
+
+
+def test_a_float_base_is_shardable():
+    from lora_lightning import LoRAConfig
+    from lora_lightning.lightning.sharded import check_shardable
+
+    check_shardable(LoRAConfig(quantize_base="none"))  # as conf/lora/default.yaml spells it

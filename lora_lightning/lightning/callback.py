@@ -83,6 +83,7 @@ from lora_lightning.lightning.checkpoint_io import AdapterExportingIO
 from lora_lightning.lightning.sharded import (
     LoRACheckpointing,
     attach_to_strategy,
+    check_shardable,
     full_tensors,
     is_sharded,
 )
@@ -220,6 +221,8 @@ class LoRACallback(pl.Callback):
                 "dict would be gathered on one rank only); export the adapter and merge it "
                 "offline with load_adapter + merge_lora"
             )
+        if isinstance(trainer.strategy, ModelParallelStrategy):
+            check_shardable(self.config)
         self._fit_started = False
         self._resumed_states = None
         self._gradients_checked = False

@@ -204,6 +204,23 @@ class FSDP2Strategy(ModelParallelStrategy):
             object.__setattr__(module, "configure_model", configure_model)
 
 
+def check_shardable(config: LoRAConfig) -> None:
+    """Refuse, before anything is injected, what this project does not run sharded.
+
+    Raises:
+        LoRAConfigError: ``quantize_base`` (QLoRA): the base weights stored quantized
+            (torchao NF4/int8 tensors) are not sharded, gathered, checkpointed or hashed by
+            this project's FSDP2 path, and nothing here checked that they would be exact.
+    """
+    if config.quantize_base != "none":
+        raise LoRAConfigError(
+            f"lora.quantize_base={config.quantize_base!r} is not supported with FSDP2 "
+            "(ModelParallelStrategy / trainer=fsdp): a quantized base is not sharded by this "
+            "project yet; use quantize_base=none to shard a float base, or DDP "
+            "(trainer=ddp) / one device to train a quantized base"
+        )
+
+
 # ------------------------------------------------------------------------- state gathering
 def is_dtensor(value: Any) -> bool:
     """Whether ``value`` is a ``DTensor`` (a sharded parameter, or its state dict entry)."""
@@ -223,13 +240,19 @@ def full_tensors(state: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def trainable_state_dict(model: nn.Module, *, full: bool) -> dict[str, Any]:
-    """The state dict of ``model``'s trainable parameters (and buffers), frozen base left
-    out: sharded (DTensors, on every rank) or, with ``full``, gathered whole on rank zero
-    (empty elsewhere). A collective on a sharded model: every rank calls it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    """``model``'s trainable parameters (every alias of a shared one), frozen base left out:
+    sharded (DTensors, as each rank holds them) or, with ``full``, whole on every rank (CPU).
 
-    options = StateDictOptions(full_state_dict=full, cpu_offload=True, ignore_frozen_params=True)
-    return get_model_state_dict(model, options=options)
+    Read from the parameters themselves rather than ``get_model_state_dict``, whose
+    ``ignore_frozen_params`` still gathers a frozen weight tied to another name (a tied
+    embedding: the largest tensor of a small LM) when ``full``. A collective with ``full``:
+    every rank calls it; only adapters and ``modules_to_save`` are gathered."""
+    state = {
+        clean_name(name): param.detach()
+        for name, param in model.named_parameters(remove_duplicate=False)
+        if param.requires_grad
+    }
+    return full_tensors(state) if full else state
 
 
 # --------------------------------------------------------------------- optimizer state keys
@@ -483,6 +506,7 @@ __all__ = [
     "FSDP2Strategy",
     "LoRACheckpointing",
     "attach_to_strategy",
+    "check_shardable",
     "data_parallel_mesh",
     "full_tensors",
     "is_dtensor",
