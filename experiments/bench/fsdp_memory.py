@@ -81,11 +81,14 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _bytes(tensors: Any) -> int:
+    """Bytes of the distinct local tensors (a tied weight counted once, by its storage: ids
+    of the temporary ``to_local()`` views would be reused once freed)."""
     seen, total = set(), 0
     for tensor in tensors:
         local = _local(tensor)
-        if id(local) not in seen:
-            seen.add(id(local))
+        key = (local.untyped_storage().data_ptr(), local.storage_offset(), local.numel())
+        if key not in seen:
+            seen.add(key)
             total += local.numel() * local.element_size()
     return total
 

@@ -24,6 +24,10 @@ Hook placement (Lightning 2.x, see PITFALLS.md):
 - On resume the optimizers exist only from ``on_fit_start`` on (``restore_checkpoint_after_
   setup`` strategies load the checkpoint even later): the checkpoint's optimizer states are
   compared with them at whichever of the two comes second, before Lightning restores them.
+- FSDP2 (``ModelParallelStrategy``): ``setup`` runs before ``configure_model`` shards the
+  model, so adapters are sharded with the frozen base; the strategy writes and reads its
+  checkpoints itself, so ``lightning.sharded.attach_to_strategy`` makes them adapter-only and
+  validated before loading, and exports gather every rank's shards.
 - ``torch.compile``: a compiled LightningModule reaches the hooks unwrapped (Lightning's
   ``from_compiled``); a compiled submodule (``self.net = torch.compile(net)``) is looked
   through while planning and injecting, so module names, adapter init seeds, checkpoint and

@@ -407,6 +407,9 @@ def base_fingerprint(model: nn.Module) -> str:
     deterministic, so the same float base gives the same fingerprint on every rank and on
     resume; a change of the float base too small to move any stored code is not seen (and
     changes no output).
+
+    A sharded (FSDP2) base is gathered one parameter at a time, so it hashes as the unsharded
+    model does; every rank must call this then (a collective).
     """
     digest = hashlib.sha256(b"lora-lightning base fingerprint 2\n")
     trainable = set(trainable_names(model))
