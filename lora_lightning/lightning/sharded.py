@@ -239,6 +239,21 @@ def full_tensors(state: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def reshard(model: nn.Module) -> None:
+    """Put every FSDP unit of ``model`` back in its sharded state (a no-op for one that is).
+
+    FSDP2 keeps the root unit's parameters gathered after a forward without backward (a
+    validation loop), and while gathered the module holds plain tensors in place of its
+    DTensor parameters: the optimizer's parameters would not be the model's (Lightning's
+    ``get_optimizer_state_dict`` fails with a ``KeyError``) and a read of the parameters
+    would take whole tensors for shards. ``state_dict()`` reshards the same way."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for unit in model.modules():
+        if isinstance(unit, FSDPModule):
+            unit.reshard()
+
+
 def trainable_state_dict(model: nn.Module, *, full: bool) -> dict[str, Any]:
     """``model``'s trainable parameters (every alias of a shared one), frozen base left out:
     sharded (DTensors, as each rank holds them) or, with ``full``, whole on every rank (CPU).
@@ -247,6 +262,7 @@ def trainable_state_dict(model: nn.Module, *, full: bool) -> dict[str, Any]:
     ``ignore_frozen_params`` still gathers a frozen weight tied to another name (a tied
     embedding: the largest tensor of a small LM) when ``full``. A collective with ``full``:
     every rank calls it; only adapters and ``modules_to_save`` are gathered."""
+    reshard(model)
     state = {
         clean_name(name): param.detach()
         for name, param in model.named_parameters(remove_duplicate=False)
@@ -339,9 +355,9 @@ def attach_to_strategy(strategy: ModelParallelStrategy, lora: LoRACheckpointing)
     """Make ``strategy`` save and load adapter-only checkpoints (once per strategy; a later
     call updates ``lora``):
 
-    - ``lightning_module_state_dict`` gathers trainable tensors only (sharded for the
-      distributed form, whole on rank zero for the single file): the frozen base is never
-      gathered, sent or written;
+    - ``lightning_module_state_dict`` returns trainable tensors only (sharded for the
+      distributed form, gathered whole for the single file, which rank zero writes): the
+      frozen base is never gathered, sent or written;
     - ``save_checkpoint`` of the distributed form also writes the adapter directory beside
       the folder from every rank's shards (the single-file form goes through the
       ``CheckpointIO``, which does it);
@@ -513,6 +529,7 @@ __all__ = [
     "is_sharded",
     "load_lora_checkpoint",
     "optimizer_state_by_name",
+    "reshard",
     "saved_optimizer_params",
     "saved_tensor_shapes",
     "shard_model",
