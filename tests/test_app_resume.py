@@ -204,3 +204,13 @@ def test_resume_auto_picks_the_newest_checkpoint_of_the_run(tmp_path):
 def test_an_explicit_checkpoint_path_is_used_as_given(tmp_path):
     assert resume_checkpoint("x.ckpt", None, tmp_path) == "x.ckpt"
     assert resume_checkpoint(None, None, tmp_path) is None
+
+
+def test_resume_auto_picks_a_distributed_checkpoint_folder_by_its_metadata_file(tmp_path):
+    folder = tmp_path / "checkpoints"
+    (folder / "last.ckpt").mkdir(parents=True)
+    (folder / "preempted.ckpt").touch()
+    time.sleep(0.01)
+    assert resume_checkpoint(None, "auto", tmp_path) == str(folder / "preempted.ckpt")
+    (folder / "last.ckpt" / "meta.pt").touch()  # a folder without it is no checkpoint yet
+    assert resume_checkpoint(None, "auto", tmp_path) == str(folder / "last.ckpt")

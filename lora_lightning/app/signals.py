@@ -64,16 +64,20 @@ def resume_checkpoint(
 ) -> str | None:
     """The checkpoint to resume from: ``ckpt_path``, or with ``resume="auto"`` the newest of the
     run folder's ``checkpoints/last.ckpt``, ``checkpoints/preempted.ckpt`` and SLURM's
-    ``hpc_ckpt_*.ckpt`` (None when there is none: the job starts fresh)."""
+    ``hpc_ckpt_*.ckpt``, files or distributed checkpoint folders (``trainer=fsdp``); None when
+    there is none: the job starts fresh."""
     if ckpt_path is not None or resume != "auto":
         return ckpt_path
     folder = checkpoint_dir(output_dir)
     found = [folder / "last.ckpt", folder / PREEMPTED_NAME, *Path(output_dir).glob("hpc_ckpt_*")]
-    found = [path for path in found if path.is_file()]
+    # A distributed (FSDP2) checkpoint is a folder, rewritten in place: its meta.pt, written
+    # last by every save, dates it.
+    written = {path: path / "meta.pt" if path.is_dir() else path for path in found}
+    found = [path for path, stamp in written.items() if stamp.is_file()]
     if not found:
         log.info(f"resume=auto: no checkpoint in {output_dir} yet, starting fresh")
         return None
-    return str(max(found, key=lambda path: path.stat().st_mtime_ns))
+    return str(max(found, key=lambda path: written[path].stat().st_mtime_ns))
 
 
 class _ResumableLoader(DataLoader):

@@ -7,6 +7,7 @@ module             owns
 ``checkpoint``     trimming, validating and fingerprinting checkpoint dicts (pure)
 ``checkpoint_io``  the atomic, adapter-exporting ``CheckpointIO`` wrapper
 ``rng``            ``RNGStateCallback``: every rank's RNG states in the checkpoint
+``sharded``        FSDP2: ``shard_model``, ``FSDP2Strategy``, adapter-only sharded checkpoints
 =================  ===============================================================
 
 Uses the core; the core never imports this package. Must not import: ``app/``, Hydra, W&B.
@@ -21,13 +22,16 @@ from lora_lightning.lightning.checkpoint import (
     validate_checkpoint,
 )
 from lora_lightning.lightning.rng import RNGStateCallback
+from lora_lightning.lightning.sharded import FSDP2Strategy, shard_model
 
 __all__ = [
     "CHECKPOINT_KEY",
+    "FSDP2Strategy",
     "LoRACallback",
     "RNGStateCallback",
     "adapter_dir_for",
     "base_fingerprint",
+    "shard_model",
     "trim_checkpoint",
     "validate_checkpoint",
 ]

@@ -24,6 +24,10 @@ Hook placement (Lightning 2.x, see PITFALLS.md):
 - On resume the optimizers exist only from ``on_fit_start`` on (``restore_checkpoint_after_
   setup`` strategies load the checkpoint even later): the checkpoint's optimizer states are
   compared with them at whichever of the two comes second, before Lightning restores them.
+- FSDP2 (``ModelParallelStrategy``): ``setup`` runs before ``configure_model`` shards the
+  model, so adapters are sharded with the frozen base; the strategy writes and reads its
+  checkpoints itself, so ``lightning.sharded.attach_to_strategy`` makes them adapter-only and
+  validated before loading, and exports gather every rank's shards.
 - ``torch.compile``: a compiled LightningModule reaches the hooks unwrapped (Lightning's
   ``from_compiled``); a compiled submodule (``self.net = torch.compile(net)``) is looked
   through while planning and injecting, so module names, adapter init seeds, checkpoint and
@@ -42,7 +46,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+)
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from safetensors.torch import save_file
@@ -78,6 +87,13 @@ from lora_lightning.lightning.checkpoint import (
 )
 from lora_lightning.lightning.checkpoint_io import AdapterExportingIO
 from lora_lightning.lightning.rng import RNGStateCallback
+from lora_lightning.lightning.sharded import (
+    LoRACheckpointing,
+    attach_to_strategy,
+    check_shardable,
+    full_tensors,
+    is_sharded,
+)
 
 _WRAPPED = "_lora_callback_wrapped"
 _CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(LoRAConfig))
@@ -215,6 +231,8 @@ class LoRACallback(RNGStateCallback):
                 "dict would be gathered on one rank only); export the adapter and merge it "
                 "offline with load_adapter + merge_lora"
             )
+        if isinstance(trainer.strategy, ModelParallelStrategy):
+            check_shardable(self.config)
         self._fit_started = False
         self._resumed_states = None
         self._gradients_checked = False
@@ -249,6 +267,16 @@ class LoRACallback(RNGStateCallback):
                 self._export_beside_checkpoint,
                 check=lambda checkpoint, path: check_checkpoint_form(
                     checkpoint, f"checkpoint {path}"
+                ),
+            )
+        if isinstance(trainer.strategy, ModelParallelStrategy):  # FSDP2: adapter-only files
+            attach_to_strategy(
+                trainer.strategy,
+                LoRACheckpointing(
+                    self.config,
+                    lambda: self.fingerprint,
+                    self.export if self.export_on_checkpoint else None,
+                    adapter_dir_for,
                 ),
             )
         self._log_counts(trainer, pl_module)
@@ -374,18 +402,31 @@ class LoRACallback(RNGStateCallback):
         """Write the final adapter (global rank zero) and synchronise every rank."""
         if not self.export_on_train_end:
             return
-        # A collective under FSDP: every rank gathers, rank zero writes.
-        state = trainer.strategy.lightning_module_state_dict()
+        # Collectives under FSDP: every rank gathers (a sharded state's every shard), rank
+        # zero writes.
+        state = full_tensors(trainer.strategy.lightning_module_state_dict())
         directory = self.adapter_dir or Path(trainer.default_root_dir) / "adapter"
         if trainer.is_global_zero:
             self.export(state, directory)
-            if self.merge_on_end:
-                merged = merged_state_dict(self._root[1])
-                path = Path(directory) / "merged_model.safetensors"
-                atomic_write_file(path, lambda tmp: save_file(merged, str(tmp)))
+        if self.merge_on_end:
+            self._write_merged(trainer, pl_module, Path(directory))
         trainer.strategy.barrier("LoRACallback.on_train_end")
         self.last_adapter_dir = Path(directory)
         rank_zero_info(f"LoRA adapter written to {directory}")
+
+    def _write_merged(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, directory: Path
+    ) -> None:
+        """Write ``merged_model.safetensors`` on rank zero; a sharded model is merged shard
+        by shard and gathered on every rank (the merged model is whole by definition)."""
+        if is_sharded(pl_module):
+            # Every rank merges its shards (DTensor arithmetic), then all gather the whole.
+            merged = full_tensors(merged_state_dict(self._root[1]))
+        elif trainer.is_global_zero:
+            merged = merged_state_dict(self._root[1])
+        if trainer.is_global_zero:
+            path = directory / "merged_model.safetensors"
+            atomic_write_file(path, lambda tmp: save_file(merged, str(tmp)))
 
     def export(self, state_dict: Mapping[str, torch.Tensor], directory: str | Path) -> Path:
         """Write a PEFT-format adapter from a LightningModule ``state_dict`` (keys as in it,

@@ -427,24 +427,27 @@ def base_fingerprint(model: nn.Module, *, shared: bool = False) -> str:
     resume; a change of the float base too small to move any stored code is not seen (and
     changes no output).
 
+    A sharded (FSDP2) base is gathered one parameter at a time, so it hashes as the unsharded
+    model does; every rank must call this then (a collective).
+
     Args:
         model: the adapted model (adapters and trainable tensors are left out).
         shared: with an initialised ``torch.distributed`` process group of several ranks,
             each rank checksums about ``1/world_size`` of the frozen bytes (whole tensors)
             and the ranks exchange their checksums (``all_gather_object``): a collective that
-            every rank must call, each with the same full (unsharded) model. Same value as
-            without it; the cost on each rank shrinks with the number of ranks. Without a
-            group of several ranks it is ignored.
+            every rank must call, each with the same model. Same value as without it; the
+            cost on each rank shrinks with the number of ranks. Without a group of several
+            ranks it is ignored.
     """
     frozen = _frozen_parameters(model)
     rank, world = _rank_and_world() if shared else (0, 1)
     owners = _owners([quantize.stored_bytes(param) for _, param in frozen], world)
     weights: dict[torch.device, torch.Tensor] = {}  # the row weights, made once per device
-    sums = {
-        i: _value_checksum(param, weights)
-        for i, (_, param) in enumerate(frozen)
-        if owners[i] == rank
-    }
+    sums: dict[int, bytes] = {}
+    for i, (_, param) in enumerate(frozen):
+        whole = _whole(param.detach())  # a collective for a sharded parameter: on every rank
+        if owners[i] == rank:
+            sums[i] = _value_checksum(whole, weights)
     if world > 1:
         import torch.distributed as dist
 
@@ -469,6 +472,14 @@ def _frozen_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
         for name, param in model.named_parameters()
         if name not in trainable and not is_adapter_parameter(name)
     ]
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded (FSDP2 ``DTensor``) parameter gathered whole, so a sharded base hashes as
+    the unsharded one; a collective, which every rank reaches in the same parameter order."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def _rank_and_world() -> tuple[int, int]:

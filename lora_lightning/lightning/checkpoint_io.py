@@ -55,6 +55,13 @@ class AdapterExportingIO(CheckpointIO):
         # Unset: keep the inner IO's default map_location, and never unpickle arbitrary
         # objects unless the caller asked for it (trainer.fit(..., weights_only=False)).
         kwargs = {} if map_location is None else {"map_location": map_location}
+        if _local(path) and (Path(path) / "meta.pt").is_file():
+            raise CheckpointMismatchError(
+                f"checkpoint {path} is a distributed (sharded) checkpoint folder, written by "
+                "ModelParallelStrategy(save_distributed_checkpoint=True); this strategy reads "
+                "single files: resume it with ModelParallelStrategy, "
+                "or train with save_distributed_checkpoint=False to write single files"
+            )
         try:
             checkpoint = self.inner.load_checkpoint(
                 path, weights_only=True if weights_only is None else weights_only, **kwargs
