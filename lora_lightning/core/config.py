@@ -392,11 +392,34 @@ def _real(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _positive_number(name: str, value: Any) -> float:
+def positive_number(label: str, value: Any) -> float:
+    """``value`` as a float if it is a finite real number > 0: the one check behind every
+    alpha, learning rate and LoRA+ ratio, wherever it enters (config field or function
+    argument), so no entry point lets ``inf`` or NaN through.
+
+    Raises:
+        LoRAConfigError: ``"<label>=<value> is invalid: expected a finite number > 0"``.
+    """
     number = _real(value)
     if number is None or number <= 0:
-        raise LoRAConfigError(f"lora.{name}={value!r} is invalid: expected a number > 0")
+        raise LoRAConfigError(f"{label}={value!r} is invalid: expected a finite number > 0")
     return number
+
+
+def non_negative_number(label: str, value: Any) -> float:
+    """``value`` as a float if it is a finite real number >= 0 (a weight decay, say).
+
+    Raises:
+        LoRAConfigError: ``"<label>=<value> is invalid: expected a finite number >= 0"``.
+    """
+    number = _real(value)
+    if number is None or number < 0:
+        raise LoRAConfigError(f"{label}={value!r} is invalid: expected a finite number >= 0")
+    return number
+
+
+def _positive_number(name: str, value: Any) -> float:
+    return positive_number(f"lora.{name}", value)
 
 
 def _number_in(name: str, value: Any, low: float, high: float) -> float:
