@@ -192,7 +192,7 @@ def plan_lora(
         reasons = [(n, dora.unsupported_reason(m, layer_kind(m))) for n, m in kept]
         unsupported = [(n, why) for n, why in reasons if why]
     if config.changes_base and not unsupported and (alongside or owner_of(model) is None):
-        unsupported = _base_changing_problems(model, kept, config.init)
+        unsupported = _base_changing_problems(model, kept, config)
     if config.quantize_base != quantize.NONE and not unsupported and owner_of(model) is None:
         quantize.backend()  # a missing library is refused before anything changes
         unsupported = _quantize_problems(model, kept, config.quantize_base)
@@ -309,14 +309,19 @@ def _target_plan(name: str, module: nn.Module, config: LoRAConfig) -> TargetPlan
 
 
 def _base_changing_problems(
-    model: nn.Module, targets: list[tuple[str, nn.Module]], init: str
+    model: nn.Module, targets: list[tuple[str, nn.Module]], config: LoRAConfig
 ) -> list[tuple[str, str]]:
-    """Targets a PiSSA/OLoRA init cannot adapt: the wrong layer kind, no values (meta), or a
-    weight shared with another module (rewriting it would change that module too)."""
+    """Targets a PiSSA/OLoRA init cannot adapt: the wrong layer kind, no values (meta), a
+    rank above the layer's smaller dimension, or a weight shared with another module
+    (rewriting it would change that module too)."""
+    init = config.init
+    ranks = {id(module): config.rank_for(name) for name, module in targets}
     return _weight_problems(
         model,
         targets,
-        lambda module: base_changing_unsupported_reason(module, layer_kind(module), init),
+        lambda module: base_changing_unsupported_reason(
+            module, layer_kind(module), init, ranks[id(module)]
+        ),
         f"init={init!r} rewrites the base weight, which would change those modules too",
     )
 
