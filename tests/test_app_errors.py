@@ -48,6 +48,26 @@ def test_config_error_is_found_before_the_model_loads(
     assert message in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("+lora_export.export_on_chekpoint=false", "lora_export.export_on_chekpoint is not a key"),
+        ("++lora_export.export_on_chekpoint=false", "did you mean 'export_on_checkpoint'"),
+        ("+lora.rr=4", "lora.rr is not a key the app reads"),
+        ("+sed=1", "sed is not a key the app reads (did you mean 'seed'?"),
+        ("+callbacks.early_stop=3", "callbacks.early_stop=3 is not a callback to build"),
+        ("+logger.mine={project: x}", "each entry of logger is null or a mapping with a _target_"),
+    ],
+)
+def test_an_unknown_key_is_refused_however_it_is_written(
+    override, message, tiny_model_dir, tmp_path, model_must_not_load
+):
+    args = [*tiny_args(tiny_model_dir), "logger=none", override]
+    with pytest.raises(ConfigError) as info:
+        run_in_process(args, tmp_path)
+    assert message in str(info.value)
+
+
 def test_resume_auto_and_an_explicit_checkpoint_are_exclusive(tmp_path, model_must_not_load):
     checkpoint = tmp_path / "some.ckpt"
     checkpoint.touch()

@@ -105,6 +105,7 @@ class _Job(NamedTuple):
 
 def _build(cfg: DictConfig, prepare_model: Callable[[pl.LightningModule], Any] | None) -> _Job:
     """Check the config and build the job, cheapest first and the model last."""
+    checks.check_known_keys(cfg)
     lora_callback = checks.lora_callback(cfg)
     checks.check_resume(cfg)
     checks.check_files(cfg, "data")
