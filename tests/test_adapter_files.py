@@ -14,12 +14,14 @@ import pytest
 import safetensors.torch
 import torch
 from models import (
+    assert_unchanged,
     conv_embed_net,
     conv_inputs,
     logits,
     mlp,
     mlp_inputs,
     randomize_adapters,
+    snapshot,
     tiny_bert,
     tiny_gpt2,
     token_ids,
@@ -375,3 +377,31 @@ def test_failed_save_into_a_new_directory_leaves_no_adapter_file(tmp_path, monke
     # and the hidden temporary is cleaned up.
     assert not (tmp_path / "adapter").exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def _with_modules_to_save(directory: Path, entries: list[str]) -> None:
+    path = directory / "adapter_config.json"
+    written = json.loads(path.read_text())
+    path.write_text(json.dumps({**written, "modules_to_save": entries}))
+
+
+def test_a_modules_to_save_entry_the_model_lacks_is_refused_by_name(tmp_path):
+    model = tiny_bert()
+    inject_lora(model, LoRAConfig(r=2, modules_to_save=["classifier"]))
+    save_adapter(model, tmp_path)
+    _with_modules_to_save(tmp_path, ["classifier", "sentiment_head"])
+    fresh = tiny_bert()
+    before = snapshot(fresh)
+    with pytest.raises(AdapterFileError, match=r"modules_to_save \['sentiment_head'\]"):
+        load_adapter(fresh, tmp_path)
+    assert_unchanged(fresh, before)
+
+
+def test_peft_task_heads_the_model_lacks_are_not_refused(tmp_path):
+    model = tiny_bert()  # PEFT's SEQ_CLS models list both classifier and score
+    inject_lora(model, LoRAConfig(r=2, modules_to_save=["classifier"]))
+    save_adapter(model, tmp_path)
+    _with_modules_to_save(tmp_path, ["classifier", "score"])
+    fresh = tiny_bert()
+    load_adapter(fresh, tmp_path)
+    assert torch.equal(fresh.classifier.weight, model.classifier.weight)

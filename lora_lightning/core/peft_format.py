@@ -248,9 +248,8 @@ def config_from_peft(
             f"{CONFIG_FILE} for {inconsistent[:5]}; the scaling lora_alpha / r would be wrong. "
             "Expected lora_A of shape [r, ...] with r from rank_pattern, else r"
         )
-    # PEFT lists its task's usual heads (``classifier``, ``score``) whether the model has them
-    # or not: entries naming no module here select nothing; the tensors decide the rest.
     saved = peft_modules_to_save(peft.get("modules_to_save") or [], list(names))
+    _check_saved_entries_exist(peft.get("modules_to_save") or [], list(names), directory)
     check_model_features(model, list(file_modules), saved, f"adapter {directory}")
     if peft.get("ensure_weight_tying") is True:
         tied = [n for n in [*file_modules, *saved] if _tied_elsewhere(model, n)]
@@ -299,6 +298,31 @@ def peft_modules_to_save(entries: list[str], names: list[str]) -> list[str]:
     """
     found = [n for n in names if n and any(n.endswith(e) for e in entries)]
     return [n for n in found if not any(n.startswith(o + ".") for o in found)]
+
+
+#: The heads PEFT's sequence/token classification models add to ``modules_to_save`` whether
+#: the model has them or not (``classifier_module_names`` in ``peft/peft_model.py``).
+PEFT_TASK_HEADS = ("classifier", "score")
+
+
+def _check_saved_entries_exist(entries: list[str], names: list[str], directory: Path) -> None:
+    """Every ``modules_to_save`` entry of a file selects a module of the model, except PEFT's
+    automatic task heads (:data:`PEFT_TASK_HEADS`): a trained module the model lacks would
+    be dropped without a word.
+
+    Raises:
+        AdapterFileError: naming the entries and the model's close module names.
+    """
+    missing = [
+        e for e in entries if e not in PEFT_TASK_HEADS and not peft_modules_to_save([e], names)
+    ]
+    if missing:
+        close = [n for e in missing for n in names if n and e.rsplit(".", 1)[-1] in n][:5]
+        raise AdapterFileError(
+            f"adapter {directory}: {CONFIG_FILE} lists modules_to_save {missing} (trained in "
+            f"full), and the model has no such module{f' (close: {close})' if close else ''}; "
+            "loading would silently drop them. Load it into the model it was trained on"
+        )
 
 
 def without_saved_base_weights(
