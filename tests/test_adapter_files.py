@@ -33,6 +33,7 @@ from lora_lightning import (
     AdapterFileError,
     LoRAConfig,
     LoRAStateError,
+    UnsupportedModuleError,
     inject_lora,
     load_adapter,
     lora_state_dict,
@@ -405,3 +406,34 @@ def test_peft_task_heads_the_model_lacks_are_not_refused(tmp_path):
     fresh = tiny_bert()
     load_adapter(fresh, tmp_path)
     assert torch.equal(fresh.classifier.weight, model.classifier.weight)
+
+
+class _OneModuleTwoNames(nn.Module):
+    """``second`` is ``first``: one Linear reachable under two names, called twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = nn.Linear(6, 6)
+        self.second = self.first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.tanh(self.first(x)))
+
+
+@pytest.mark.parametrize("target", ["first", "second"])
+def test_a_module_under_two_names_is_refused_by_name_under_either_name(target):
+    model = _OneModuleTwoNames()
+    before = snapshot(model)
+    with pytest.raises(UnsupportedModuleError, match=r"'first' is also held as \['second'\]"):
+        inject_lora(model, LoRAConfig(r=2, target_modules=[target]))
+    assert_unchanged(model, before)
+
+
+def test_saving_an_adapter_held_under_two_names_is_refused_before_writing(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 4))
+    inject_lora(model, LoRAConfig(r=2, target_modules=["0"]))
+    model.alias = model[0]  # aliased after injection
+    with pytest.raises(LoRAStateError, match="one tensor under several names"):
+        save_adapter(model, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()

@@ -93,6 +93,7 @@ def save_adapter(
             raise LoRAStateError(f"save_adapter: state_dict lacks adapter tensors {missing[:8]}")
         tensors = {name: state_dict[name] for name in expected}
     _check_savable(tensors, expected, Path(directory))
+    _check_no_tensor_twice(tensors, Path(directory))
     saved = [n for n, _ in saved_modules(model)]
     peft_format.check_model_features(
         model, [n for n, _, _ in layers], saved, f"save_adapter: refusing to write {directory}"
@@ -307,6 +308,24 @@ def _check_savable(
         raise AdapterFileError(
             f"save_adapter: refusing to write {directory} ({len(problems)} problem(s); nothing "
             f"was written):\n  {listed}"
+        )
+
+
+def _check_no_tensor_twice(tensors: dict[str, torch.Tensor], directory: Path) -> None:
+    """A file holds each tensor once: names sharing one (a module held under two names after
+    injection, say) are refused by name before anything is written."""
+    by_storage: dict[tuple[int, int, tuple[int, ...]], list[str]] = {}
+    for name, tensor in tensors.items():
+        if tensor.device.type != "meta":
+            place = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape)
+            by_storage.setdefault((place[0], place[1], tuple(place[2])), []).append(name)
+    shared = [names for names in by_storage.values() if len(names) > 1]
+    if shared:
+        raise LoRAStateError(
+            f"save_adapter: refusing to write {directory}: {shared[:3]} are one tensor under "
+            "several names (a module held under two names, e.g. self.b = self.a); PEFT would "
+            "adapt only one of the names. Give each name its own module, or unload_lora and "
+            "inject again (injection refuses such modules by name)"
         )
 
 

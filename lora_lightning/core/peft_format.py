@@ -170,8 +170,9 @@ def file_modules(tensors: dict[str, torch.Tensor], directory: Path) -> dict[str,
     """Module path -> rank for every adapter in the file (rank = ``lora_A`` rows).
 
     Raises:
-        AdapterFileError: a key outside ``base_model.model.``, no adapter at all, or tensors
-            only a refused PEFT feature writes (``lora_B.bias``, ``lora_diag``...), naming
+        AdapterFileError: a key outside ``base_model.model.``, no adapter at all, an adapter
+            matrix with fewer than 2 dimensions or no values, or tensors only a refused PEFT
+            feature writes (``lora_B.bias``, ``lora_diag``...), naming
             the feature.
     """
     outside = [k for k in tensors if not k.startswith(PREFIX)]
@@ -186,6 +187,20 @@ def file_modules(tensors: dict[str, torch.Tensor], directory: Path) -> dict[str,
             f"{directory / WEIGHTS_FILE} holds tensors of PEFT features this project does not "
             f"implement: {'; '.join(features)}; loading it as plain LoRA would compute something "
             "else, so it is refused (see docs/peft-format.md for what to do instead)"
+        )
+    # A matrix is at least 2-D and holds values; a 0-d, 1-D or empty one is a damaged file or
+    # one FSDP rank's slice (PEFT refuses those too), never something to read a rank from.
+    flat = [
+        f"{key} {tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}"
+        for key, t in tensors.items()
+        if _ADAPTER_KEY.fullmatch(key[len(PREFIX) :])
+        and not (isinstance(t, torch.Tensor) and t.dim() >= 2 and t.numel() > 0)
+    ]
+    if flat:
+        raise AdapterFileError(
+            f"{directory / WEIGHTS_FILE}: adapter matrices must be non-empty tensors of 2 or more "
+            f"dimensions ([r, in] / [out, r]); got {flat[:4]}. The file is damaged or holds one "
+            "rank's slice of a sharded save; save it again from the gathered model"
         )
     ranks = {}
     for key, tensor in tensors.items():

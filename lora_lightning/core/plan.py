@@ -164,7 +164,8 @@ def plan_lora(
             target it cannot adapt (see ``core.layers.base_changing_unsupported_reason``, tied
             weights), or with ``quantize_base`` a target whose base it cannot store (not an
             nn.Linear, meta, a size nf4 cannot block, tied weights; see
-            ``core.quantize.unsupported_reason``); every such target is listed.
+            ``core.quantize.unsupported_reason``), or a target or ``modules_to_save`` module
+            the model also holds under another name; every such module is listed.
         LoRAConfigError: also ``quantize_base`` without torchao installed.
         LoRAStateError: the model already holds adapters from another config or other
             targets, or from several injections.
@@ -172,11 +173,21 @@ def plan_lora(
     config = (config if config is not None else LoRAConfig()).validate()
     model = getattr(model, "_orig_mod", model)  # torch.compile wrapper: plan the real model
     modules = [(n, m) for n, m in model.named_modules() if n and not _LORA_PART.fullmatch(n)]
+    # A module held under several names (``self.b = self.a``) matches under any of them, so
+    # the refusal below names it (named_modules lists only its first name).
+    every = [
+        (n, m)
+        for n, m in model.named_modules(remove_duplicate=False)
+        if n and not _LORA_PART.fullmatch(n)
+    ]
     excludes = compile_patterns("exclude_modules", config.exclude_modules)
-    candidates = [(n, m) for n, m in modules if not any(p.matches(n) for p in excludes)]
-    chosen = _choose_targets(model, modules, candidates, config, target_fn)
-    saved = _match_every_entry(
-        model, modules, compile_patterns("modules_to_save", config.modules_to_save)
+    candidates = [(n, m) for n, m in every if not any(p.matches(n) for p in excludes)]
+    chosen = _first_names(modules, _choose_targets(model, every, candidates, config, target_fn))
+    saved = _first_names(
+        modules,
+        _match_every_entry(
+            model, every, compile_patterns("modules_to_save", config.modules_to_save)
+        ),
     )
     saved_names = [n for n, _ in saved]
     kept = [(n, m) for n, m in chosen if not _inside_any(n, saved_names) and config.rank_for(n) > 0]
@@ -187,6 +198,7 @@ def plan_lora(
             "lora.rank_pattern; narrow those, or target other modules"
         )
     unsupported = [(n, unsupported_reason(m)) for n, m in kept if unsupported_reason(m)]
+    unsupported += _held_under_several_names(every, kept + saved)
     unsupported += _read_directly(modules, kept)
     if config.use_dora and not unsupported:
         reasons = [(n, dora.unsupported_reason(m, layer_kind(m))) for n, m in kept]
@@ -452,6 +464,36 @@ def _read_directly(
     ``out_proj`` of an ``nn.MultiheadAttention``. A hook on such a layer never fires."""
     attention = [n for n, m in modules if isinstance(m, nn.MultiheadAttention)]
     return [(n, READ_DIRECTLY) for n, _ in targets if _inside_any(n, attention)]
+
+
+def _held_under_several_names(
+    every: list[tuple[str, nn.Module]], chosen: list[tuple[str, nn.Module]]
+) -> list[tuple[str, str]]:
+    """``(name, why)`` for every chosen module the model also holds under another name. PEFT
+    replaces the attribute of the first name only, so calls through the others run without
+    the adapter there and with it here (the hook is on the module): no file could be exact in
+    both, and saving would write one tensor under two names."""
+    names: dict[int, list[str]] = {}
+    for name, module in every:
+        names.setdefault(id(module), []).append(name)
+    return [
+        (
+            name,
+            f"also held as {names[id(module)][1:4]} (one module under several names): PEFT "
+            f"would adapt only calls through {name!r}, this project every call, so the "
+            "adapter could not be exact in both; give each name its own module, or exclude it",
+        )
+        for name, module in chosen
+        if len(names[id(module)]) > 1
+    ]
+
+
+def _first_names(
+    modules: list[tuple[str, nn.Module]], matched: list[tuple[str, nn.Module]]
+) -> list[tuple[str, nn.Module]]:
+    """``matched`` with every module once, under its first name, in model order."""
+    hit = {id(m) for _, m in matched}
+    return [(n, m) for n, m in modules if id(m) in hit]
 
 
 def _inside_any(name: str, parents: list[str]) -> bool:
