@@ -86,6 +86,23 @@ def test_targets_that_match_nothing_name_the_field(tiny_model_dir, tmp_path):
         run_in_process(args, tmp_path)
 
 
+def test_a_target_that_matches_nothing_is_found_before_training_with_a_close_name(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    import lightning.pytorch as pl
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("training started before the unmatched target was found")
+
+    monkeypatch.setattr(pl.Trainer, "fit", refuse)
+    args = [*tiny_args(tiny_model_dir), "logger=none", "lora.target_modules=[qurey]"]
+    with pytest.raises(LoRAError) as info:
+        run_in_process(args, tmp_path)
+    message = str(info.value)
+    assert "did you mean 'query'" in message and "configure_model" not in message
+    assert len(message) < 400
+
+
 def test_bad_override_prints_one_line_and_exits_1_without_traceback(tmp_path):
     result = train_py(["lora.r=0", f"hydra.run.dir={tmp_path}"], expect_rc=1)
     assert result.stderr.strip().splitlines() == [

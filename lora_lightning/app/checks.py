@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.accelerators import CPUAccelerator
 from omegaconf import DictConfig, OmegaConf
 
-from lora_lightning import LoRACallback, LoRAConfig, LoRAError
+from lora_lightning import LoRACallback, LoRAConfig, LoRAError, plan_lora
 from lora_lightning.app.config import CALLBACK_EXPORT_FIELDS, CONF_DIR, EXPORT_FIELDS
 from lora_lightning.app.errors import ConfigError
 
@@ -102,6 +103,20 @@ def _top_level_keys() -> list[str]:
 def _short(node: Any) -> str:
     text = str(OmegaConf.to_container(node) if OmegaConf.is_config(node) else node)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_targets(model: pl.LightningModule, lora: LoRACallback | None) -> None:
+    """Plan the injection on the freshly built model (the task builds its layers in
+    ``__init__``), so a target that matches nothing is reported before W&B starts or the
+    trainer runs, not from inside ``fit``. Changes nothing.
+
+    Raises:
+        LoRAError: as ``plan_lora`` (e.g. ``lora.target_modules=[...] matched no module``).
+    """
+    if lora is not None:
+        with warnings.catch_warnings():  # the callback warns (once) when it injects
+            warnings.simplefilter("ignore")
+            plan_lora(model, lora.config, target_fn=lora.target_fn)
 
 
 def check_resume(cfg: DictConfig) -> None:

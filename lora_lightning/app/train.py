@@ -125,6 +125,7 @@ def _build(cfg: DictConfig, prepare_model: Callable[[pl.LightningModule], Any] |
     model = checks.instantiate(cfg, "model")
     if prepare_model is not None:
         prepare_model(model)
+    checks.check_targets(model, lora_callback)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for logger in loggers:
         logger.log_hyperparams(resolved)

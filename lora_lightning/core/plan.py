@@ -433,7 +433,7 @@ def _match_every_entry(
         for p in unmatched:
             hidden = [n for n in excluded or [] if p.matches(n)]
             note = f" (it matches only excluded modules {hidden[:3]})" if hidden else ""
-            lines.append(f"{p.entry!r}{note}: close names {_close_names(adaptable, p.entry)}")
+            lines.append(f"{p.entry!r}{note}: {_close_names(adaptable, p.entry)}")
         entries = [p.entry for p in patterns]
         raise LoRAConfigError(
             f"lora.{field}={entries} matched no module of {type(model).__name__} for "
@@ -500,14 +500,18 @@ def _inside_any(name: str, parents: list[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in parents)
 
 
-def _close_names(names: list[str], entry: str, n: int = 6) -> list[str]:
+def _close_names(names: list[str], entry: str, n: int = 6) -> str:
+    """A short hint for an entry that matched nothing: the module names whose last part
+    really is close to the entry's (a typo, a part of it), one example path each; else the
+    distinct last parts there are to choose from."""
     plain = re.sub(r"[^\w.]", "", entry) or entry
     leaf = plain.rsplit(".", 1)[-1]
-    leaves = {name: name.rsplit(".", 1)[-1] for name in names}
-    # Most likely meant: modules whose last name part contains, or nearly spells, the entry's
-    # last part (``query`` -> ``...self.query``, ``c_atn`` -> ``...c_attn``).
-    found = [name for name in names if leaf and leaf in leaves[name]]
-    near = set(difflib.get_close_matches(leaf, sorted(set(leaves.values())), n=n))
-    found += [name for name in names if leaves[name] in near]
-    found += difflib.get_close_matches(plain, names, n=n, cutoff=0.0)
-    return list(dict.fromkeys(found))[:n] or names[:n]
+    examples: dict[str, str] = {}
+    for name in names:
+        examples.setdefault(name.rsplit(".", 1)[-1], name)
+    close = [part for part in examples if leaf and len(leaf) >= 3 and leaf in part]
+    close += difflib.get_close_matches(leaf, list(examples), n=n, cutoff=0.75)
+    close = list(dict.fromkeys(close))[:n]
+    if close:
+        return "did you mean " + ", ".join(f"{part!r} (e.g. {examples[part]})" for part in close)
+    return f"no name is close; the adaptable layers are named {list(examples)[: 2 * n]}"
