@@ -37,6 +37,7 @@ def model_must_not_load(monkeypatch):
         ("data.batch_size=0", "data: SST2DataModule: batch_size must be a positive integer"),
         ("trainer.precision=17", "trainer: Precision 17 is invalid. Allowed precision values"),
         ("trainer.accelerator=tpu", "trainer: Requirement 'torch_xla>=1.13' not met"),
+        ("trainer.devices=0", "Valid trainer.devices: a positive integer (how many), -1 (all)"),
     ],
 )
 def test_config_error_is_found_before_the_model_loads(

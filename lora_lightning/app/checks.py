@@ -32,6 +32,11 @@ from lora_lightning.app.errors import ConfigError
 log = logging.getLogger(__name__)
 
 RESUME_MODES = (None, "auto")
+#: What ``trainer.devices`` accepts (Lightning's own errors say only what is not valid).
+DEVICES_HELP = (
+    "a positive integer (how many), -1 (all), auto, or a list of device indices such as "
+    "[0, 1] (on CPU: a positive integer of processes)"
+)
 
 
 def lora_callback(cfg: DictConfig) -> LoRACallback | None:
@@ -162,6 +167,8 @@ def instantiate(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
         user_errors = (ValueError, TypeError, MisconfigurationException, ModuleNotFoundError)
         if isinstance(cause, user_errors):  # a missing extra: the task's message names it
             reason = " ".join(str(cause).split())
+            if key == "trainer" and "devices=" in reason:  # Lightning's says what is not valid
+                reason += f" Valid trainer.devices: {DEVICES_HELP}"
             raise ConfigError(f"{key}: {reason}") from err
         raise
 
