@@ -70,10 +70,15 @@ class SharedInput:
 
     def hidden(self, module: nn.Module, x: torch.Tensor, project: Project) -> torch.Tensor:
         """``A dropout(x)`` of ``module`` (``(..., r)``), from the group's one ``A`` product."""
-        # Inference tensors (torch.inference_mode) keep no version counter.
-        key = (_version(x), x.data_ptr(), torch.is_grad_enabled(), module.training)
-        key += tuple((m.lora_A.weight.data_ptr(), _version(m.lora_A.weight)) for m in self.members)
-        if self._input is not x or self._key != key or id(module) not in self._pending:
+        places = [_place(x), *(_place(m.lora_A.weight) for m in self.members)]
+        # No storage to key on (torch.func transforms): recompute, never serve.
+        key = None if None in places else (*places, torch.is_grad_enabled(), module.training)
+        if (
+            key is None
+            or self._input is not x
+            or self._key != key
+            or id(module) not in self._pending
+        ):
             a = torch.cat([member.lora_A.weight for member in self.members])
             self._hidden = project(module, x, a)
             self._input, self._key = x, key
@@ -97,9 +102,14 @@ class SharedInput:
         self._clear()
 
 
-def _version(tensor: torch.Tensor) -> int:
-    """``tensor``'s version counter; -1 for an inference tensor, which keeps none."""
-    return -1 if tensor.is_inference() else tensor._version
+def _place(tensor: torch.Tensor) -> tuple[int, int] | None:
+    """``(storage address, version counter)`` of ``tensor``; version -1 for an inference
+    tensor (it keeps none); None for a tensor without storage (a torch.func wrapper)."""
+    try:
+        address = tensor.data_ptr()
+    except RuntimeError:
+        return None
+    return address, -1 if tensor.is_inference() else tensor._version
 
 
 def group_shared_inputs(
