@@ -17,6 +17,7 @@ module             owns
 ``loraplus``       LoRA+ optimizer groups (B faster than A), schedulers kept in step
 ``peft_format``    PEFT's keys and ``adapter_config.json``, both ways
 ``files``          atomic file and directory writes
+``loading``        reading an adapter directory and checking it; installing it
 ``adapter``        ``save_adapter`` / ``load_adapter``
 ``multi``          many named adapters on one base: switch, hot-swap, combine, mixed batches
 =================  ===============================================================

@@ -45,9 +45,9 @@ import torch
 from torch import nn
 
 from lora_lightning.core import quantize
-from lora_lightning.core.adapter import install_adapter, read_adapter
 from lora_lightning.core.config import DTYPES, LoRAConfig
 from lora_lightning.core.errors import AdapterFileError, LoRAConfigError, LoRAStateError
+from lora_lightning.core.loading import install_adapter, read_adapter
 from lora_lightning.core.merge import unload_lora
 from lora_lightning.core.plan import LoRAPlan, plan_lora
 from lora_lightning.core.state import (
