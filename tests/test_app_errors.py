@@ -111,6 +111,8 @@ def test_bad_override_prints_one_line_and_exits_1_without_traceback(tmp_path):
         "(HYDRA_FULL_ERROR=1 shows the traceback)"
     ]
     assert "Traceback" not in result.stdout + result.stderr
+    log = (tmp_path / "train.log").read_text()
+    assert "[ERROR] - error: lora.r=0 is invalid: expected an integer >= 1" in log
 
 
 def test_hydra_full_error_shows_the_traceback(tmp_path):

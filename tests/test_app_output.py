@@ -102,3 +102,26 @@ def test_more_cpu_processes_than_cores_warns(caplog):
 def test_one_cpu_process_does_not_warn(caplog):
     warn_if_cpu_oversubscribed(pl.Trainer(accelerator="cpu", devices=1, logger=False))
     assert "CPU processes" not in caplog.text
+
+
+def test_the_console_shortens_the_load_report_and_train_log_keeps_it_whole():
+    import io
+    import logging
+
+    from lora_lightning.app.console import ConsoleFormatter, ConsoleNoiseFilter
+
+    console, file = io.StringIO(), io.StringIO()
+    to_console, to_file = logging.StreamHandler(console), logging.StreamHandler(file)
+    to_console.addFilter(ConsoleNoiseFilter())
+    to_console.setFormatter(ConsoleFormatter("%(message)s"))
+    to_file.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("transformers.modeling_utils.test")
+    logger.propagate = False
+    for handler in (to_console, to_file):  # the console first, as in app.yaml
+        logger.addHandler(handler)
+    report = "BertForSequenceClassification LOAD REPORT\nKey | Status\nclassifier.weight | MISSING"
+    logger.warning(report)
+    assert console.getvalue().strip() == (
+        "BertForSequenceClassification LOAD REPORT (full report in train.log)"
+    )
+    assert file.getvalue().strip() == report

@@ -53,6 +53,11 @@ def test_sigterm_mid_epoch_then_rerun_gives_the_uninterrupted_adapter(tiny_model
     )  # fmt: skip
     assert (interrupted / "checkpoints" / "preempted.ckpt").is_file()
     assert "resume=auto" in stopped.stderr.strip().splitlines()[-1]
+    assert (stopped.stdout + stopped.stderr).count("SIGTERM: checkpoint saved") == 1
+    assert (
+        "[WARNING] - stopped: rerun the same command with resume=auto"
+        in (interrupted / "train.log").read_text()
+    )
     assert not (interrupted / "adapter").exists()
     resumed = train_py([*_budget(tiny_model_dir), "resume=auto", f"hydra.run.dir={interrupted}"])
     assert f"Resuming from {interrupted / 'checkpoints' / 'preempted.ckpt'}" in resumed.stdout

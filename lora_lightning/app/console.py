@@ -30,20 +30,25 @@ NOISE = (
 
 
 class ConsoleNoiseFilter(logging.Filter):
-    """Drops the records matching :data:`NOISE`, and shortens transformers' load report.
-
-    The load report (``<Model> LOAD REPORT`` with a table of new or unused weights) becomes
-    its first line; the full report stays in ``train.log``.
-    """
+    """Drops the records matching :data:`NOISE` from the console (never edits a record: the
+    same record reaches ``train.log`` afterwards)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if any(pattern.search(message) for pattern in NOISE):
-            return False
+        return not any(pattern.search(message) for pattern in NOISE)
+
+
+class ConsoleFormatter(logging.Formatter):
+    """The console's formatter: the message alone, with transformers' load report (``<Model>
+    LOAD REPORT`` and a table of new or unused weights) shortened to its first line; the full
+    report is formatted into ``train.log`` by the file handler's own formatter."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
         if record.name.startswith("transformers") and "LOAD REPORT" in message:
             first = re.sub(r"\x1b\[[0-9;]*m", "", message).strip().splitlines()[0]
-            record.msg, record.args = f"{first.strip()} (full report in train.log)", None
-        return True
+            return f"{first.strip()} (full report in train.log)"
+        return message
 
 
 def route_dependency_logs() -> None:

@@ -139,9 +139,11 @@ def _fit(job: _Job, ckpt_path: str | None) -> None:
     try:
         job.trainer.fit(job.model, datamodule=job.datamodule, ckpt_path=ckpt_path)
     except SIGTERMException:
+        # The event itself ("SIGTERM: checkpoint saved to ...") is logged by the Preemption
+        # callback; the last line is what to do next.
         raise Preempted(
-            f"SIGTERM: checkpoint saved to {job.preemption.saved}; rerun the same command with "
-            "resume=auto (and the same hydra.run.dir) or ckpt_path=<that file> to continue"
+            "rerun the same command with resume=auto (and the same hydra.run.dir) or "
+            f"ckpt_path={job.preemption.saved} to continue"
         ) from None
 
 
