@@ -125,3 +125,21 @@ def test_the_console_shortens_the_load_report_and_train_log_keeps_it_whole():
         "BertForSequenceClassification LOAD REPORT (full report in train.log)"
     )
     assert file.getvalue().strip() == report
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "GPU available: False, used: False",
+        "TPU available: False, using: 0 TPU cores",
+        "Warning: Detected no triton, on systems without Triton certain kernels will not work",
+        "Checkpoint directory /x/checkpoints exists and is not empty.",
+    ],
+)
+def test_known_dependency_noise_stays_off_the_console(line):
+    import logging
+
+    from lora_lightning.app.console import ConsoleNoiseFilter
+
+    record = logging.LogRecord("lightning.pytorch", logging.INFO, __file__, 0, line, None, None)
+    assert not ConsoleNoiseFilter().filter(record)

@@ -26,6 +26,11 @@ NOISE = (
     # kernels built for another torch, and its enums registered the way torch 2.13 deprecates.
     re.compile(r"Failed to load .*torchao.*Could not load this library"),
     re.compile(r"is an Enum subclass and is now natively supported by torch\.compile"),
+    re.compile(r"Detected no triton"),  # torchao on a machine without Triton (CPU)
+    # Lightning's accelerator census (the final block and train.log say what ran) and its
+    # warning on every resume that the run's own checkpoint folder holds checkpoints.
+    re.compile(r"^(GPU|TPU|HPU|IPU) available: "),
+    re.compile(r"Checkpoint directory .* exists and is not empty"),
 )
 
 
