@@ -439,8 +439,8 @@ def test_mixed_batch_refuses_train_mode_and_batch_level_outputs_restoring_the_ad
 def test_evaluate_cli_scores_several_adapters_on_one_base(tmp_path, capsys):
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
+    from lora_lightning.app.evaluate import evaluate, main
     from lora_lightning.tasks import minilm_path
-    from lora_lightning.tasks.evaluate import evaluate, main
 
     base = tmp_path / "base"
     AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True).save_pretrained(base)
