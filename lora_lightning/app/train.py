@@ -10,6 +10,7 @@ which the experiments use as the baseline. Imports the library's public API only
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ import hydra
 import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -138,6 +139,7 @@ def _fit(job: _Job, ckpt_path: str | None) -> None:
         log.info(f"Resuming from {ckpt_path}")
     try:
         job.trainer.fit(job.model, datamodule=job.datamodule, ckpt_path=ckpt_path)
+        _save_final_last(job.trainer)
     except SIGTERMException:
         # The event itself ("SIGTERM: checkpoint saved to ...") is logged by the Preemption
         # callback; the last line is what to do next.
@@ -145,6 +147,24 @@ def _fit(job: _Job, ckpt_path: str | None) -> None:
             "rerun the same command with resume=auto (and the same hydra.run.dir) or "
             f"ckpt_path={job.preemption.saved} to continue"
         ) from None
+
+
+def _save_final_last(trainer: pl.Trainer) -> None:
+    """Make ``last.ckpt`` the run's final step. ModelCheckpoint writes it after a validation
+    (or at an epoch end), so a run stopped by ``trainer.max_steps`` between validations ended
+    with an older ``last.ckpt``, and "train a bit longer" with ``resume=auto`` repeated steps.
+    Every rank calls it (saving is collective); rank zero writes."""
+    for callback in trainer.checkpoint_callbacks:
+        if not isinstance(callback, ModelCheckpoint) or not callback.save_last:
+            continue
+        if callback.dirpath is None or getattr(callback, "_last_global_step_saved", None) == (
+            trainer.global_step
+        ):
+            continue
+        name = callback.CHECKPOINT_NAME_LAST + callback.FILE_EXTENSION
+        path = callback.last_model_path or os.path.join(callback.dirpath, name)
+        callback.last_model_path = path  # before saving: it is part of the saved state
+        trainer.save_checkpoint(path)
 
 
 def _results(
@@ -191,7 +211,8 @@ def _instantiate_all(cfg: DictConfig, group: str) -> list[Any]:
 
 
 def _fill_run_names(cfg: DictConfig) -> None:
-    """W&B run name from the job's overrides; one group per multirun sweep."""
+    """W&B run name from the job's overrides; one group per multirun sweep; the W&B run id
+    from the output folder (so a resumed job continues its run)."""
     hydra_cfg = HydraConfig.get()
     overrides = [o for o in hydra_cfg.overrides.task if not o.startswith("hydra")]
     with open_dict(cfg):
@@ -201,6 +222,15 @@ def _fill_run_names(cfg: DictConfig) -> None:
             sweep = Path(hydra_cfg.sweep.dir).parts[-2:]
             multirun = hydra_cfg.mode == RunMode.MULTIRUN
             cfg.paths.group = "-".join([cfg.task_name, *sweep]) if multirun else cfg.task_name
+        wandb = (cfg.get("logger") or {}).get("wandb")
+        if wandb is not None and wandb.get("_target_", "").endswith("WandbLogger"):
+            # One W&B run per output folder: a job rerun in the same folder (resume=auto)
+            # continues its run instead of opening a second one.
+            if wandb.get("id") is None:
+                folder = str(Path(cfg.paths.output_dir).resolve())
+                wandb.id = "lora-" + hashlib.sha1(folder.encode()).hexdigest()[:16]
+            if wandb.get("resume") is None:
+                wandb.resume = "allow"
 
 
 def _prepare_ddp_relaunch_in_multirun() -> None:
