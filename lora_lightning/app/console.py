@@ -71,6 +71,9 @@ def route_dependency_logs() -> None:
         logger.propagate = True
     logging.captureWarnings(True)
     os.environ.setdefault("WANDB_QUIET", "true")  # W&B's banner and run summary off the console
+    # ...and its remaining "wandb: ..." lines (offline mode, the deprecated anonymous setting,
+    # where the run went): the final block says where the run is and how to sync it.
+    os.environ.setdefault("WANDB_SILENT", "true")
     if importlib.util.find_spec("transformers") is not None:
         from transformers.utils import logging as hf_logging
 
