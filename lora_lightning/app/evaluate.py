@@ -24,10 +24,14 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
+import hydra
 import lightning.pytorch as pl
+from omegaconf import OmegaConf
 
 from lora_lightning import load_adapter, set_active_adapter
+from lora_lightning.app.config import CONF_DIR
 from lora_lightning.app.console import ConsoleFormatter, ConsoleNoiseFilter, route_dependency_logs
 from lora_lightning.app.errors import report
 
@@ -79,7 +83,9 @@ def evaluate_many(
         AdapterFileError: if an adapter directory is missing, unreadable or does not fit.
         ValueError: if the TSV is malformed (the message names the file and line).
     """
-    from lora_lightning.tasks import SST2DataModule, TextClassifier
+    # The default task through its config (conf/model, conf/data), as the training app.
+    TextClassifier = _default_class("model", "minilm")  # noqa: N806 - a class
+    SST2DataModule = _default_class("data", "sst2")  # noqa: N806 - a class
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     classifier = TextClassifier(model_name_or_path=model_name_or_path, num_labels=num_labels)
@@ -105,6 +111,11 @@ def evaluate_many(
         (metrics,) = trainer.test(classifier, datamodule=datamodule, verbose=False)
         rows.append({key.removeprefix("test/"): float(value) for key, value in metrics.items()})
     return rows
+
+
+def _default_class(group: str, name: str) -> Any:
+    """The class the default config of ``group`` builds (its ``_target_``)."""
+    return hydra.utils.get_class(OmegaConf.load(CONF_DIR / group / f"{name}.yaml")._target_)
 
 
 class _NoLoadReport(logging.Filter):

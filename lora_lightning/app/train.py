@@ -117,6 +117,7 @@ def _build(cfg: DictConfig, prepare_model: Callable[[pl.LightningModule], Any] |
     if lora_callback is not None:
         callbacks.insert(0, lora_callback)
     loggers = _instantiate_all(cfg, "logger")
+    tracking.drop_unset_anonymous(loggers)
     if not loggers:  # Lightning refuses a LearningRateMonitor without a logger (logger=none)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer = checks.instantiate(cfg, "trainer", callbacks=callbacks, logger=loggers or False)
