@@ -14,12 +14,14 @@ import pytest
 import safetensors.torch
 import torch
 from models import (
+    assert_unchanged,
     conv_embed_net,
     conv_inputs,
     logits,
     mlp,
     mlp_inputs,
     randomize_adapters,
+    snapshot,
     tiny_bert,
     tiny_gpt2,
     token_ids,
@@ -31,6 +33,7 @@ from lora_lightning import (
     AdapterFileError,
     LoRAConfig,
     LoRAStateError,
+    UnsupportedModuleError,
     inject_lora,
     load_adapter,
     lora_state_dict,
@@ -375,3 +378,62 @@ def test_failed_save_into_a_new_directory_leaves_no_adapter_file(tmp_path, monke
     # and the hidden temporary is cleaned up.
     assert not (tmp_path / "adapter").exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def _with_modules_to_save(directory: Path, entries: list[str]) -> None:
+    path = directory / "adapter_config.json"
+    written = json.loads(path.read_text())
+    path.write_text(json.dumps({**written, "modules_to_save": entries}))
+
+
+def test_a_modules_to_save_entry_the_model_lacks_is_refused_by_name(tmp_path):
+    model = tiny_bert()
+    inject_lora(model, LoRAConfig(r=2, modules_to_save=["classifier"]))
+    save_adapter(model, tmp_path)
+    _with_modules_to_save(tmp_path, ["classifier", "sentiment_head"])
+    fresh = tiny_bert()
+    before = snapshot(fresh)
+    with pytest.raises(AdapterFileError, match=r"modules_to_save \['sentiment_head'\]"):
+        load_adapter(fresh, tmp_path)
+    assert_unchanged(fresh, before)
+
+
+def test_peft_task_heads_the_model_lacks_are_not_refused(tmp_path):
+    model = tiny_bert()  # PEFT's SEQ_CLS models list both classifier and score
+    inject_lora(model, LoRAConfig(r=2, modules_to_save=["classifier"]))
+    save_adapter(model, tmp_path)
+    _with_modules_to_save(tmp_path, ["classifier", "score"])
+    fresh = tiny_bert()
+    load_adapter(fresh, tmp_path)
+    assert torch.equal(fresh.classifier.weight, model.classifier.weight)
+
+
+class _OneModuleTwoNames(nn.Module):
+    """``second`` is ``first``: one Linear reachable under two names, called twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = nn.Linear(6, 6)
+        self.second = self.first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.tanh(self.first(x)))
+
+
+@pytest.mark.parametrize("target", ["first", "second"])
+def test_a_module_under_two_names_is_refused_by_name_under_either_name(target):
+    model = _OneModuleTwoNames()
+    before = snapshot(model)
+    with pytest.raises(UnsupportedModuleError, match=r"'first' is also held as \['second'\]"):
+        inject_lora(model, LoRAConfig(r=2, target_modules=[target]))
+    assert_unchanged(model, before)
+
+
+def test_saving_an_adapter_held_under_two_names_is_refused_before_writing(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 4))
+    inject_lora(model, LoRAConfig(r=2, target_modules=["0"]))
+    model.alias = model[0]  # aliased after injection
+    with pytest.raises(LoRAStateError, match="one tensor under several names"):
+        save_adapter(model, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()

@@ -217,14 +217,17 @@ def test_evaluate_command_scores_a_saved_adapter_on_a_tsv(tiny_model_dir, tmp_pa
     data = tmp_path / "split.tsv"
     data.write_text("label\tsentence\n1\ta great film\n0\ta dull mess\n1\tlovely\n")
     result = subprocess.run(
-        [sys.executable, "-m", "lora_lightning.tasks.evaluate", str(out / "adapter"),
+        [sys.executable, "-m", "lora_lightning.app.evaluate", str(out / "adapter"),
          "--data", str(data), "--model", str(tiny_model_dir), "--accelerator", "cpu",
          "--json", str(tmp_path / "metrics.json")],
         cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert set(metrics) == {"acc", "f1", "loss"} and 0.0 <= metrics["acc"] <= 1.0
+    assert set(metrics) == {"adapter", "data", "acc", "f1", "loss"} and 0.0 <= metrics["acc"] <= 1
+    assert [json.loads(line) for line in result.stdout.splitlines()] == [metrics]
+    for noise in ("LOAD REPORT", "Tip:", "\x1b[", "Failed to load", "available:"):
+        assert noise not in result.stdout + result.stderr, noise
 
 
 def test_full_fine_tuning_runs_without_the_lora_group(tiny_model_dir, tmp_path):

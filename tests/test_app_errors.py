@@ -37,6 +37,7 @@ def model_must_not_load(monkeypatch):
         ("data.batch_size=0", "data: SST2DataModule: batch_size must be a positive integer"),
         ("trainer.precision=17", "trainer: Precision 17 is invalid. Allowed precision values"),
         ("trainer.accelerator=tpu", "trainer: Requirement 'torch_xla>=1.13' not met"),
+        ("trainer.devices=0", "Valid trainer.devices: a positive integer (how many), -1 (all)"),
     ],
 )
 def test_config_error_is_found_before_the_model_loads(
@@ -44,6 +45,26 @@ def test_config_error_is_found_before_the_model_loads(
 ):
     args = [*tiny_args(tiny_model_dir), "logger=none", override]
     with pytest.raises((ConfigError, LoRAError)) as info:
+        run_in_process(args, tmp_path)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("+lora_export.export_on_chekpoint=false", "lora_export.export_on_chekpoint is not a key"),
+        ("++lora_export.export_on_chekpoint=false", "did you mean 'export_on_checkpoint'"),
+        ("+lora.rr=4", "lora.rr is not a key the app reads"),
+        ("+sed=1", "sed is not a key the app reads (did you mean 'seed'?"),
+        ("+callbacks.early_stop=3", "callbacks.early_stop=3 is not a callback to build"),
+        ("+logger.mine={project: x}", "each entry of logger is null or a mapping with a _target_"),
+    ],
+)
+def test_an_unknown_key_is_refused_however_it_is_written(
+    override, message, tiny_model_dir, tmp_path, model_must_not_load
+):
+    args = [*tiny_args(tiny_model_dir), "logger=none", override]
+    with pytest.raises(ConfigError) as info:
         run_in_process(args, tmp_path)
     assert message in str(info.value)
 
@@ -66,6 +87,23 @@ def test_targets_that_match_nothing_name_the_field(tiny_model_dir, tmp_path):
         run_in_process(args, tmp_path)
 
 
+def test_a_target_that_matches_nothing_is_found_before_training_with_a_close_name(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    import lightning.pytorch as pl
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("training started before the unmatched target was found")
+
+    monkeypatch.setattr(pl.Trainer, "fit", refuse)
+    args = [*tiny_args(tiny_model_dir), "logger=none", "lora.target_modules=[qurey]"]
+    with pytest.raises(LoRAError) as info:
+        run_in_process(args, tmp_path)
+    message = str(info.value)
+    assert "did you mean 'query'" in message and "configure_model" not in message
+    assert len(message) < 400
+
+
 def test_bad_override_prints_one_line_and_exits_1_without_traceback(tmp_path):
     result = train_py(["lora.r=0", f"hydra.run.dir={tmp_path}"], expect_rc=1)
     assert result.stderr.strip().splitlines() == [
@@ -73,6 +111,8 @@ def test_bad_override_prints_one_line_and_exits_1_without_traceback(tmp_path):
         "(HYDRA_FULL_ERROR=1 shows the traceback)"
     ]
     assert "Traceback" not in result.stdout + result.stderr
+    log = (tmp_path / "train.log").read_text()
+    assert "[ERROR] - error: lora.r=0 is invalid: expected an integer >= 1" in log
 
 
 def test_hydra_full_error_shows_the_traceback(tmp_path):

@@ -62,7 +62,8 @@ def test_console_shows_the_final_block_last_and_train_log_keeps_everything(
     assert any(line.startswith(f"  adapter      {out / 'adapter'}") for line in block)
     assert any(line.startswith("  W&B offline  wandb sync") for line in block)
     noises = ("💡 Tip", "LeafSpec", "Loading `train_dataloader`", "Run history", "FLOPs")
-    noises += ("Failed to load", "is an Enum subclass")  # torchao, when installed
+    noises += ("Failed to load", "is an Enum subclass", "Detected no triton")  # torchao
+    noises += ("wandb:", "GPU available", "TPU available")
     for noise in noises:
         assert noise not in console, noise
     log = (out / "train.log").read_text()
@@ -102,3 +103,44 @@ def test_more_cpu_processes_than_cores_warns(caplog):
 def test_one_cpu_process_does_not_warn(caplog):
     warn_if_cpu_oversubscribed(pl.Trainer(accelerator="cpu", devices=1, logger=False))
     assert "CPU processes" not in caplog.text
+
+
+def test_the_console_shortens_the_load_report_and_train_log_keeps_it_whole():
+    import io
+    import logging
+
+    from lora_lightning.app.console import ConsoleFormatter, ConsoleNoiseFilter
+
+    console, file = io.StringIO(), io.StringIO()
+    to_console, to_file = logging.StreamHandler(console), logging.StreamHandler(file)
+    to_console.addFilter(ConsoleNoiseFilter())
+    to_console.setFormatter(ConsoleFormatter("%(message)s"))
+    to_file.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("transformers.modeling_utils.test")
+    logger.propagate = False
+    for handler in (to_console, to_file):  # the console first, as in app.yaml
+        logger.addHandler(handler)
+    report = "BertForSequenceClassification LOAD REPORT\nKey | Status\nclassifier.weight | MISSING"
+    logger.warning(report)
+    assert console.getvalue().strip() == (
+        "BertForSequenceClassification LOAD REPORT (full report in train.log)"
+    )
+    assert file.getvalue().strip() == report
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "GPU available: False, used: False",
+        "TPU available: False, using: 0 TPU cores",
+        "Warning: Detected no triton, on systems without Triton certain kernels will not work",
+        "Checkpoint directory /x/checkpoints exists and is not empty.",
+    ],
+)
+def test_known_dependency_noise_stays_off_the_console(line):
+    import logging
+
+    from lora_lightning.app.console import ConsoleNoiseFilter
+
+    record = logging.LogRecord("lightning.pytorch", logging.INFO, __file__, 0, line, None, None)
+    assert not ConsoleNoiseFilter().filter(record)

@@ -82,6 +82,11 @@ def test_sigterm_mid_epoch_then_rerun_gives_the_uninterrupted_adapter(
     )  # fmt: skip
     assert (interrupted / "checkpoints" / "preempted.ckpt").is_file()
     assert "resume=auto" in stopped.stderr.strip().splitlines()[-1]
+    assert (stopped.stdout + stopped.stderr).count("SIGTERM: checkpoint saved") == 1
+    assert (
+        "[WARNING] - stopped: rerun the same command with resume=auto"
+        in (interrupted / "train.log").read_text()
+    )
     assert not (interrupted / "adapter").exists()
     resumed = train_py([*_budget(tiny_model_dir), "resume=auto", f"hydra.run.dir={interrupted}"])
     assert f"Resuming from {interrupted / 'checkpoints' / 'preempted.ckpt'}" in resumed.stdout
@@ -214,3 +219,31 @@ def test_resume_auto_picks_a_distributed_checkpoint_folder_by_its_metadata_file(
     assert resume_checkpoint(None, "auto", tmp_path) == str(folder / "preempted.ckpt")
     (folder / "last.ckpt" / "meta.pt").touch()  # a folder without it is no checkpoint yet
     assert resume_checkpoint(None, "auto", tmp_path) == str(folder / "last.ckpt")
+
+
+def test_a_run_stopped_by_max_steps_between_validations_ends_with_last_ckpt_at_its_final_step(
+    tiny_model_dir, tmp_path
+):
+    import torch
+
+    out = tmp_path / "run"
+    # 64 sentences in batches of 8, validation every 2 steps: last.ckpt is written at step 2
+    # by ModelCheckpoint, and the run stops at step 3.
+    args = [*tiny_args(tiny_model_dir), "data.batch_size=8", "trainer.val_check_interval=2",
+            "trainer.max_steps=3", "logger=none"]  # fmt: skip
+    train_py([*args, f"hydra.run.dir={out}"])
+    last = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 3
+
+
+def test_a_job_rerun_in_its_folder_continues_its_wandb_run(tiny_model_dir, tmp_path):
+    from test_app import wandb_runs
+
+    out, other = tmp_path / "run", tmp_path / "other"
+    args = [*tiny_args(tiny_model_dir), "trainer.max_steps=1"]
+    train_py([*args, f"hydra.run.dir={out}"])
+    train_py([*args, "trainer.max_steps=2", "resume=auto", f"hydra.run.dir={out}"])
+    train_py([*args, f"hydra.run.dir={other}"])
+    ids = {run.stem.removeprefix("run-") for run in wandb_runs(out)}
+    assert len(wandb_runs(out)) == 2 and len(ids) == 1
+    assert {run.stem.removeprefix("run-") for run in wandb_runs(other)}.isdisjoint(ids)

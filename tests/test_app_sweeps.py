@@ -71,6 +71,20 @@ def test_override_values_read_keys_and_values_as_hydra_parses_them():
     }  # fmt: skip
 
 
+def test_summary_columns_keep_each_split_together_optimized_metric_first():
+    from lora_lightning.app.summary import metric_order
+
+    names = {"test/acc", "test/f1", "train/loss", "val/acc", "val/f1", "val/loss"}
+    assert metric_order(names, "val/f1") == [
+        "val/f1",
+        "val/acc",
+        "val/loss",
+        "test/acc",
+        "test/f1",
+        "train/loss",
+    ]
+
+
 def test_no_finished_job_writes_no_summary(tmp_path):
     assert write_summary(tmp_path, "val/acc") is None
     assert not (tmp_path / "summary.csv").exists()

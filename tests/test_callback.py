@@ -11,6 +11,7 @@ import logging
 import warnings
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
@@ -32,6 +33,7 @@ from lightning_models import (
 )
 from models import tiny_bert
 from safetensors.torch import load_file
+from torch import nn
 
 from lora_lightning import (
     CheckpointMismatchError,
@@ -654,3 +656,27 @@ def test_an_adapter_whose_layer_is_never_called_is_named_after_the_first_backwar
         warnings.filterwarnings("error", message=".*got no gradient.*")
         trainer(tmp_path / "plain", [LoRACallback(r=2, target_modules=MLP_TARGETS)],
                 max_steps=2).fit(MLPModule())  # fmt: skip
+
+
+class _LayersInInit(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(4, 4)
+
+
+class _LayersInConfigureModel(_LayersInInit):
+    def configure_model(self) -> None:
+        self.head = nn.Linear(4, 2)
+
+
+@pytest.mark.parametrize(
+    ("module", "advised"), [(_LayersInInit, False), (_LayersInConfigureModel, True)]
+)
+def test_unmatched_target_advises_about_configure_model_only_when_the_module_overrides_it(
+    module, advised
+):
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    callback = LoRACallback(target_modules=["head"])
+    with pytest.raises(LoRAConfigError) as info:
+        callback.setup(trainer, module(), "fit")
+    assert ("configure_model" in str(info.value)) is advised

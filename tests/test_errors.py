@@ -87,21 +87,32 @@ def test_unknown_config_field_error_names_it_and_lists_valid_fields():
 
 
 @pytest.mark.parametrize(
-    ("build", "pattern", "close"),
+    ("build", "pattern", "close", "example"),
     [
-        (tiny_bert, "qeury", "bert.encoder.layer.0.attention.self.query"),
-        (tiny_bert, r".*\.qurey", "bert.encoder.layer.1.attention.self.query"),
-        (tiny_gpt2, "c_atn", "transformer.h.0.attn.c_attn"),
-        (tiny_bert, "classifer", "classifier"),
+        (tiny_bert, "qeury", "query", "bert.encoder.layer.0.attention.self.query"),
+        (tiny_bert, r".*\.qurey", "query", "bert.encoder.layer.0.attention.self.query"),
+        (tiny_gpt2, "c_atn", "c_attn", "transformer.h.0.attn.c_attn"),
+        (tiny_bert, "classifer", "classifier", "classifier"),
     ],
 )
-def test_targets_matching_nothing_list_close_module_names(build, pattern, close):
+def test_targets_matching_nothing_suggest_the_close_names_once_with_an_example(
+    build, pattern, close, example
+):
     with pytest.raises(LoRAConfigError) as raised:
         inject_lora(build(), LoRAConfig(target_modules=[pattern]))
     message = str(raised.value)
     assert "lora.target_modules" in message and repr(pattern) in message
     assert "matched no module" in message
-    assert repr(close) in message
+    assert f"did you mean {close!r} (e.g. {example})" in message
+    assert len(message) < 400
+
+
+def test_targets_matching_nothing_close_list_the_layer_names_when_nothing_is_close():
+    with pytest.raises(LoRAConfigError) as raised:
+        inject_lora(tiny_bert(), LoRAConfig(target_modules=["attn"]))
+    message = str(raised.value)
+    assert "no name is close" in message and "'query', 'key', 'value'" in message
+    assert "pooler.dense" not in message
 
 
 def test_modules_to_save_matching_nothing_is_an_error_naming_the_field():

@@ -81,6 +81,28 @@ def test_no_module_imports_against_the_direction_of_the_layers(package, forbidde
     assert not offending, sorted(offending)
 
 
+def test_no_two_core_modules_import_each_other_directly_or_through_others():
+    graph = {
+        path.stem: {
+            name.removeprefix("lora_lightning.core.")
+            for name in module_imports(path)
+            if name.startswith("lora_lightning.core.")
+        }
+        for path in (PACKAGE / "core").glob("*.py")
+        if path.stem != "__init__"
+    }
+    # Imports inside functions count too (module_imports walks the whole tree).
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        for nxt in graph.get(start, ()):
+            if nxt == goal or (nxt not in seen and reaches(nxt, goal, seen | {nxt})):
+                return True
+        return False
+
+    cycles = sorted(m for m in graph if reaches(m, m, {m}))
+    assert not cycles, cycles
+
+
 def test_the_public_api_is_importable_from_the_package_root():
     import lora_lightning
 

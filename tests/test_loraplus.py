@@ -184,6 +184,43 @@ def test_loraplus_lr_ratio_must_be_a_positive_number(value):
         LoRAConfig(loraplus_lr_ratio=value)
 
 
+_BAD_RATES = [0, -2.0, "16", True, float("nan"), float("inf")]
+_ENTRY_POINTS = {
+    "config": lambda model, value: LoRAConfig(loraplus_lr_ratio=value),
+    "param_groups": lambda model, value: loraplus_param_groups(model, LR, value),
+    "param_groups_lr": lambda model, value: loraplus_param_groups(model, value, RATIO),
+    "param_groups_embedding": lambda model, value: loraplus_param_groups(
+        model, LR, RATIO, lr_embedding=value
+    ),
+    "apply": lambda model, value: apply_loraplus(
+        torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR), model, value
+    ),
+    "apply_embedding": lambda model, value: apply_loraplus(
+        torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR),
+        model,
+        RATIO,
+        lr_embedding=value,
+    ),
+}
+
+
+@pytest.mark.parametrize("value", _BAD_RATES)
+@pytest.mark.parametrize("entry", _ENTRY_POINTS)
+def test_every_loraplus_entry_point_refuses_a_rate_that_is_not_finite_and_positive(entry, value):
+    model = tiny_bert()
+    inject_lora(model, LoRAConfig(r=2))
+    with pytest.raises(LoRAConfigError, match="expected a finite number > 0"):
+        _ENTRY_POINTS[entry](model, value)
+
+
+@pytest.mark.parametrize("value", [-0.1, float("inf"), float("nan")])
+def test_loraplus_param_groups_refuses_a_weight_decay_that_is_not_finite_and_non_negative(value):
+    model = tiny_bert()
+    inject_lora(model, LoRAConfig(r=2))
+    with pytest.raises(LoRAConfigError, match="weight_decay"):
+        loraplus_param_groups(model, LR, RATIO, weight_decay=value)
+
+
 def test_loraplus_is_off_by_default_with_peft_embedding_rate():
     config = LoRAConfig()
     assert config.loraplus_lr_ratio is None and config.loraplus_lr_embedding == 1e-6

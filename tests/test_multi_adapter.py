@@ -183,6 +183,25 @@ def test_switching_away_from_an_unconverted_pissa_adapter_is_refused(dirs):
     assert_unchanged(model, before)
 
 
+@pytest.mark.parametrize("rows", [["__base__", "default"], ["default", "x"]])
+def test_mixed_batch_under_an_unconverted_pissa_adapter_is_refused_as_a_switch_is(dirs, rows):
+    model = tiny_bert(0)
+    inject_lora(model, LoRAConfig(**SAME, init="pissa"))
+    load_adapter(model, dirs["plain_a"], name="x")
+    before = snapshot(model)
+    with torch.no_grad(), pytest.raises(LoRAStateError, match="convert_to_plain_lora"):
+        mixed_batch_forward(model, rows, **token_ids(batch=2))
+    assert_unchanged(model, before)
+
+
+def test_mixed_batch_of_only_the_unconverted_pissa_adapters_rows_runs(dirs):
+    model = tiny_bert(0)
+    inject_lora(model, LoRAConfig(**SAME, init="pissa"))
+    with torch.no_grad():
+        out = mixed_batch_forward(model, ["default", "default"], **token_ids(batch=2))
+        torch.testing.assert_close(out.logits, model(**token_ids(batch=2)).logits)
+
+
 def test_a_head_whose_base_values_were_never_seen_is_not_guessed(dirs):
     model = tiny_bert(0)
     load_adapter(model, dirs["a"])  # unnamed: the base's classifier values are gone
@@ -421,7 +440,8 @@ def test_evaluate_cli_scores_several_adapters_on_one_base(tmp_path, capsys):
     from models import save_tiny_classifier
     from transformers import BertForSequenceClassification
 
-    from lora_lightning.tasks.evaluate import evaluate, main
+    from lora_lightning.app.evaluate import evaluate, main
+    from lora_lightning.tasks import minilm_path
 
     base = save_tiny_classifier(tmp_path / "base")
     adapters = []

@@ -191,6 +191,36 @@ def test_layers_an_init_cannot_factor_are_refused_before_any_change(build, init,
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
 
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_2", "olora"])
+def test_a_rank_above_the_layers_smaller_dimension_is_refused_by_name(init):
+    model = tiny_bert()  # classifier: Linear(16, 3), so at most 3 components
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UnsupportedModuleError, match=r"'classifier'.*at most 3 components.*r=4"):
+        inject_lora(model, LoRAConfig(r=4, init=init, target_modules=["query", "classifier"]))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_a_rank_at_the_layers_smaller_dimension_exports_a_file_peft_and_load_adapter_read(
+    tmp_path,
+):
+    model = tiny_bert()
+    config = LoRAConfig(r=4, init="pissa", target_modules=["query", "classifier"],
+                        rank_pattern={"classifier": 3})  # fmt: skip
+    plan = plan_lora(model, config)
+    inject_lora(model, config)
+    assert {t.name: t.r for t in plan.targets} == {
+        n: m.lora_A.weight.shape[0] for n, m in model.named_modules() if hasattr(m, "lora_A")
+    }
+    nudge_adapters(model)
+    expected = logits(model, token_ids())
+    save_adapter(model, tmp_path, convert_to_plain_lora=True)
+    in_peft = peft.PeftModel.from_pretrained(tiny_bert(), str(tmp_path)).eval()
+    assert_close_relative(logits(in_peft, token_ids()), expected, rtol=1e-5)
+    here = tiny_bert()
+    load_adapter(here, tmp_path)
+    assert_close_relative(logits(here, token_ids()), expected, rtol=1e-5)
+
+
 def test_tied_target_weight_is_refused():
     model = tiny_gpt2()
     with pytest.raises(UnsupportedModuleError, match="tied to"):

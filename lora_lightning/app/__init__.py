@@ -12,6 +12,7 @@ public names and the default task through its config):
 - ``tracking``: W&B run status and the adapter artifact.
 - ``summary``: ``summary.csv`` / ``.md`` / ``.png`` at the end of a multirun.
 - ``train``: ``run(cfg)`` (one job) and ``main`` (the entry point).
+- ``evaluate``: ``lora-lightning-eval``, scoring saved adapters on a labelled TSV.
 """
 
 from lora_lightning.app.config import CONF_DIR, ExportConfig, register_configs

@@ -10,8 +10,11 @@ it does not train).
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +25,18 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.accelerators import CPUAccelerator
 from omegaconf import DictConfig, OmegaConf
 
-from lora_lightning import LoRACallback, LoRAError
-from lora_lightning.app.config import CALLBACK_EXPORT_FIELDS
+from lora_lightning import LoRACallback, LoRAConfig, LoRAError, plan_lora
+from lora_lightning.app.config import CALLBACK_EXPORT_FIELDS, CONF_DIR, EXPORT_FIELDS
 from lora_lightning.app.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 RESUME_MODES = (None, "auto")
+#: What ``trainer.devices`` accepts (Lightning's own errors say only what is not valid).
+DEVICES_HELP = (
+    "a positive integer (how many), -1 (all), auto, or a list of device indices such as "
+    "[0, 1] (on CPU: a positive integer of processes)"
+)
 
 
 def lora_callback(cfg: DictConfig) -> LoRACallback | None:
@@ -43,6 +51,77 @@ def lora_callback(cfg: DictConfig) -> LoRACallback | None:
     export = OmegaConf.to_container(cfg.get("lora_export") or {}, resolve=True)
     options = {key: export[key] for key in CALLBACK_EXPORT_FIELDS if key in export}
     return LoRACallback(lora, **options)
+
+
+#: Groups whose entries are each built from a ``_target_`` (a list of objects, not arguments).
+TARGET_LISTS = ("callbacks", "logger")
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """Every key the app reads is one it knows, however it was written (``lora.x=1``,
+    ``+lora.x=1``, ``++x=1``): the ``lora`` and ``lora_export`` groups hold only their schema's
+    fields, the top level only ``train.yaml``'s keys and groups, and every entry of
+    ``callbacks``/``logger`` is null or has a ``_target_``. (The other groups pass their keys
+    to a constructor, which refuses unknown ones.)
+
+    Raises:
+        ConfigError: naming the unknown key, the valid ones and the closest.
+    """
+    schemas = {
+        "lora": [f.name for f in dataclasses.fields(LoRAConfig)],
+        "lora_export": list(EXPORT_FIELDS),
+        "": _top_level_keys(),
+    }
+    for group, known in schemas.items():
+        node = cfg if not group else cfg.get(group)
+        for key in node or {}:
+            if key not in known:
+                name = f"{group}.{key}" if group else key
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ConfigError(
+                    f"{name} is not a key the app reads ({hint}valid"
+                    f"{' in ' + group if group else ' top-level keys'}: {', '.join(known)}); "
+                    "a key added with '+' is checked too"
+                )
+    for group in TARGET_LISTS:
+        for name, node in (cfg.get(group) or {}).items():
+            if node is not None and not (OmegaConf.is_dict(node) and "_target_" in node):
+                raise ConfigError(
+                    f"{group}.{name}={_short(node)} is not a {group[:-1] if group == 'callbacks' else group} "
+                    f"to build: each entry of {group} is null or a mapping with a _target_ "
+                    f"(the class) and its arguments; entries: {', '.join(cfg.get(group))}"
+                )
+
+
+def _top_level_keys() -> list[str]:
+    """The keys of ``train.yaml`` and the names of the groups its defaults list."""
+    train = OmegaConf.load(CONF_DIR / "train.yaml")
+    groups = []
+    for entry in train.get("defaults", []):
+        name = next(iter(entry)) if OmegaConf.is_dict(entry) else str(entry)
+        if not name.startswith(("override ", "hydra")) and name != "_self_":
+            groups.append(name)
+    return sorted({*groups, *(k for k in train if k not in ("defaults", "hydra"))})
+
+
+def _short(node: Any) -> str:
+    text = str(OmegaConf.to_container(node) if OmegaConf.is_config(node) else node)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_targets(model: pl.LightningModule, lora: LoRACallback | None) -> None:
+    """Plan the injection on the freshly built model (the task builds its layers in
+    ``__init__``), so a target that matches nothing is reported before W&B starts or the
+    trainer runs, not from inside ``fit``. Changes nothing.
+
+    Raises:
+        LoRAError: as ``plan_lora`` (e.g. ``lora.target_modules=[...] matched no module``).
+    """
+    if lora is not None:
+        with warnings.catch_warnings():  # the callback warns (once) when it injects
+            warnings.simplefilter("ignore")
+            plan_lora(model, lora.config, target_fn=lora.target_fn)
 
 
 def check_resume(cfg: DictConfig) -> None:
@@ -88,6 +167,8 @@ def instantiate(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
         user_errors = (ValueError, TypeError, MisconfigurationException, ModuleNotFoundError)
         if isinstance(cause, user_errors):  # a missing extra: the task's message names it
             reason = " ".join(str(cause).split())
+            if key == "trainer" and "devices=" in reason:  # Lightning's says what is not valid
+                reason += f" Valid trainer.devices: {DEVICES_HELP}"
             raise ConfigError(f"{key}: {reason}") from err
         raise
 

@@ -26,24 +26,34 @@ NOISE = (
     # kernels built for another torch, and its enums registered the way torch 2.13 deprecates.
     re.compile(r"Failed to load .*torchao.*Could not load this library"),
     re.compile(r"is an Enum subclass and is now natively supported by torch\.compile"),
+    re.compile(r"Detected no triton"),  # torchao on a machine without Triton (CPU)
+    # Lightning's accelerator census (the final block and train.log say what ran) and its
+    # warning on every resume that the run's own checkpoint folder holds checkpoints.
+    re.compile(r"^(GPU|TPU|HPU|IPU) available: "),
+    re.compile(r"Checkpoint directory .* exists and is not empty"),
 )
 
 
 class ConsoleNoiseFilter(logging.Filter):
-    """Drops the records matching :data:`NOISE`, and shortens transformers' load report.
-
-    The load report (``<Model> LOAD REPORT`` with a table of new or unused weights) becomes
-    its first line; the full report stays in ``train.log``.
-    """
+    """Drops the records matching :data:`NOISE` from the console (never edits a record: the
+    same record reaches ``train.log`` afterwards)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if any(pattern.search(message) for pattern in NOISE):
-            return False
+        return not any(pattern.search(message) for pattern in NOISE)
+
+
+class ConsoleFormatter(logging.Formatter):
+    """The console's formatter: the message alone, with transformers' load report (``<Model>
+    LOAD REPORT`` and a table of new or unused weights) shortened to its first line; the full
+    report is formatted into ``train.log`` by the file handler's own formatter."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
         if record.name.startswith("transformers") and "LOAD REPORT" in message:
             first = re.sub(r"\x1b\[[0-9;]*m", "", message).strip().splitlines()[0]
-            record.msg, record.args = f"{first.strip()} (full report in train.log)", None
-        return True
+            return f"{first.strip()} (full report in train.log)"
+        return message
 
 
 def route_dependency_logs() -> None:
@@ -61,6 +71,9 @@ def route_dependency_logs() -> None:
         logger.propagate = True
     logging.captureWarnings(True)
     os.environ.setdefault("WANDB_QUIET", "true")  # W&B's banner and run summary off the console
+    # ...and its remaining "wandb: ..." lines (offline mode, the deprecated anonymous setting,
+    # where the run went): the final block says where the run is and how to sync it.
+    os.environ.setdefault("WANDB_SILENT", "true")
     if importlib.util.find_spec("transformers") is not None:
         from transformers.utils import logging as hf_logging
 

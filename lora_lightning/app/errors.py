@@ -9,6 +9,7 @@ error type; it must not import Lightning, Hydra or W&B.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import NoReturn
@@ -47,8 +48,18 @@ def report(error: BaseException) -> NoReturn:
     message = one_line(error)
     if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise error
+    to_log_files(message, logging.ERROR if message.startswith("error:") else logging.WARNING)
     if isinstance(error, Preempted):
         print(message, file=sys.stderr, flush=True)
         raise SystemExit(PREEMPTED_EXIT)
     print(f"{message} (HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr, flush=True)
     raise SystemExit(1)
+
+
+def to_log_files(message: str, level: int) -> None:
+    """Write ``message`` to the job's log files (``train.log``) only: the console gets it once,
+    from :func:`report`, and a failed job's folder says why it failed."""
+    record = logging.LogRecord("lora_lightning.app", level, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)

@@ -65,10 +65,7 @@ def swept_keys(rows: list[dict[str, Any]]) -> list[str]:
 def table(rows: list[dict[str, Any]], metric: str | None) -> tuple[list[str], list[list[Any]]]:
     """Header and rows: job, swept values, metrics (``metric`` first), parameter counts, time."""
     swept = swept_keys(rows)
-    metrics = sorted({k for row in rows for k in row["metrics"]})
-    if metric in metrics:
-        metrics.remove(metric)
-        metrics.insert(0, metric)
+    metrics = metric_order({k for row in rows for k in row["metrics"]}, metric)
     header = ["job", *swept, *metrics, "trainable_params", "trainable_%", "wall_time_s"]
     body = []
     for row in rows:
@@ -81,6 +78,24 @@ def table(rows: list[dict[str, Any]], metric: str | None) -> tuple[list[str], li
     return header, body
 
 
+#: Splits in the order their metrics are listed.
+SPLITS = ("val", "test", "train")
+
+
+def metric_order(names: set[str], metric: str | None) -> list[str]:
+    """Metric names grouped by split (``metric``'s split first, ``metric`` at its head, then
+    val, test, train, others), alphabetical within a split: ``val/acc``, ``val/f1``, ...,
+    ``test/acc`` and never a split cut in two."""
+    first = metric.split("/", 1)[0] if metric else None
+
+    def key(name: str) -> tuple[Any, ...]:
+        split = name.split("/", 1)[0]
+        rank = SPLITS.index(split) if split in SPLITS else len(SPLITS)
+        return (split != first, rank, split, name != metric, name)
+
+    return sorted(names, key=key)
+
+
 def markdown(header: list[str], body: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in body]
@@ -88,8 +103,8 @@ def markdown(header: list[str], body: list[list[Any]]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], metric: str, path: Path) -> bool:
-    """``metric`` against trainable parameters, and against each swept value; False without
-    matplotlib."""
+    """``metric`` against trainable parameters, and against each swept value, each point
+    labelled with its value and ticked where it lies; False without matplotlib."""
     try:
         import matplotlib
 
@@ -99,20 +114,29 @@ def plot(rows: list[dict[str, Any]], metric: str, path: Path) -> bool:
         return False
     rows = [row for row in rows if metric in row["metrics"]]
     swept = swept_keys(rows)
-    figure, axes = plt.subplots(1, 1 + len(swept), figsize=(4.5 * (1 + len(swept)), 3.6))
+    figure, axes = plt.subplots(1, 1 + len(swept), figsize=(4.5 * (1 + len(swept)), 3.8))
     axes = axes if len(swept) else [axes]
     values = [row["metrics"][metric] for row in rows]
-    axes[0].scatter([row["parameters"]["trainable"] for row in rows], values)
+    params = [row["parameters"]["trainable"] for row in rows]
+    _labelled_points(axes[0], params, values)
     axes[0].set_xscale("log")
+    axes[0].set_xticks(sorted(set(params)), [f"{p:,}" for p in sorted(set(params))], rotation=30)
+    axes[0].minorticks_off()
     axes[0].set_xlabel("trainable parameters")
     for axis, key in zip(axes[1:], swept, strict=True):
         xs = [row["overrides"].get(key, "") for row in rows]
-        numeric = all(_is_number(x) for x in xs)
-        axis.scatter([float(x) for x in xs] if numeric else xs, values)
+        if all(_is_number(x) for x in xs):
+            points = [float(x) for x in xs]
+            _labelled_points(axis, points, values)
+            axis.set_xticks(sorted(set(points)), sorted(set(xs), key=float))
+        else:
+            _labelled_points(axis, xs, values)
         axis.set_xlabel(key)
     for axis in axes:
         axis.set_ylabel(metric)
         axis.grid(alpha=0.3)
+        axis.margins(x=0.15, y=0.12)  # room for the value labels
+    figure.suptitle(f"{metric} of each job of sweep {path.parent.name}")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -145,6 +169,14 @@ class SweepSummary(Callback):
         text = write_summary(sweep_dir, config.get("optimized_metric"))
         if text is not None:
             print(f"Sweep summary ({sweep_dir}/summary.md, .csv, .png)\n{text}", flush=True)
+
+
+def _labelled_points(axis: Any, xs: list[Any], values: list[float]) -> None:
+    """Scatter the points and write each one's value next to it."""
+    axis.scatter(xs, values)
+    for x, value in zip(xs, values, strict=True):
+        axis.annotate(f"{value:.4f}", (x, value), textcoords="offset points", xytext=(4, 4),
+                      fontsize=8)  # fmt: skip
 
 
 def _round(value: float | None) -> float | str:

@@ -55,3 +55,13 @@ def finish_run(exit_code: int) -> None:
     run = _active_run()
     if run is not None:
         run.finish(exit_code=exit_code)
+
+
+def drop_unset_anonymous(loggers: list[Any]) -> None:
+    """Lightning's ``WandbLogger`` passes ``anonymous=None`` to ``wandb.init``, which then
+    prints a deprecation warning on every job ("The anonymous setting has no effect"); an
+    unset value is left out instead (a value the user set is kept)."""
+    for logger in loggers:
+        init = getattr(logger, "_wandb_init", None)
+        if isinstance(init, dict) and "anonymous" in init and init["anonymous"] is None:
+            del init["anonymous"]

@@ -10,6 +10,7 @@ which the experiments use as the baseline. Imports the library's public API only
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ import hydra
 import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -111,6 +112,7 @@ class _Job(NamedTuple):
 
 def _build(cfg: DictConfig, prepare_model: Callable[[pl.LightningModule], Any] | None) -> _Job:
     """Check the config and build the job, cheapest first and the model last."""
+    checks.check_known_keys(cfg)
     lora_callback = checks.lora_callback(cfg)
     checks.check_resume(cfg)
     checks.check_files(cfg, "data")
@@ -122,6 +124,7 @@ def _build(cfg: DictConfig, prepare_model: Callable[[pl.LightningModule], Any] |
     # gets the same callback on its own.
     callbacks.insert(0, lora_callback if lora_callback is not None else RNGStateCallback())
     loggers = _instantiate_all(cfg, "logger")
+    tracking.drop_unset_anonymous(loggers)
     if not loggers:  # Lightning refuses a LearningRateMonitor without a logger (logger=none)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer = checks.instantiate(cfg, "trainer", callbacks=callbacks, logger=loggers or False)
@@ -131,6 +134,7 @@ def _build(cfg: DictConfig, prepare_model: Callable[[pl.LightningModule], Any] |
     model = checks.instantiate(cfg, "model")
     if prepare_model is not None:
         prepare_model(model)
+    checks.check_targets(model, lora_callback)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for logger in loggers:
         logger.log_hyperparams(resolved)
@@ -143,13 +147,33 @@ def _fit(job: _Job, ckpt_path: str | None) -> None:
         log.info(f"Resuming from {ckpt_path}")
     try:
         job.trainer.fit(job.model, datamodule=job.datamodule, ckpt_path=ckpt_path)
+        _save_final_last(job.trainer)
     except SIGTERMException:
-        requeued = " (job requeued)" if job.preemption.launcher == signals.LIGHTNING_SLURM else ""
+        # The event itself ("SIGTERM: checkpoint saved to ...") is logged by the Preemption
+        # callback; the last line is what to do next.
+        requeued = "job requeued; " if job.preemption.launcher == signals.LIGHTNING_SLURM else ""
         raise Preempted(
-            f"{job.preemption.signal_name}: checkpoint saved to {job.preemption.saved}"
-            f"{requeued}; rerun the same command with resume=auto (and the same "
-            "hydra.run.dir) or ckpt_path=<that file> to continue"
+            f"{requeued}rerun the same command with resume=auto (and the same hydra.run.dir) "
+            f"or ckpt_path={job.preemption.saved} to continue"
         ) from None
+
+
+def _save_final_last(trainer: pl.Trainer) -> None:
+    """Make ``last.ckpt`` the run's final step. ModelCheckpoint writes it after a validation
+    (or at an epoch end), so a run stopped by ``trainer.max_steps`` between validations ended
+    with an older ``last.ckpt``, and "train a bit longer" with ``resume=auto`` repeated steps.
+    Every rank calls it (saving is collective); rank zero writes."""
+    for callback in trainer.checkpoint_callbacks:
+        if not isinstance(callback, ModelCheckpoint) or not callback.save_last:
+            continue
+        if callback.dirpath is None or getattr(callback, "_last_global_step_saved", None) == (
+            trainer.global_step
+        ):
+            continue
+        name = callback.CHECKPOINT_NAME_LAST + callback.FILE_EXTENSION
+        path = callback.last_model_path or os.path.join(callback.dirpath, name)
+        callback.last_model_path = path  # before saving: it is part of the saved state
+        trainer.save_checkpoint(path)
 
 
 def _results(
@@ -196,7 +220,8 @@ def _instantiate_all(cfg: DictConfig, group: str) -> list[Any]:
 
 
 def _fill_run_names(cfg: DictConfig) -> None:
-    """W&B run name from the job's overrides; one group per multirun sweep."""
+    """W&B run name from the job's overrides; one group per multirun sweep; the W&B run id
+    from the output folder (so a resumed job continues its run)."""
     hydra_cfg = HydraConfig.get()
     overrides = [o for o in hydra_cfg.overrides.task if not o.startswith("hydra")]
     with open_dict(cfg):
@@ -206,6 +231,15 @@ def _fill_run_names(cfg: DictConfig) -> None:
             sweep = Path(hydra_cfg.sweep.dir).parts[-2:]
             multirun = hydra_cfg.mode == RunMode.MULTIRUN
             cfg.paths.group = "-".join([cfg.task_name, *sweep]) if multirun else cfg.task_name
+        wandb = (cfg.get("logger") or {}).get("wandb")
+        if wandb is not None and wandb.get("_target_", "").endswith("WandbLogger"):
+            # One W&B run per output folder: a job rerun in the same folder (resume=auto)
+            # continues its run instead of opening a second one.
+            if wandb.get("id") is None:
+                folder = str(Path(cfg.paths.output_dir).resolve())
+                wandb.id = "lora-" + hashlib.sha1(folder.encode()).hexdigest()[:16]
+            if wandb.get("resume") is None:
+                wandb.resume = "allow"
 
 
 def _prepare_ddp_relaunch_in_multirun() -> None:

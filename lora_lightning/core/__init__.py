@@ -18,6 +18,7 @@ module             owns
 ``peft_format``    PEFT's keys and ``adapter_config.json``, both ways
 ``files``          atomic file and directory writes
 ``tensor_checks``  whether loaded or saved tensors fit the model (shared rules)
+``loading``        reading an adapter directory and checking it; installing it
 ``adapter``        ``save_adapter`` / ``load_adapter``
 ``multi``          many named adapters on one base: switch, hot-swap, combine, mixed batches
 =================  ===============================================================

@@ -38,6 +38,9 @@ _BASE_CHANGING_INIT = re.compile(r"pissa|pissa_niter_[1-9][0-9]*|olora")
 BIAS_MODES = ("none", "lora_only", "all")
 DROPOUT_MASKS = ("fast", "torch")
 #: Values of ``quantize_base`` (``core.quantize.SCHEMES``; kept here so config imports only torch).
+#: The largest rank accepted: above every layer's smaller dimension in today's models, and far
+#: below the sizes that overflow inside torch (``r=10**20``) or exhaust memory at allocation.
+MAX_RANK = 65536
 QUANTIZE_BASE = ("none", "nf4", "int8")
 #: Values of ``quantize_scope``: which frozen ``nn.Linear`` weights ``quantize_base`` stores.
 QUANTIZE_SCOPES = ("adapted", "all_linear")
@@ -59,7 +62,7 @@ class LoRAConfig:
     """LoRA hyperparameters. A frozen layer ``W x`` becomes ``W x + s · B A dropout(x)``.
 
     Args:
-        r: rank of ``A`` (``r x in``) and ``B`` (``out x r``); int >= 1.
+        r: rank of ``A`` (``r x in``) and ``B`` (``out x r``); int in [1, MAX_RANK] (65536).
         alpha: scaling numerator: ``s = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``).
         dropout: dropout probability on the adapter input, in [0, 1); 0 adds no dropout op.
         seed: seeds A's initialisation per module (seed + module name), so every rank and
@@ -158,7 +161,7 @@ class LoRAConfig:
         Raises:
             LoRAConfigError: naming the field, the bad value and what is allowed.
         """
-        self.r = _integer("r", self.r, minimum=1)
+        self.r = _integer("r", self.r, minimum=1, maximum=MAX_RANK)
         self.alpha = _positive_number("alpha", self.alpha)
         self.dropout = _number_in("dropout", self.dropout, 0.0, 1.0)
         self.seed = _integer("seed", self.seed, minimum=0)
@@ -211,7 +214,7 @@ class LoRAConfig:
                 f"(default: {DEFAULT_TARGETS})"
             )
         self.rank_pattern = {
-            key: _integer(f"rank_pattern[{key!r}]", value, minimum=0)
+            key: _integer(f"rank_pattern[{key!r}]", value, minimum=0, maximum=MAX_RANK)
             for key, value in _pattern_dict("rank_pattern", self.rank_pattern).items()
         }
         self.alpha_pattern = {
@@ -379,9 +382,14 @@ def _iterable(value: Any) -> bool:
     return True
 
 
-def _integer(name: str, value: Any, minimum: int) -> int:
+def _integer(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise LoRAConfigError(f"lora.{name}={value!r} is invalid: expected an integer >= {minimum}")
+    if maximum is not None and value > maximum:
+        raise LoRAConfigError(
+            f"lora.{name}={value!r} is invalid: expected an integer in [{minimum}, {maximum}] "
+            "(a rank above a layer's smaller dimension adds nothing a full-rank update has not)"
+        )
     return int(value)
 
 
@@ -392,11 +400,34 @@ def _real(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _positive_number(name: str, value: Any) -> float:
+def positive_number(label: str, value: Any) -> float:
+    """``value`` as a float if it is a finite real number > 0: the one check behind every
+    alpha, learning rate and LoRA+ ratio, wherever it enters (config field or function
+    argument), so no entry point lets ``inf`` or NaN through.
+
+    Raises:
+        LoRAConfigError: ``"<label>=<value> is invalid: expected a finite number > 0"``.
+    """
     number = _real(value)
     if number is None or number <= 0:
-        raise LoRAConfigError(f"lora.{name}={value!r} is invalid: expected a number > 0")
+        raise LoRAConfigError(f"{label}={value!r} is invalid: expected a finite number > 0")
     return number
+
+
+def non_negative_number(label: str, value: Any) -> float:
+    """``value`` as a float if it is a finite real number >= 0 (a weight decay, say).
+
+    Raises:
+        LoRAConfigError: ``"<label>=<value> is invalid: expected a finite number >= 0"``.
+    """
+    number = _real(value)
+    if number is None or number < 0:
+        raise LoRAConfigError(f"{label}={value!r} is invalid: expected a finite number >= 0")
+    return number
+
+
+def _positive_number(name: str, value: Any) -> float:
+    return positive_number(f"lora.{name}", value)
 
 
 def _number_in(name: str, value: Any, low: float, high: float) -> float:

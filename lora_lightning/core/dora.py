@@ -26,15 +26,17 @@ The norm, per row ``i`` (``w_i``, ``b_i`` rows of ``W`` and ``B``)::
 
     ||w_i + s b_i A||² = ||w_i||² + 2 s <W Aᵀ, B>_i + s² <B (A Aᵀ), B>_i
 
-``||w_i||²`` is computed once per version of the frozen ``W`` and cached; the other terms
-cost ``out·in·r`` and ``(in + out)·r²`` and make ``[out, r]`` temporaries, where PEFT forms
-``B A`` through an ``[in, in]`` identity and then the full ``[out, in]`` sum every forward.
+``||w_i||²`` costs one read of ``W`` (``out·in``), the other terms ``out·in·r`` and
+``(in + out)·r²`` with ``[out, r]`` temporaries, where PEFT forms ``B A`` through an
+``[in, in]`` identity and then the full ``[out, in]`` sum every forward. All of it is
+recomputed every forward: a cached ``||w_i||²`` keyed on the weight's version counter went
+stale after ``weight.data.copy_(...)`` (which bumps no counter), silently, and recomputing
+costs no measurable time (``experiments/bench/results/cache_cost.md``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -98,14 +100,13 @@ def weight_norm(
     scaling: float,
     *,
     transposed: bool = False,
-    weight_sq: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``||W + s·B A||`` per output row, without forming the ``[out, in]`` sum
     (``||w||² + 2s·w·(BA) + s²||BA||²``; rows where that expansion loses precision are
     formed directly), within a rounding-error bound of the exact norm (below).
 
     ``weight`` is ``[out, in]`` (``[in, out]`` with ``transposed``, GPT-2 Conv1D), ``a``
-    ``[r, in]``, ``b`` ``[out, r]``; ``weight_sq`` optionally the precomputed ``||w_i||²``.
+    ``[r, in]``, ``b`` ``[out, r]``.
     Computed in at least float32; returns ``[out]`` in that dtype, detached.
 
     Precision, per row (``u`` the unit roundoff of that dtype, ``γ_k = k·u/(1 - k·u)``,
@@ -117,9 +118,7 @@ def weight_norm(
     """
     dtype = torch.promote_types(a.dtype, torch.float32)
     w, a, b = weight.to(dtype), a.to(dtype), b.to(dtype)
-    if weight_sq is None:
-        weight_sq = row_sq_norms(w, transposed=transposed)
-    weight_sq = weight_sq.to(dtype)
+    weight_sq = row_sq_norms(w, transposed=transposed)
     wa = (a @ w).t() if transposed else w @ a.t()  # [out, in] @ [in, r] -> [out, r]
     cross = (wa * b).sum(1)
     lora_sq = ((b @ (a @ a.t())) * b).sum(1)  # [out, r] @ [r, r] -> [out, r]
@@ -161,16 +160,14 @@ def row_sq_norms(weight: torch.Tensor, *, transposed: bool = False) -> torch.Ten
 
 
 class DoRA:
-    """The DoRA variant of one adapted layer: its forward and merge, and the two things they
-    remember (the cached ``||W||²`` rows of the frozen weight, keyed on the weight's identity
-    and version, and the row norm at merge time, which unmerging needs: it cannot be
-    recovered from the merged weight)."""
+    """The DoRA variant of one adapted layer: its forward and merge, and the one thing they
+    remember, the row norm at merge time, which unmerging needs (it cannot be recovered from
+    the merged weight). Nothing computed from the live weights is cached: the norm is
+    recomputed every forward (see the module docstring)."""
 
     name = "dora"
 
     def __init__(self) -> None:
-        self._sq_key: tuple[Any, ...] | None = None
-        self._sq: torch.Tensor | None = None
         self.merge_norm: torch.Tensor | None = None
 
     def parameters(self, module: nn.Module) -> list[nn.Parameter]:
@@ -181,27 +178,14 @@ class DoRA:
         """Remove the magnitude from ``module`` (the hook and A/B are ``core.layers``')."""
         if MAGNITUDE in module._parameters:
             delattr(module, MAGNITUDE)
-        self._sq_key = self._sq = self.merge_norm = None
+        self.merge_norm = None
 
     def norm(self, module: nn.Module, layer: LoRALayer) -> torch.Tensor:
         """``||W + s·B A||_row`` now, detached, in the adapter dtype -> ``[out]``."""
         weight, transposed = module.weight, layer.kind == GPT2_CONV1D
-        dtype = torch.promote_types(module.lora_A.weight.dtype, torch.float32)
-        # Inference tensors keep no version counter: recompute rather than trust a cache.
-        version = None if weight.is_inference() else weight._version
-        key = (weight.data_ptr(), version, weight.dtype, weight.device, weight.shape, dtype)
-        if version is None or key != self._sq_key:
-            with torch.no_grad():
-                sq = row_sq_norms(weight.detach().to(dtype), transposed=transposed)
-            if version is None:
-                self._sq_key = self._sq = None
-            else:
-                self._sq_key, self._sq = key, sq
-        else:
-            sq = self._sq
         norm = weight_norm(weight.detach(), module.lora_A.weight.detach(),
-                           module.lora_B.weight.detach(), layer.scaling, transposed=transposed,
-                           weight_sq=sq)  # fmt: skip
+                           module.lora_B.weight.detach(), layer.scaling,
+                           transposed=transposed)  # fmt: skip
         return norm.to(module.lora_A.weight.dtype)
 
     def forward(

@@ -29,10 +29,27 @@ class SharedInput:
     regrouped; with dropout > 0 the siblings share a mask where PEFT draws one per module
     (``LoRAConfig.group_shared_input=False`` gives PEFT's behaviour). A member called with
     another input (cross-attention keys, say) simply recomputes.
+
+    The rows are a copy of state, so they are dropped whenever what they were computed from
+    may have changed: they are keyed on the input (object, version, storage) and on every
+    member's ``lora_A`` (storage, version), and they never outlive one call of ``parent``
+    (the module whose forward calls the members): its forward pre-hook and hook clear them. So
+    an in-place edit that bumps no version counter (``x.data.copy_(...)``, an EMA swapping
+    ``lora_A.data`` between steps) cannot be served rows of the old values across calls.
     """
 
-    def __init__(self, members: list[nn.Module]) -> None:
+    def __init__(self, members: list[nn.Module], parent: nn.Module | None = None) -> None:
         self.members = members
+        self._handles: list[Any] = []
+        if parent is not None:
+            self._handles = [
+                parent.register_forward_pre_hook(self._scope_edge),
+                parent.register_forward_hook(self._scope_edge, always_call=True),
+            ]
+        self._clear()
+
+    def _scope_edge(self, *_: Any) -> None:
+        """The parent's forward starts or ends: rows computed before are not served after."""
         self._clear()
 
     def _rows(self, module: nn.Module) -> tuple[int, int]:
@@ -53,10 +70,15 @@ class SharedInput:
 
     def hidden(self, module: nn.Module, x: torch.Tensor, project: Project) -> torch.Tensor:
         """``A dropout(x)`` of ``module`` (``(..., r)``), from the group's one ``A`` product."""
-        # Inference tensors (torch.inference_mode) keep no version counter.
-        version = -1 if x.is_inference() else x._version
-        key = (version, torch.is_grad_enabled(), module.training)
-        if self._input is not x or self._key != key or id(module) not in self._pending:
+        places = [_place(x), *(_place(m.lora_A.weight) for m in self.members)]
+        # No storage to key on (torch.func transforms): recompute, never serve.
+        key = None if None in places else (*places, torch.is_grad_enabled(), module.training)
+        if (
+            key is None
+            or self._input is not x
+            or self._key != key
+            or id(module) not in self._pending
+        ):
             a = torch.cat([member.lora_A.weight for member in self.members])
             self._hidden = project(module, x, a)
             self._input, self._key = x, key
@@ -74,12 +96,29 @@ class SharedInput:
             layer = layer_state(member)
             if layer is not None:
                 layer.group = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
         self._clear()
 
 
-def group_shared_inputs(modules: list[tuple[str, nn.Module]], kinds: tuple[str, ...]) -> None:
-    """Put adapted siblings of one parent, of a layer kind in ``kinds``, with the same input
-    size and adapter dtype into a :class:`SharedInput` group (groups of one are left alone)."""
+def _place(tensor: torch.Tensor) -> tuple[int, int] | None:
+    """``(storage address, version counter)`` of ``tensor``; version -1 for an inference
+    tensor (it keeps none); None for a tensor without storage (a torch.func wrapper)."""
+    try:
+        address = tensor.data_ptr()
+    except RuntimeError:
+        return None
+    return address, -1 if tensor.is_inference() else tensor._version
+
+
+def group_shared_inputs(
+    model: nn.Module, modules: list[tuple[str, nn.Module]], kinds: tuple[str, ...]
+) -> None:
+    """Put adapted siblings of one parent in ``model``, of a layer kind in ``kinds``, with the
+    same input size and adapter dtype into a :class:`SharedInput` group (groups of one are
+    left alone)."""
+    parents = dict(model.named_modules())
     groups: dict[tuple[Any, ...], list[nn.Module]] = {}
     for name, module in modules:
         layer = layer_state(module)
@@ -88,8 +127,8 @@ def group_shared_inputs(modules: list[tuple[str, nn.Module]], kinds: tuple[str, 
         parent = name.rpartition(".")[0]
         a = module.lora_A.weight
         groups.setdefault((parent, a.shape[1], a.dtype, id(layer.owner)), []).append(module)
-    for members in groups.values():
+    for (parent, *_), members in groups.items():
         if len(members) > 1:
-            group = SharedInput(members)
+            group = SharedInput(members, parents.get(parent))
             for member in members:
                 layer_state(member).group = group

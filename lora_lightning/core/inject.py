@@ -116,7 +116,9 @@ def apply_plan(model: nn.Module, plan: LoRAPlan) -> list[str]:
         if floats:
             quantize.update_ddp_ignore(model)
         if plan.config.group_shared_input:
-            group_shared_inputs([(t.name, modules[t.name]) for t in plan.targets], MATMUL_KINDS)
+            group_shared_inputs(
+                model, [(t.name, modules[t.name]) for t in plan.targets], MATMUL_KINDS
+            )
         for name in plan.modules_to_save:
             mark_saved(modules[name], owner)
         for name in plan.trained_biases:

@@ -223,8 +223,13 @@ def _init_weights(
 BASE_CHANGING_KINDS = {"pissa": (LINEAR, GPT2_CONV1D), "olora": (LINEAR,)}
 
 
-def base_changing_unsupported_reason(module: nn.Module, kind: str | None, init: str) -> str | None:
-    """Why ``init`` (pissa, pissa_niter_<k>, olora) cannot adapt ``module``, or None."""
+def base_changing_unsupported_reason(
+    module: nn.Module, kind: str | None, init: str, r: int
+) -> str | None:
+    """Why ``init`` (pissa, pissa_niter_<k>, olora) cannot adapt ``module`` at rank ``r``, or
+    None. The factorisation has at most ``min(out, in)`` components: a larger ``r`` would
+    inject a smaller adapter than the plan records (and PEFT would write a file it cannot
+    read back), so it is refused rather than shrunk."""
     family = "olora" if init == "olora" else "pissa"
     kinds = BASE_CHANGING_KINDS[family]
     if kind not in kinds:
@@ -234,6 +239,13 @@ def base_changing_unsupported_reason(module: nn.Module, kind: str | None, init: 
         return (
             f"on the meta device: init={init!r} factors the base weight, which has no values; "
             "load the base weights first"
+        )
+    components = min(module.weight.shape)
+    if r > components:
+        return (
+            f"a {tuple(module.weight.shape)} layer: init={init!r} factors its weight into at most "
+            f"{components} components, fewer than r={r}; use r <= {components} for it (lora.r, "
+            "or lora.rank_pattern for this module)"
         )
     return None
 

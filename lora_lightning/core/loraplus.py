@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lora_lightning.core.config import non_negative_number, positive_number
 from lora_lightning.core.errors import LoRAConfigError, LoRAStateError
 from lora_lightning.core.layers import EMBEDDING
 from lora_lightning.core.state import adapted_layers
@@ -90,9 +91,11 @@ def loraplus_param_groups(
         lr_embedding: the learning rate of embedding adapters (absolute, PEFT's 1e-6).
 
     Raises:
-        LoRAConfigError: if ``lr``, ``ratio`` or ``lr_embedding`` is not a number > 0.
+        LoRAConfigError: if ``lr``, ``ratio`` or ``lr_embedding`` is not a finite number > 0,
+            or ``weight_decay`` not a finite number >= 0.
     """
-    _check_rates(ratio, lr_embedding, lr=lr)
+    lr, ratio, lr_embedding = _check_rates(ratio, lr_embedding, lr=lr)
+    weight_decay = non_negative_number("LoRA+ weight_decay", weight_decay)
     kinds = loraplus_kinds(model)
     params: dict[str, list[nn.Parameter]] = {kind: [] for kind in KINDS}
     for param in getattr(model, "_orig_mod", model).parameters():
@@ -132,12 +135,13 @@ def apply_loraplus(
     ``_last_lr``, per-group lambdas and ``min_lrs``), so they go on as if built after.
 
     Raises:
-        LoRAConfigError: a bad ``ratio``/``lr_embedding``; a scheduler of a type not in
+        LoRAConfigError: a ``ratio``/``lr_embedding`` that is not a finite number > 0 (the
+            check ``LoRAConfig.loraplus_lr_ratio`` gets); a scheduler of a type not in
             :data:`SUPPORTED_SCHEDULERS` (nothing is changed then); a group with learning
             rate 0 holding embedding adapters.
         LoRAStateError: ``optimizer`` was split already (B would get ``ratio²``).
     """
-    _check_rates(ratio, lr_embedding)
+    ratio, lr_embedding = _check_rates(ratio, lr_embedding)
     if optimizer.__dict__.get(_APPLIED):
         raise LoRAStateError(
             f"apply_loraplus: {type(optimizer).__name__} was split into LoRA+ groups already; "
@@ -238,8 +242,8 @@ def _named_parameters(model: nn.Module, prefix: str = "", in_norm: bool = False)
             yield prefix + name, param, in_norm
 
 
-def _check_rates(ratio: Any, lr_embedding: Any, **others: Any) -> None:
-    for name, value in {"loraplus_lr_ratio": ratio, "loraplus_lr_embedding": lr_embedding,
-                        **others}.items():  # fmt: skip
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise LoRAConfigError(f"LoRA+ {name}={value!r} is invalid: expected a number > 0")
+def _check_rates(ratio: Any, lr_embedding: Any, **others: Any) -> tuple[float, ...]:
+    """The rates as floats, each checked by the one validator ``LoRAConfig`` uses too:
+    ``(*others.values(), ratio, lr_embedding)``."""
+    rates = {**others, "loraplus_lr_ratio": ratio, "loraplus_lr_embedding": lr_embedding}
+    return tuple(positive_number(f"LoRA+ {name}", value) for name, value in rates.items())

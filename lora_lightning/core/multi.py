@@ -45,9 +45,9 @@ import torch
 from torch import nn
 
 from lora_lightning.core import quantize
-from lora_lightning.core.adapter import install_adapter, read_adapter
 from lora_lightning.core.config import DTYPES, LoRAConfig
 from lora_lightning.core.errors import AdapterFileError, LoRAConfigError, LoRAStateError
+from lora_lightning.core.loading import install_adapter, read_adapter
 from lora_lightning.core.merge import unload_lora
 from lora_lightning.core.plan import LoRAPlan, plan_lora
 from lora_lightning.core.state import (
@@ -324,8 +324,10 @@ def mixed_batch_forward(
 
     Raises:
         LoRAStateError: the model is in train mode (rows must be independent: batch norm
-            and dropout are not) or merged; an unknown name; ``"__base__"`` rows while the
-            active adapter trains parameters whose base values were never recorded; an output
+            and dropout are not) or merged; an unknown name; rows of another adapter or
+            ``"__base__"`` while the active adapter is an unconverted PiSSA/OLoRA one (it
+            rewrote the base weights; as :func:`set_active_adapter`); ``"__base__"`` rows while
+            the active adapter trains parameters whose base values were never recorded; an output
             that is not one row per input row (a loss: pass no labels) or of a type that
             cannot be split (a cache object: pass ``use_cache=False``).
         LoRAConfigError: ``adapter_names`` is not a sequence of strings.
@@ -353,13 +355,16 @@ def mixed_batch_forward(
             "mixed_batch_forward: the model is merged, so its weights hold one adapter for "
             "every row; call unmerge_lora(model) first"
         )
+    previous = active_adapter(root)
+    if owner_of(root) is not None and any(n != previous for n in names):
+        # The base rows and other adapters' rows need what a switch needs: one rule for both.
+        _check_switchable(root, "mixed_batch_forward (rows of other adapters or '__base__')")
     if BASE in names and owner_of(root) is not None:
         live = lora_state_dict(root)
         bank = adapter_bank(root) or AdapterBank(active=DEFAULT, order=[DEFAULT])
         _base_restores(bank, live, {}, "mixed_batch_forward('__base__' rows)")
     if owner_of(root) is None:  # a plain model: every row is a base row
         return model(*args, **kwargs)
-    previous = active_adapter(root)
     # The active adapter first (no switch), the base next (no switch either), then the rest.
     groups = sorted(dict.fromkeys(names), key=lambda n: (n != previous, n != BASE))
     rows = {g: [i for i, n in enumerate(names) if n == g] for g in groups}
@@ -437,8 +442,8 @@ def _check_switchable(model: nn.Module, what: str) -> None:
     if config is not None and config.changes_base:
         raise LoRAStateError(
             f"{what}: the active adapter is an unconverted init={config.init!r} adapter, which "
-            "rewrote the base weights (W - s·B0 A0), so no other adapter is exact on this base "
-            "and its own values cannot be replaced. Save it converted (save_adapter(model, dir, "
+            "rewrote the base weights (W - s·B0 A0), so neither the base model nor another "
+            "adapter is exact on this base and its own values cannot be replaced. Save it converted (save_adapter(model, dir, "
             "convert_to_plain_lora=True)), call unload_lora(model, merge=False), and load the "
             "converted directory by name"
         )

@@ -179,8 +179,9 @@ def file_modules(tensors: dict[str, torch.Tensor], directory: Path) -> dict[str,
     """Module path -> rank for every adapter in the file (rank = ``lora_A`` rows).
 
     Raises:
-        AdapterFileError: a key outside ``base_model.model.``, no adapter at all, or tensors
-            only a refused PEFT feature writes (``lora_B.bias``, ``lora_diag``...), naming
+        AdapterFileError: a key outside ``base_model.model.``, no adapter at all, an adapter
+            matrix with fewer than 2 dimensions or no values, or tensors only a refused PEFT
+            feature writes (``lora_B.bias``, ``lora_diag``...), naming
             the feature.
     """
     outside = [k for k in tensors if not k.startswith(PREFIX)]
@@ -195,6 +196,20 @@ def file_modules(tensors: dict[str, torch.Tensor], directory: Path) -> dict[str,
             f"{directory / WEIGHTS_FILE} holds tensors of PEFT features this project does not "
             f"implement: {'; '.join(features)}; loading it as plain LoRA would compute something "
             "else, so it is refused (see docs/peft-format.md for what to do instead)"
+        )
+    # A matrix is at least 2-D and holds values; a 0-d, 1-D or empty one is a damaged file or
+    # one FSDP rank's slice (PEFT refuses those too), never something to read a rank from.
+    flat = [
+        f"{key} {tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}"
+        for key, t in tensors.items()
+        if _ADAPTER_KEY.fullmatch(key[len(PREFIX) :])
+        and not (isinstance(t, torch.Tensor) and t.dim() >= 2 and t.numel() > 0)
+    ]
+    if flat:
+        raise AdapterFileError(
+            f"{directory / WEIGHTS_FILE}: adapter matrices must be non-empty tensors of 2 or more "
+            f"dimensions ([r, in] / [out, r]); got {flat[:4]}. The file is damaged or holds one "
+            "rank's slice of a sharded save; save it again from the gathered model"
         )
     ranks = {}
     for key, tensor in tensors.items():
@@ -302,6 +317,7 @@ def _modules_to_save(
     # PEFT lists its task's usual heads (``classifier``, ``score``) whether the model has them
     # or not: entries naming no module here select nothing; the tensors decide the rest.
     saved = peft_modules_to_save(peft.get("modules_to_save") or [], names)
+    _check_saved_entries_exist(peft.get("modules_to_save") or [], names, directory)
     check_model_features(model, list(file_modules), saved, f"adapter {directory}")
     if peft.get("ensure_weight_tying") is True:
         tied = [n for n in [*file_modules, *saved] if _tied_elsewhere(model, n)]
@@ -341,6 +357,31 @@ def peft_modules_to_save(entries: list[str], names: list[str]) -> list[str]:
     """
     found = [n for n in names if n and any(n.endswith(e) for e in entries)]
     return [n for n in found if not any(n.startswith(o + ".") for o in found)]
+
+
+#: The heads PEFT's sequence/token classification models add to ``modules_to_save`` whether
+#: the model has them or not (``classifier_module_names`` in ``peft/peft_model.py``).
+PEFT_TASK_HEADS = ("classifier", "score")
+
+
+def _check_saved_entries_exist(entries: list[str], names: list[str], directory: Path) -> None:
+    """Every ``modules_to_save`` entry of a file selects a module of the model, except PEFT's
+    automatic task heads (:data:`PEFT_TASK_HEADS`): a trained module the model lacks would
+    be dropped without a word.
+
+    Raises:
+        AdapterFileError: naming the entries and the model's close module names.
+    """
+    missing = [
+        e for e in entries if e not in PEFT_TASK_HEADS and not peft_modules_to_save([e], names)
+    ]
+    if missing:
+        close = [n for e in missing for n in names if n and e.rsplit(".", 1)[-1] in n][:5]
+        raise AdapterFileError(
+            f"adapter {directory}: {CONFIG_FILE} lists modules_to_save {missing} (trained in "
+            f"full), and the model has no such module{f' (close: {close})' if close else ''}; "
+            "loading would silently drop them. Load it into the model it was trained on"
+        )
 
 
 def without_saved_base_weights(

@@ -164,7 +164,8 @@ def plan_lora(
             target it cannot adapt (see ``core.layers.base_changing_unsupported_reason``, tied
             weights), or with ``quantize_base`` a target whose base it cannot store (not an
             nn.Linear, meta, a size nf4 cannot block, tied weights; see
-            ``core.quantize.unsupported_reason``); every such target is listed.
+            ``core.quantize.unsupported_reason``), or a target or ``modules_to_save`` module
+            the model also holds under another name; every such module is listed.
         LoRAConfigError: also ``quantize_base`` without torchao installed.
         LoRAStateError: the model already holds adapters from another config or other
             targets, or from several injections.
@@ -172,11 +173,21 @@ def plan_lora(
     config = (config if config is not None else LoRAConfig()).validate()
     model = getattr(model, "_orig_mod", model)  # torch.compile wrapper: plan the real model
     modules = [(n, m) for n, m in model.named_modules() if n and not _LORA_PART.fullmatch(n)]
+    # A module held under several names (``self.b = self.a``) matches under any of them, so
+    # the refusal below names it (named_modules lists only its first name).
+    every = [
+        (n, m)
+        for n, m in model.named_modules(remove_duplicate=False)
+        if n and not _LORA_PART.fullmatch(n)
+    ]
     excludes = compile_patterns("exclude_modules", config.exclude_modules)
-    candidates = [(n, m) for n, m in modules if not any(p.matches(n) for p in excludes)]
-    chosen = _choose_targets(model, modules, candidates, config, target_fn)
-    saved = _match_every_entry(
-        model, modules, compile_patterns("modules_to_save", config.modules_to_save)
+    candidates = [(n, m) for n, m in every if not any(p.matches(n) for p in excludes)]
+    chosen = _first_names(modules, _choose_targets(model, every, candidates, config, target_fn))
+    saved = _first_names(
+        modules,
+        _match_every_entry(
+            model, every, compile_patterns("modules_to_save", config.modules_to_save)
+        ),
     )
     saved_names = [n for n, _ in saved]
     kept = [(n, m) for n, m in chosen if not _inside_any(n, saved_names) and config.rank_for(n) > 0]
@@ -187,12 +198,13 @@ def plan_lora(
             "lora.rank_pattern; narrow those, or target other modules"
         )
     unsupported = [(n, unsupported_reason(m)) for n, m in kept if unsupported_reason(m)]
+    unsupported += _held_under_several_names(every, kept + saved)
     unsupported += _read_directly(modules, kept)
     if config.use_dora and not unsupported:
         reasons = [(n, dora.unsupported_reason(m, layer_kind(m))) for n, m in kept]
         unsupported = [(n, why) for n, why in reasons if why]
     if config.changes_base and not unsupported and (alongside or owner_of(model) is None):
-        unsupported = _base_changing_problems(model, kept, config.init)
+        unsupported = _base_changing_problems(model, kept, config)
     if config.quantize_base != quantize.NONE and not unsupported and owner_of(model) is None:
         quantize.backend()  # a missing library is refused before anything changes
         unsupported = _quantize_problems(model, kept, config.quantize_base)
@@ -309,14 +321,19 @@ def _target_plan(name: str, module: nn.Module, config: LoRAConfig) -> TargetPlan
 
 
 def _base_changing_problems(
-    model: nn.Module, targets: list[tuple[str, nn.Module]], init: str
+    model: nn.Module, targets: list[tuple[str, nn.Module]], config: LoRAConfig
 ) -> list[tuple[str, str]]:
-    """Targets a PiSSA/OLoRA init cannot adapt: the wrong layer kind, no values (meta), or a
-    weight shared with another module (rewriting it would change that module too)."""
+    """Targets a PiSSA/OLoRA init cannot adapt: the wrong layer kind, no values (meta), a
+    rank above the layer's smaller dimension, or a weight shared with another module
+    (rewriting it would change that module too)."""
+    init = config.init
+    ranks = {id(module): config.rank_for(name) for name, module in targets}
     return _weight_problems(
         model,
         targets,
-        lambda module: base_changing_unsupported_reason(module, layer_kind(module), init),
+        lambda module: base_changing_unsupported_reason(
+            module, layer_kind(module), init, ranks[id(module)]
+        ),
         f"init={init!r} rewrites the base weight, which would change those modules too",
     )
 
@@ -416,7 +433,7 @@ def _match_every_entry(
         for p in unmatched:
             hidden = [n for n in excluded or [] if p.matches(n)]
             note = f" (it matches only excluded modules {hidden[:3]})" if hidden else ""
-            lines.append(f"{p.entry!r}{note}: close names {_close_names(adaptable, p.entry)}")
+            lines.append(f"{p.entry!r}{note}: {_close_names(adaptable, p.entry)}")
         entries = [p.entry for p in patterns]
         raise LoRAConfigError(
             f"lora.{field}={entries} matched no module of {type(model).__name__} for "
@@ -449,18 +466,52 @@ def _read_directly(
     return [(n, READ_DIRECTLY) for n, _ in targets if _inside_any(n, attention)]
 
 
+def _held_under_several_names(
+    every: list[tuple[str, nn.Module]], chosen: list[tuple[str, nn.Module]]
+) -> list[tuple[str, str]]:
+    """``(name, why)`` for every chosen module the model also holds under another name. PEFT
+    replaces the attribute of the first name only, so calls through the others run without
+    the adapter there and with it here (the hook is on the module): no file could be exact in
+    both, and saving would write one tensor under two names."""
+    names: dict[int, list[str]] = {}
+    for name, module in every:
+        names.setdefault(id(module), []).append(name)
+    return [
+        (
+            name,
+            f"also held as {names[id(module)][1:4]} (one module under several names): PEFT "
+            f"would adapt only calls through {name!r}, this project every call, so the "
+            "adapter could not be exact in both; give each name its own module, or exclude it",
+        )
+        for name, module in chosen
+        if len(names[id(module)]) > 1
+    ]
+
+
+def _first_names(
+    modules: list[tuple[str, nn.Module]], matched: list[tuple[str, nn.Module]]
+) -> list[tuple[str, nn.Module]]:
+    """``matched`` with every module once, under its first name, in model order."""
+    hit = {id(m) for _, m in matched}
+    return [(n, m) for n, m in modules if id(m) in hit]
+
+
 def _inside_any(name: str, parents: list[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in parents)
 
 
-def _close_names(names: list[str], entry: str, n: int = 6) -> list[str]:
+def _close_names(names: list[str], entry: str, n: int = 6) -> str:
+    """A short hint for an entry that matched nothing: the module names whose last part
+    really is close to the entry's (a typo, a part of it), one example path each; else the
+    distinct last parts there are to choose from."""
     plain = re.sub(r"[^\w.]", "", entry) or entry
     leaf = plain.rsplit(".", 1)[-1]
-    leaves = {name: name.rsplit(".", 1)[-1] for name in names}
-    # Most likely meant: modules whose last name part contains, or nearly spells, the entry's
-    # last part (``query`` -> ``...self.query``, ``c_atn`` -> ``...c_attn``).
-    found = [name for name in names if leaf and leaf in leaves[name]]
-    near = set(difflib.get_close_matches(leaf, sorted(set(leaves.values())), n=n))
-    found += [name for name in names if leaves[name] in near]
-    found += difflib.get_close_matches(plain, names, n=n, cutoff=0.0)
-    return list(dict.fromkeys(found))[:n] or names[:n]
+    examples: dict[str, str] = {}
+    for name in names:
+        examples.setdefault(name.rsplit(".", 1)[-1], name)
+    close = [part for part in examples if leaf and len(leaf) >= 3 and leaf in part]
+    close += difflib.get_close_matches(leaf, list(examples), n=n, cutoff=0.75)
+    close = list(dict.fromkeys(close))[:n]
+    if close:
+        return "did you mean " + ", ".join(f"{part!r} (e.g. {examples[part]})" for part in close)
+    return f"no name is close; the adaptable layers are named {list(examples)[: 2 * n]}"

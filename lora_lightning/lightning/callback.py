@@ -240,6 +240,8 @@ class LoRACallback(RNGStateCallback):
             try:
                 plan = plan_lora(pl_module, self.config, target_fn=self.target_fn)
             except LoRAConfigError as err:
+                if not _builds_layers_later(pl_module):
+                    raise
                 raise LoRAConfigError(
                     f"{err}. Note: LoRACallback.setup runs before LightningModule.setup and "
                     "configure_model, so layers built there do not exist yet; build them in "
@@ -608,3 +610,12 @@ def _enable_input_grads_for_checkpointing(module: nn.Module) -> None:
 
 
 __all__ = ["LoRACallback", "adapter_dir_for"]
+
+
+def _builds_layers_later(module: pl.LightningModule) -> bool:
+    """True if ``module`` overrides ``setup`` or ``configure_model`` (where layers may be built
+    after ``LoRACallback.setup``): only then is that advice worth giving."""
+    base = pl.LightningModule
+    return type(module).setup is not base.setup or type(module).configure_model is not (
+        base.configure_model
+    )
