@@ -441,7 +441,6 @@ def test_evaluate_cli_scores_several_adapters_on_one_base(tmp_path, capsys):
     from transformers import BertForSequenceClassification
 
     from lora_lightning.app.evaluate import evaluate, main
-    from lora_lightning.tasks import minilm_path
 
     base = save_tiny_classifier(tmp_path / "base")
     adapters = []
