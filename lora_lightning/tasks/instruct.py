@@ -33,6 +33,7 @@ from lora_lightning.tasks.chat import (
 from lora_lightning.tasks.generation import left_pad
 from lora_lightning.tasks.instruct_set import instruct_path
 from lora_lightning.tasks.minilm import force_offline, import_transformers
+from lora_lightning.tasks.sst2 import random_subset
 
 log = logging.getLogger(__name__)
 PathLike = str | os.PathLike[str]
@@ -179,11 +180,7 @@ class InstructDataModule(LightningDataModule):
             if split in self.datasets:
                 continue
             examples = read_rows(self.files[split])
-            limit = self.limits[split]
-            if limit is not None and limit < len(examples):
-                # A private Random: the subset must not depend on (or disturb) the global RNG.
-                chosen = sorted(random.Random(self.seed).sample(range(len(examples)), limit))
-                examples = [examples[i] for i in chosen]
+            examples = random_subset(examples, self.limits[split], self.seed)
             self.examples[split] = examples
             self.datasets[split] = _Items(self._encode(split, examples))
 
