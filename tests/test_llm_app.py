@@ -87,7 +87,11 @@ def test_a_short_llm_job_writes_base_and_tuned_exact_match_and_a_peft_adapter(
 @pytest.mark.slow
 def test_the_llm_job_runs_under_two_process_cpu_ddp(tiny_llm_dir, tmp_path):
     out = tmp_path / "ddp"
-    train_py([*short_job(tiny_llm_dir, out), "trainer=ddp", "trainer.devices=2"], timeout=900)
+    # 16 rows in batches of 4: 2 steps per process, so validation at step 2 is reachable.
+    train_py(
+        [*short_job(tiny_llm_dir, out), "trainer=ddp", "trainer.devices=2", "data.batch_size=4"],
+        timeout=900,
+    )
     metrics = json.loads((out / "results.json").read_text())["metrics"]
     assert set(KEYS) <= set(metrics)
 
@@ -140,7 +144,7 @@ def test_smollm2_job_exports_an_adapter_peft_and_a_merged_model_generate_alike(t
     assert answer(theirs).tolist() == answer(ours).tolist()
 
     merged = smollm2()
-    state = load_file(out / "merged_model.safetensors")
+    state = load_file(out / "adapter" / "merged_model.safetensors")
     missing, unexpected = merged.load_state_dict(
         {k.removeprefix("model."): v for k, v in state.items()}
         if "model.model.embed_tokens.weight" in state

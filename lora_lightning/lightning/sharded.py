@@ -506,9 +506,11 @@ def _check_optimizers(
 
 def _read(path: Path, weights_only: Any) -> Any:
     try:
-        return torch.load(
-            path, mmap=True, map_location="cpu", weights_only=weights_only is not False
-        )
+        if weights_only is False:  # the caller vouched for the file (fit(..., weights_only=False))
+            from lightning.fabric.utilities.cloud_io import _load as pl_load
+
+            return pl_load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, mmap=True, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file gets one clear error
         reason = f"{type(err).__name__}: {(str(err).strip() or '?').splitlines()[0][:160]}"
         raise CheckpointMismatchError(

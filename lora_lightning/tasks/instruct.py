@@ -148,6 +148,11 @@ class InstructDataModule(LightningDataModule):
             raise ValueError(
                 f"InstructDataModule: padding_side must be 'left' or 'right', not {padding_side!r}"
             )
+        # As strings: a Path in the hyperparameters makes the checkpoint unloadable with
+        # weights_only=True (pathlib is not an allowed global), which resuming uses.
+        train_file, val_file, test_file = (
+            None if f is None else os.fspath(f) for f in (train_file, val_file, test_file)
+        )
         self.save_hyperparameters(ignore=["tokenizer"])
         self.files = {
             split: Path(given) if given is not None else instruct_path(split)
