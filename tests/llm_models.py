@@ -11,7 +11,7 @@ from __future__ import annotations
 import string
 
 import torch
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -35,17 +35,14 @@ def char_tokenizer(chat_template: str | None = CHATML) -> PreTrainedTokenizerFas
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
     backend.add_special_tokens(SPECIALS)
+    # WordLevel joins decoded tokens with spaces; Fuse joins the characters back as they were.
+    backend.decoder = decoders.Fuse()
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token="<pad>",
         eos_token="<|im_end|>",
         bos_token="<|im_start|>",
     )
-    # WordLevel has no decoder that joins characters back without spaces: decode by joining.
-    from tokenizers import decoders
-
-    backend.decoder = decoders.Fuse()
-    tokenizer._tokenizer.decoder = decoders.Fuse()
     tokenizer.chat_template = chat_template
     return tokenizer
 

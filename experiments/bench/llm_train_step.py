@@ -112,8 +112,7 @@ def _stepper(model: torch.nn.Module, loss_fn, batch: dict[str, Any]):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 
     def step() -> float:
-        seconds, loss = timed(lambda: _one(model, optimizer, loss_fn, batch))
-        return seconds
+        return timed(lambda: _one(model, optimizer, loss_fn, batch))[0]
 
     return step
 
