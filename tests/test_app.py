@@ -22,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 from lora_lightning import LoRAConfig, load_adapter
-from lora_lightning.app import register_configs, run
+from lora_lightning.app import checks, register_configs, run
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -116,6 +116,21 @@ def test_rank_sweep_experiment_sweeps_ranks():
 
 def test_deleting_the_lora_group_leaves_no_lora_config():
     assert "lora" not in compose_train(["~lora"])
+
+
+def test_deleting_the_lora_group_under_an_experiment_setting_lora_fields_means_full_fine_tuning():
+    # experiment=llm_sft sets lora.* in the global package: '~lora' leaves those keys behind,
+    # and a callback built from them would train LoRA where full fine-tuning was asked for.
+    cfg = compose_train(["experiment=llm_sft", "~lora"])
+    assert "lora" in cfg  # the experiment's partial node
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert checks.lora_callback(cfg) is None
+        kept = compose_train(["experiment=llm_sft"])
+        HydraConfig.instance().set_config(kept)
+        assert checks.lora_callback(kept) is not None
+    finally:
+        HydraConfig.instance().cfg = None
 
 
 def test_export_settings_are_typed_by_their_schema():

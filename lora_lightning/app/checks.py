@@ -20,6 +20,7 @@ from typing import Any
 
 import hydra
 import lightning.pytorch as pl
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.accelerators import CPUAccelerator
@@ -47,10 +48,30 @@ def lora_callback(cfg: DictConfig) -> LoRACallback | None:
     """
     if cfg.get("lora") is None:
         return None
+    if lora_group_removed():
+        # An experiment config (`experiment=llm_sft`) sets `lora.*` fields in the global
+        # package, so `'~lora'` leaves a partial `lora` node behind: building a callback from it
+        # would train LoRA with default fields where the user asked for full fine-tuning.
+        log.info(
+            "'~lora' removed the LoRA group: full fine-tuning (the lora fields an experiment "
+            "sets, %s, are not used)",
+            ", ".join(sorted(cfg.lora)),
+        )
+        return None
     lora = OmegaConf.to_container(cfg.lora, resolve=True)
     export = OmegaConf.to_container(cfg.get("lora_export") or {}, resolve=True)
     options = {key: export[key] for key in CALLBACK_EXPORT_FIELDS if key in export}
     return LoRACallback(lora, **options)
+
+
+def lora_group_removed() -> bool:
+    """Whether this Hydra job's defaults list has no ``lora`` group (``python train.py '~lora'``).
+
+    False outside a Hydra job (a config built by hand decides with its ``lora`` node alone).
+    """
+    if not HydraConfig.initialized():
+        return False
+    return "lora" not in HydraConfig.get().runtime.choices
 
 
 #: Groups whose entries are each built from a ``_target_`` (a list of objects, not arguments).
