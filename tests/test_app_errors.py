@@ -38,6 +38,16 @@ def model_must_not_load(monkeypatch):
         ("trainer.precision=17", "trainer: Precision 17 is invalid. Allowed precision values"),
         ("trainer.accelerator=tpu", "trainer: Requirement 'torch_xla>=1.13' not met"),
         ("trainer.devices=0", "Valid trainer.devices: a positive integer (how many), -1 (all)"),
+        (
+            "trainer.devices=-2",
+            "trainer.devices=-2: `devices` selected with `CPUAccelerator` "
+            "should be an int > 0. Valid trainer.devices: a positive integer",
+        ),
+        (
+            "trainer.devices=1.5",
+            "trainer.devices=1.5: `devices` selected with `CPUAccelerator` "
+            "should be an int > 0. Valid trainer.devices: a positive integer",
+        ),
     ],
 )
 def test_config_error_is_found_before_the_model_loads(
