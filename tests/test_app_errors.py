@@ -125,6 +125,18 @@ def test_bad_override_prints_one_line_and_exits_1_without_traceback(tmp_path):
     assert "[ERROR] - error: lora.r=0 is invalid: expected an integer >= 1" in log
 
 
+def test_a_job_refused_before_training_leaves_only_its_config_and_its_log_with_the_error(
+    tiny_model_dir, tmp_path
+):
+    # The last refusal before training: the model is loaded, the trainer and W&B logger built.
+    args = [*tiny_args(tiny_model_dir), "lora.target_modules=[nope]", f"hydra.run.dir={tmp_path}"]
+    result = train_py(args, expect_rc=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hydra", "train.log"]  # no W&B run
+    last = (tmp_path / "train.log").read_text().strip().splitlines()[-1]
+    assert "[ERROR] - error: lora.target_modules=['nope'] matched no module" in last
+    assert result.stderr.strip().startswith("error: lora.target_modules=['nope']")
+
+
 def test_hydra_full_error_shows_the_traceback(tmp_path):
     result = train_py(
         ["lora.dropout=1.5", f"hydra.run.dir={tmp_path}"], expect_rc=1,
