@@ -66,12 +66,14 @@ class FinalStep(pl.Callback):
 
 def closed_an_unfinished_epoch(trainer: pl.Trainer) -> bool:
     """Whether the fit loop has counted its current epoch as processed although fewer batches
-    than the epoch holds were trained (it stopped on ``max_steps`` or ``should_stop``)."""
+    than the epoch holds were trained (it stopped on ``max_steps`` or ``should_stop``). False
+    for data of unknown length, whose epochs end when the data does."""
     loop = trainer.fit_loop
     epochs = loop.epoch_progress.current
     trained = loop.epoch_loop.batch_progress.current.completed
     closed = epochs.started > 0 and epochs.processed == epochs.started
-    return closed and trained < trainer.num_training_batches
+    batches = trainer.num_training_batches
+    return closed and math.isfinite(batches) and trained < batches
 
 
 def is_final_step(trainer: pl.Trainer, batch_idx: int) -> bool:
