@@ -163,9 +163,11 @@ def _fit(job: _Job, ckpt_path: str | None) -> None:
 
 def _save_final_last(trainer: pl.Trainer) -> None:
     """Make ``last.ckpt`` the run's final step. ModelCheckpoint writes it after a validation
-    (or at an epoch end), so a run stopped by ``trainer.max_steps`` between validations ended
-    with an older ``last.ckpt``, and "train a bit longer" with ``resume=auto`` repeated steps.
-    Every rank calls it (saving is collective); rank zero writes."""
+    (or at an epoch end); :class:`FinalStep` has the last step validated, but where Lightning
+    validates nothing (``limit_val_batches=0``, an epoch ``check_val_every_n_epoch`` skips) a
+    run stopped by ``trainer.max_steps`` would end with an older ``last.ckpt``, and "train a bit
+    longer" with ``resume=auto`` would repeat steps. Every rank calls it (saving is
+    collective); rank zero writes."""
     for callback in trainer.checkpoint_callbacks:
         if not isinstance(callback, ModelCheckpoint) or not callback.save_last:
             continue
