@@ -38,6 +38,16 @@ def model_must_not_load(monkeypatch):
         ("trainer.precision=17", "trainer: Precision 17 is invalid. Allowed precision values"),
         ("trainer.accelerator=tpu", "trainer: Requirement 'torch_xla>=1.13' not met"),
         ("trainer.devices=0", "Valid trainer.devices: a positive integer (how many), -1 (all)"),
+        (
+            "trainer.devices=-2",
+            "trainer.devices=-2: `devices` selected with `CPUAccelerator` "
+            "should be an int > 0. Valid trainer.devices: a positive integer",
+        ),
+        (
+            "trainer.devices=1.5",
+            "trainer.devices=1.5: `devices` selected with `CPUAccelerator` "
+            "should be an int > 0. Valid trainer.devices: a positive integer",
+        ),
     ],
 )
 def test_config_error_is_found_before_the_model_loads(
@@ -113,6 +123,18 @@ def test_bad_override_prints_one_line_and_exits_1_without_traceback(tmp_path):
     assert "Traceback" not in result.stdout + result.stderr
     log = (tmp_path / "train.log").read_text()
     assert "[ERROR] - error: lora.r=0 is invalid: expected an integer >= 1" in log
+
+
+def test_a_job_refused_before_training_leaves_only_its_config_and_its_log_with_the_error(
+    tiny_model_dir, tmp_path
+):
+    # The last refusal before training: the model is loaded, the trainer and W&B logger built.
+    args = [*tiny_args(tiny_model_dir), "lora.target_modules=[nope]", f"hydra.run.dir={tmp_path}"]
+    result = train_py(args, expect_rc=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hydra", "train.log"]  # no W&B run
+    last = (tmp_path / "train.log").read_text().strip().splitlines()[-1]
+    assert "[ERROR] - error: lora.target_modules=['nope'] matched no module" in last
+    assert result.stderr.strip().startswith("error: lora.target_modules=['nope']")
 
 
 def test_hydra_full_error_shows_the_traceback(tmp_path):

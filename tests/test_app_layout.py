@@ -16,6 +16,7 @@ FORBIDDEN = {
     "checks": ("wandb", "lora_lightning.tasks"),
     "errors": ("lightning", "hydra", "wandb"),
     "signals": ("wandb", "hydra", "lora_lightning.tasks"),
+    "final_step": ("wandb", "hydra", "lora_lightning.tasks"),
     "console": ("wandb", "hydra", "lora_lightning.tasks"),
     "tracking": ("hydra", "lora_lightning.tasks"),
     "summary": ("lightning", "torch", "lora_lightning.tasks"),

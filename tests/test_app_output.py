@@ -144,3 +144,30 @@ def test_known_dependency_noise_stays_off_the_console(line):
 
     record = logging.LogRecord("lightning.pytorch", logging.INFO, __file__, 0, line, None, None)
     assert not ConsoleNoiseFilter().filter(record)
+
+
+class BarAtFirstBatch(pl.Callback):
+    """Records the training bar's label and length when the first batch of a fit ends."""
+
+    def __init__(self) -> None:
+        self.seen: tuple[str, int | None] | None = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
+        if self.seen is None:
+            bar = trainer.progress_bar_callback.train_progress_bar
+            self.seen = (bar.desc.rstrip(": "), bar.total)
+
+
+def test_the_progress_bar_labels_the_epoch_a_job_resumes_in_the_middle_of(tmp_path):
+    from lightning_models import MLPModule
+
+    from lora_lightning.app.console import ProgressBar
+
+    # 16 samples in batches of 4: 4 batches per epoch; a checkpoint after the second.
+    every_2 = pl.callbacks.ModelCheckpoint(tmp_path, every_n_train_steps=2, save_top_k=-1)
+    pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, callbacks=[every_2]).fit(MLPModule())
+    seen = BarAtFirstBatch()
+    resumed = pl.Trainer(accelerator="cpu", max_epochs=2, logger=False,
+                         enable_checkpointing=False, callbacks=[ProgressBar(), seen])  # fmt: skip
+    resumed.fit(MLPModule(), ckpt_path=tmp_path / "epoch=0-step=2.ckpt")
+    assert seen.seen == ("Epoch 0", 4)

@@ -85,6 +85,24 @@ def test_summary_columns_keep_each_split_together_optimized_metric_first():
     ]
 
 
+def test_the_sweep_plot_has_a_title_and_each_point_labelled_and_ticked_at_its_value(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from lora_lightning.app.summary import collect, sweep_figure
+
+    for job, rank, acc in (("0", 1, 0.8), ("1", 4, 0.85), ("2", 16, 0.9)):
+        _job(tmp_path, job, rank, acc, trainable=rank * 1000)
+    figure = sweep_figure(collect(tmp_path), "val/acc", "val/acc of each job of sweep x")
+    by_params, by_rank = figure.axes
+    assert figure._suptitle.get_text() == "val/acc of each job of sweep x"
+    for axis in (by_params, by_rank):
+        assert [text.get_text() for text in axis.texts] == ["0.8000", "0.8500", "0.9000"]
+    assert list(by_params.get_xticks()) == [1000, 4000, 16000]
+    assert [t.get_text() for t in by_params.get_xticklabels()] == ["1,000", "4,000", "16,000"]
+    assert (by_rank.get_xlabel(), list(by_rank.get_xticks())) == ("lora.r", [1, 4, 16])
+    plt.close(figure)
+
+
 def test_no_finished_job_writes_no_summary(tmp_path):
     assert write_summary(tmp_path, "val/acc") is None
     assert not (tmp_path / "summary.csv").exists()

@@ -84,6 +84,17 @@ def test_a_short_llm_job_writes_base_and_tuned_exact_match_and_a_peft_adapter(
     torch.testing.assert_close(theirs.eval()(ids).logits, ours.eval()(ids).logits)
 
 
+def test_a_short_llm_job_stopped_before_its_first_validation_is_validated_at_its_last_step(
+    tiny_llm_dir, tmp_path
+):
+    out = tmp_path / "run"
+    # 16 rows in batches of 8, validation every 2 steps: the job stops after 1.
+    train_py([*short_job(tiny_llm_dir, out), "trainer.max_steps=1", "test=false"], timeout=600)
+    metrics = json.loads((out / "results.json").read_text())["metrics"]
+    assert {"val/loss", "val/perplexity"} <= set(metrics)
+    assert (out / "checkpoints" / "epoch=0-step=1.ckpt").is_file()  # the best by val/loss
+
+
 @pytest.mark.slow
 def test_the_llm_job_runs_under_two_process_cpu_ddp(tiny_llm_dir, tmp_path):
     out = tmp_path / "ddp"

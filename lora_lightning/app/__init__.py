@@ -8,7 +8,9 @@ public names and the default task through its config):
 - ``checks``: config checks before anything loads, one-line-ready errors.
 - ``errors``: ``ConfigError``, ``Preempted`` and the one-line report with its exit status.
 - ``signals``: ``ckpt_path`` / ``resume=auto``, SIGTERM checkpoints, exact mid-epoch resume.
-- ``console``: logging routes, dependency noise, the final block; ``train.log``.
+- ``final_step``: a run stopped between validations or mid-epoch is validated at its last step
+  and resumes there.
+- ``console``: logging routes, dependency noise, the progress bar, the final block; ``train.log``.
 - ``tracking``: W&B run status and the adapter artifact.
 - ``summary``: ``summary.csv`` / ``.md`` / ``.png`` at the end of a multirun.
 - ``train``: ``run(cfg)`` (one job) and ``main`` (the entry point).

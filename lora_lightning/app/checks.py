@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -188,8 +189,13 @@ def instantiate(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
         user_errors = (ValueError, TypeError, MisconfigurationException, ModuleNotFoundError)
         if isinstance(cause, user_errors):  # a missing extra: the task's message names it
             reason = " ".join(str(cause).split())
-            if key == "trainer" and "devices=" in reason:  # Lightning's says what is not valid
-                reason += f" Valid trainer.devices: {DEVICES_HELP}"
+            if key == "trainer" and re.search(r"\bdevices\b", reason):
+                # Lightning's wording names neither the key nor always the value, and says
+                # what is not valid rather than what is.
+                devices = OmegaConf.select(cfg, "trainer.devices")
+                raise ConfigError(
+                    f"trainer.devices={devices}: {reason} Valid trainer.devices: {DEVICES_HELP}"
+                ) from err
             raise ConfigError(f"{key}: {reason}") from err
         raise
 

@@ -2,17 +2,22 @@
 
 Owns: routing Lightning's and transformers' loggers (and Python warnings) through the handlers
 Hydra configures from ``conf/hydra/job_logging/app.yaml`` (console + ``train.log``), the filter
-that keeps known dependency noise off the console (``train.log`` still gets it), and the final
-block printed last. Must not import W&B, Hydra or the default task.
+that keeps known dependency noise off the console (``train.log`` still gets it), the training
+progress bar (:class:`ProgressBar`), and the final block printed last. Must not import W&B, Hydra
+or the default task.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import os
 import re
 from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import TQDMProgressBar
 
 log = logging.getLogger("lora_lightning.app")
 
@@ -54,6 +59,27 @@ class ConsoleFormatter(logging.Formatter):
             first = re.sub(r"\x1b\[[0-9;]*m", "", message).strip().splitlines()[0]
             return f"{first.strip()} (full report in train.log)"
         return message
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's TQDM progress bar, which also labels the epoch a job resumes in the middle of.
+
+    Lightning does not call ``on_train_epoch_start`` for an epoch restored mid-way from a
+    checkpoint, and that hook is where the bar gets its length and its ``Epoch N`` label: a
+    resumed job's bar read ``Training: 6/?`` until the next epoch. Here the bar gets both when
+    training starts, for that epoch only (the next epochs start as usual).
+    """
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        loop = trainer.fit_loop
+        if not (loop.restarted_mid_epoch or loop.restarted_on_epoch_end):
+            return
+        total = self.total_train_batches
+        bar = self.train_progress_bar
+        bar.reset(total=total if math.isfinite(total) else None)
+        bar.initial = 0
+        bar.set_description(f"Epoch {trainer.current_epoch}")
 
 
 def route_dependency_logs() -> None:

@@ -103,8 +103,7 @@ def markdown(header: list[str], body: list[list[Any]]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], metric: str, path: Path) -> bool:
-    """``metric`` against trainable parameters, and against each swept value, each point
-    labelled with its value and ticked where it lies; False without matplotlib."""
+    """Save :func:`sweep_figure` for this sweep at ``path``; False without matplotlib."""
     try:
         import matplotlib
 
@@ -112,6 +111,18 @@ def plot(rows: list[dict[str, Any]], metric: str, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    figure = sweep_figure(rows, metric, f"{metric} of each job of sweep {path.parent.name}")
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
+def sweep_figure(rows: list[dict[str, Any]], metric: str, title: str) -> Any:
+    """A matplotlib figure titled ``title``: ``metric`` against trainable parameters, and
+    against each swept value, each point labelled with its value (4 decimals) and ticked where it
+    lies (numeric values on a numeric axis, others as categories). Needs matplotlib."""
+    import matplotlib.pyplot as plt
+
     rows = [row for row in rows if metric in row["metrics"]]
     swept = swept_keys(rows)
     figure, axes = plt.subplots(1, 1 + len(swept), figsize=(4.5 * (1 + len(swept)), 3.8))
@@ -136,11 +147,9 @@ def plot(rows: list[dict[str, Any]], metric: str, path: Path) -> bool:
         axis.set_ylabel(metric)
         axis.grid(alpha=0.3)
         axis.margins(x=0.15, y=0.12)  # room for the value labels
-    figure.suptitle(f"{metric} of each job of sweep {path.parent.name}")
+    figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return True
+    return figure
 
 
 def write_summary(sweep_dir: Path, metric: str | None) -> str | None:

@@ -33,6 +33,7 @@ from lora_lightning import LoRACallback, RNGStateCallback, count_parameters
 from lora_lightning.app import checks, console, signals, tracking
 from lora_lightning.app.config import CONF_DIR, register_configs
 from lora_lightning.app.errors import PREEMPTED_EXIT, Preempted, report
+from lora_lightning.app.final_step import FinalStep
 
 log = logging.getLogger("lora_lightning.app")
 
@@ -119,7 +120,9 @@ def _build(cfg: DictConfig, prepare_model: Callable[[pl.LightningModule], Any] |
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
     preemption = signals.Preemption(signals.checkpoint_dir(cfg.paths.output_dir))
-    callbacks = [preemption, *_instantiate_all(cfg, "callbacks")]
+    # FinalStep: a run stopped between two validations or mid-epoch is validated at its last
+    # step, and its checkpoints resume there.
+    callbacks = [preemption, FinalStep(), *_instantiate_all(cfg, "callbacks")]
     # The RNG states for an exact resume: LoRACallback saves them; full fine-tuning ('~lora')
     # gets the same callback on its own.
     callbacks.insert(0, lora_callback if lora_callback is not None else RNGStateCallback())
@@ -160,9 +163,11 @@ def _fit(job: _Job, ckpt_path: str | None) -> None:
 
 def _save_final_last(trainer: pl.Trainer) -> None:
     """Make ``last.ckpt`` the run's final step. ModelCheckpoint writes it after a validation
-    (or at an epoch end), so a run stopped by ``trainer.max_steps`` between validations ended
-    with an older ``last.ckpt``, and "train a bit longer" with ``resume=auto`` repeated steps.
-    Every rank calls it (saving is collective); rank zero writes."""
+    (or at an epoch end); :class:`FinalStep` has the last step validated, but where Lightning
+    validates nothing (``limit_val_batches=0``, an epoch ``check_val_every_n_epoch`` skips) a
+    run stopped by ``trainer.max_steps`` would end with an older ``last.ckpt``, and "train a bit
+    longer" with ``resume=auto`` would repeat steps. Every rank calls it (saving is
+    collective); rank zero writes."""
     for callback in trainer.checkpoint_callbacks:
         if not isinstance(callback, ModelCheckpoint) or not callback.save_last:
             continue
