@@ -11,6 +11,7 @@ module             owns
 ``layers``         one adapted layer: kinds, shapes, init, attach/detach, forward hook
 ``fusion``         query/key/value sharing one ``A`` product
 ``dora``           the DoRA variant (magnitude, exact cheap row norm, forward, merge)
+``variants``       the variant protocol and registry the core asks (DoRA today)
 ``plan``           ``plan_lora``: what an injection will do, checked, model untouched
 ``inject``         ``inject_lora`` / ``apply_plan``: all or nothing
 ``merge``          merge, unmerge, unload, merged state dicts

@@ -1,8 +1,8 @@
 """`inject_lora`: apply a checked plan to a model, all or nothing.
 
 Owns: :func:`inject_lora` (plan with ``core.plan``, then apply) and :func:`apply_plan`, which
-attaches every planned adapter (and its variant: DoRA's magnitude; a PiSSA/OLoRA init rewrites
-the base weight; ``quantize_base`` stores the base weight quantized, see ``core.quantize``,
+attaches every planned adapter (and its variant's tensors, ``core.variants``: DoRA's
+magnitude; a PiSSA/OLoRA init rewrites the base weight; ``quantize_base`` stores the base weight quantized, see ``core.quantize``,
 and with ``quantize_scope=all_linear`` that of the plan's other frozen Linears too),
 groups shared inputs, places the marks and freezes what should not train. If anything fails
 while applying, every change is rolled back: the model keeps its parameters (the same
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lora_lightning.core import dora, quantize
+from lora_lightning.core import quantize, variants
 from lora_lightning.core.config import LoRAConfig
 from lora_lightning.core.errors import LoRAStateError
 from lora_lightning.core.fusion import group_shared_inputs
@@ -104,8 +104,8 @@ def apply_plan(model: nn.Module, plan: LoRAPlan) -> list[str]:
             layer = attach(module, target.name, kind=target.kind, r=target.r,
                            alpha=target.alpha, scaling=target.scaling, dtype=target.dtype,
                            owner=owner)  # fmt: skip
-            if target.variant == dora.DoRA.name:
-                dora.attach(module, layer, target.dtype)
+            if target.variant is not None:
+                variants.variant_named(target.variant).attach(module, layer, target.dtype)
             attached.append(module)
         for target in plan.targets:
             if target.quantize:
