@@ -3,7 +3,8 @@
 Owns: the config dataclass, its validation and normalisation (:meth:`LoRAConfig.validate`,
 run at construction *and* again by every operation that uses a config, so a mutated dataclass
 cannot slip through), module-name patterns (:class:`NamePattern`) and config comparison
-(:func:`config_diff`). Must not import: anything outside ``torch`` and ``core.errors``.
+(:func:`config_diff`). Must not import: anything outside ``torch``, ``core.errors`` and the
+init registry ``core.inits`` (which names the valid ``init`` values).
 
 The dataclass is also the Hydra structured-config schema of the ``lora`` config group, so its
 field types stay within what OmegaConf supports (no callables: ``target_fn`` is an argument of
@@ -22,6 +23,7 @@ from typing import Any, Optional
 import torch
 
 from lora_lightning.core.errors import LoRAConfigError
+from lora_lightning.core.inits import find_init, init_names
 
 #: Names accepted by ``LoRAConfig.dtype`` (``auto`` = the dtype of the adapted base weight).
 DTYPES: dict[str, torch.dtype | None] = {
@@ -31,10 +33,8 @@ DTYPES: dict[str, torch.dtype | None] = {
     "float64": torch.float64,
     "auto": None,
 }
-INITS = ("kaiming", "gaussian", "pissa", "olora", "pissa_niter_<k>")
-#: ``init`` values that also change the adapted base weights (PEFT's names): PiSSA, its fast
-#: randomised-SVD form ``pissa_niter_<k>``, and OLoRA.
-_BASE_CHANGING_INIT = re.compile(r"pissa|pissa_niter_[1-9][0-9]*|olora")
+#: Names accepted by ``LoRAConfig.init``: the init registry's (``core.inits``).
+INITS = init_names()
 BIAS_MODES = ("none", "lora_only", "all")
 DROPOUT_MASKS = ("fast", "torch")
 #: Values of ``quantize_base`` (``core.quantize.SCHEMES``; kept here so config imports only torch).
@@ -75,7 +75,8 @@ class LoRAConfig:
         rank_pattern: name/regex -> rank overriding ``r``; 0 means "no adapter on this module".
         alpha_pattern: name/regex -> alpha overriding ``alpha``.
         use_rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
-        init: A's init, ``kaiming`` (uniform, a=sqrt(5)) or ``gaussian`` (std 1/r); or an init
+        init: A's init (the names of ``core.inits``' registry), ``kaiming`` (uniform,
+            a=sqrt(5)) or ``gaussian`` (std 1/r); or an init
             that also changes the base weight, as PEFT: ``pissa`` (A, B from the top ``r``
             singular vectors of W), ``pissa_niter_<k>`` (the same by randomised SVD with
             ``k`` iterations, seeded per module), ``olora`` (A, B from W's QR); the base
@@ -166,11 +167,7 @@ class LoRAConfig:
         self.dropout = _number_in("dropout", self.dropout, 0.0, 1.0)
         self.seed = _integer("seed", self.seed, minimum=0)
         _check_choice("dtype", self.dtype, tuple(DTYPES))
-        if not (isinstance(self.init, str) and (self.init in INITS[:2] or self.changes_base)):
-            raise LoRAConfigError(
-                f"lora.init={self.init!r} is invalid: expected one of {', '.join(INITS)} "
-                "(k an integer >= 1, e.g. pissa_niter_4)"
-            )
+        find_init(self.init)  # raises on a name the registry does not know
         _check_choice("bias", self.bias, BIAS_MODES)
         _check_choice("dropout_masks", self.dropout_masks, DROPOUT_MASKS)
         self.use_rslora = _flag("use_rslora", self.use_rslora)
@@ -226,7 +223,7 @@ class LoRAConfig:
     @property
     def changes_base(self) -> bool:
         """True if ``init`` also changes the adapted base weights (PiSSA, OLoRA)."""
-        return isinstance(self.init, str) and bool(_BASE_CHANGING_INIT.fullmatch(self.init))
+        return find_init(self.init).changes_base
 
     @property
     def torch_dtype(self) -> torch.dtype | None:

@@ -48,7 +48,7 @@ def install_adapter(
     """Apply ``plan`` (None: the adapters are there already), then copy ``tensors`` (keyed as
     ``lora_state_dict``, checked against the plan by the caller) into the model's."""
     if plan is not None:
-        apply_plan(model, plan)
+        apply_plan(model, plan, values_follow=True)
     with torch.no_grad():
         for key, target in lora_state_dict(model).items():
             target.copy_(tensors[key])

@@ -43,6 +43,7 @@ from lora_lightning.core import variants
 from lora_lightning.core.config import DTYPES, LoRAConfig
 from lora_lightning.core.errors import AdapterFileError
 from lora_lightning.core.files import CONFIG_FILE, WEIGHTS_FILE  # noqa: E402 - re-exported
+from lora_lightning.core.inits import find_init
 from lora_lightning.core.layers import EMBEDDING, GPT2_CONV1D
 from lora_lightning.core.state import LoRALayer, parameter_aliases
 
@@ -580,9 +581,7 @@ def peft_config(
         "fan_in_fan_out": any(s.kind == GPT2_CONV1D for _, _, s in modules),
         # PiSSA/OLoRA keep PEFT's name: the file is then refused on a stock base (see
         # check_supported_features) unless written converted (init "kaiming" here).
-        "init_lora_weights": config.init
-        if config.init == "gaussian" or config.changes_base
-        else True,
+        "init_lora_weights": find_init(config.init).file_name(config.init),
         "inference_mode": True,
         **{v.peft_field: v.enabled(config) for v in variants.VARIANTS.values()},
     }

@@ -26,12 +26,8 @@ from torch import nn
 from lora_lightning.core import quantize, variants
 from lora_lightning.core.config import LoRAConfig, NamePattern, compile_patterns, config_diff
 from lora_lightning.core.errors import LoRAConfigError, LoRAStateError, UnsupportedModuleError
-from lora_lightning.core.layers import (
-    adapter_shapes,
-    base_changing_unsupported_reason,
-    layer_kind,
-    unsupported_reason,
-)
+from lora_lightning.core.inits import find_init
+from lora_lightning.core.layers import adapter_shapes, layer_kind, unsupported_reason
 from lora_lightning.core.state import (
     adapted_layers,
     adapter_parameter_names,
@@ -157,9 +153,9 @@ def plan_lora(
             entry that matches no module (with close names among the layers LoRA can adapt);
             no target left.
         UnsupportedModuleError: a target LoRA cannot adapt, or with a variant (``use_dora``)
-            a target the variant cannot adapt (DoRA: a convolution or embedding), or with a PiSSA/OLoRA ``init`` a
-            target it cannot adapt (see ``core.layers.base_changing_unsupported_reason``, tied
-            weights), or with ``quantize_base`` a target whose base it cannot store (not an
+            a target the variant cannot adapt (DoRA: a convolution or embedding), or a target
+            the ``init`` cannot adapt (``core.inits``: PiSSA/OLoRA on a layer kind they do not
+            factor, a meta weight, a rank above its smaller dimension, tied weights), or with ``quantize_base`` a target whose base it cannot store (not an
             nn.Linear, meta, a size nf4 cannot block, tied weights; see
             ``core.quantize.unsupported_reason``), or a target or ``modules_to_save`` module
             the model also holds under another name; every such module is listed.
@@ -201,8 +197,8 @@ def plan_lora(
     if variant is not None and not unsupported:
         reasons = [(n, variant.unsupported_reason(m, layer_kind(m))) for n, m in kept]
         unsupported = [(n, why) for n, why in reasons if why]
-    if config.changes_base and not unsupported and (alongside or owner_of(model) is None):
-        unsupported = _base_changing_problems(model, kept, config)
+    if not unsupported and (alongside or owner_of(model) is None):
+        unsupported = _init_problems(model, kept, config)
     if config.quantize_base != quantize.NONE and not unsupported and owner_of(model) is None:
         quantize.backend()  # a missing library is refused before anything changes
         unsupported = _quantize_problems(model, kept, config.quantize_base)
@@ -318,20 +314,25 @@ def _target_plan(
     )
 
 
-def _base_changing_problems(
+def _init_problems(
     model: nn.Module, targets: list[tuple[str, nn.Module]], config: LoRAConfig
 ) -> list[tuple[str, str]]:
-    """Targets a PiSSA/OLoRA init cannot adapt: the wrong layer kind, no values (meta), a
-    rank above the layer's smaller dimension, or a weight shared with another module
-    (rewriting it would change that module too)."""
-    init = config.init
+    """Targets the init (``core.inits``) cannot adapt: a layer kind it does not support; for
+    an init that factors the weight, no values (meta) or a rank above the layer's smaller
+    dimension; for one that changes the base (PiSSA, OLoRA), a weight shared with another
+    module (rewriting it would change that module too)."""
+    init, entry = config.init, find_init(config.init)
     ranks = {id(module): config.rank_for(name) for name, module in targets}
+
+    def reason(module: nn.Module) -> str | None:
+        return entry.unsupported_reason(module, layer_kind(module), init, ranks[id(module)])
+
+    if not entry.changes_base:
+        return [(n, why) for n, m in targets if (why := reason(m))]
     return _weight_problems(
         model,
         targets,
-        lambda module: base_changing_unsupported_reason(
-            module, layer_kind(module), init, ranks[id(module)]
-        ),
+        reason,
         f"init={init!r} rewrites the base weight, which would change those modules too",
     )
 
