@@ -29,8 +29,11 @@ PATTERNS = {
     "DoRA": r"dora|magnitude",
     "PiSSA/OLoRA": r"pissa|olora|changes_base|base_chang|base_init|initial_delta"
     r"|convert_to_plain",
+    # The same by the two names alone: the rest above is the generic base-changing-init seam
+    # (any init whose entry says changes_base uses it), which PiSSA and OLoRA share.
+    "PiSSA/OLoRA (names only)": r"pissa|olora",
     "quantization": r"quantiz|nf4|int8|torchao",
-    "EVA": r"\beva\b|eva_|_eva",
+    "EVA": r"\beva\b|\beva_|_eva\b",
 }
 
 
@@ -93,8 +96,10 @@ def main(root: Path = Path(".")) -> None:
     for variant, (anywhere, in_code, lines) in counts.items():
         print(f"| {variant} | {len(anywhere)} | {len(in_code)} | {lines} |")
     for variant, (_, in_code, _) in counts.items():
-        print(f"\n{variant} (in code): " + ", ".join(f.removeprefix("lora_lightning/")
-                                                   for f in in_code))
+        print(
+            f"\n{variant} (in code): "
+            + ", ".join(f.removeprefix("lora_lightning/") for f in in_code)
+        )
 
 
 if __name__ == "__main__":

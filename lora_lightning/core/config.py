@@ -23,6 +23,7 @@ from typing import Any, Optional
 import torch
 
 from lora_lightning.core.errors import LoRAConfigError
+from lora_lightning.core.eva import EvaConfig
 from lora_lightning.core.inits import find_init, init_names
 
 #: Names accepted by ``LoRAConfig.dtype`` (``auto`` = the dtype of the adapted base weight).
@@ -76,7 +77,9 @@ class LoRAConfig:
         alpha_pattern: name/regex -> alpha overriding ``alpha``.
         use_rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
         init: A's init (the names of ``core.inits``' registry), ``kaiming`` (uniform,
-            a=sqrt(5)) or ``gaussian`` (std 1/r); or an init
+            a=sqrt(5)) or ``gaussian`` (std 1/r); ``eva`` (PEFT's EVA: A from the principal
+            components of each layer's inputs on the first training batches, ranks
+            redistributed, see ``eva_config`` and ``core.eva``); or an init
             that also changes the base weight, as PEFT: ``pissa`` (A, B from the top ``r``
             singular vectors of W), ``pissa_niter_<k>`` (the same by randomised SVD with
             ``k`` iterations, seeded per module), ``olora`` (A, B from W's QR); the base
@@ -116,6 +119,9 @@ class LoRAConfig:
             16384; a tied or meta weight) stays float and is listed in the plan
             (``LoRAPlan.kept_float``); only the weight is quantized, a bias stays float.
             Needs ``quantize_base`` other than ``none``. Not written to adapter files.
+        eva_config: the options of ``init="eva"`` (PEFT's ``EvaConfig``: ``rho``, ``tau``,
+            ``use_label_mask``, ``label_mask_value``, ``whiten``, ``adjust_scaling_factors``;
+            see ``core.eva``), a mapping or an ``EvaConfig``; unused by the other inits.
         fuse_shared_input: deprecated (configs before 0.2): ``true`` means
             ``group_shared_input=true, dropout_masks=fast``; ``false`` means ``false, torch``.
 
@@ -143,6 +149,7 @@ class LoRAConfig:
     loraplus_lr_embedding: float = 1e-6
     quantize_base: str = "none"
     quantize_scope: str = "adapted"
+    eva_config: EvaConfig = field(default_factory=EvaConfig)
     fuse_shared_input: Optional[bool] = None  # noqa: UP045 - OmegaConf needs Optional
 
     def __post_init__(self) -> None:
@@ -168,6 +175,22 @@ class LoRAConfig:
         self.seed = _integer("seed", self.seed, minimum=0)
         _check_choice("dtype", self.dtype, tuple(DTYPES))
         find_init(self.init)  # raises on a name the registry does not know
+        if isinstance(self.eva_config, EvaConfig):
+            self.eva_config = dataclasses.replace(self.eva_config)  # a copy: configs don't share
+        elif hasattr(self.eva_config, "keys"):
+            known = {f.name for f in dataclasses.fields(EvaConfig)}
+            values = {key: self.eva_config[key] for key in self.eva_config.keys()}
+            if unknown := sorted(map(str, set(values) - known)):
+                raise LoRAConfigError(
+                    f"unknown lora.eva_config field(s) {unknown}: valid fields are {sorted(known)}"
+                )
+            self.eva_config = EvaConfig(**values)
+        else:
+            raise LoRAConfigError(
+                f"lora.eva_config={self.eva_config!r} is invalid: expected a mapping of "
+                f"{[f.name for f in dataclasses.fields(EvaConfig)]}"
+            )
+        self.eva_config.validate()
         _check_choice("bias", self.bias, BIAS_MODES)
         _check_choice("dropout_masks", self.dropout_masks, DROPOUT_MASKS)
         self.use_rslora = _flag("use_rslora", self.use_rslora)

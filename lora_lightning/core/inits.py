@@ -5,9 +5,10 @@ layer kinds it supports, the function that makes one layer's ``A``/``B``, what P
 ``init_lora_weights`` calls it, and for a data-dependent init a ``prepare`` step), the
 registry :data:`INITS` and :func:`find_init`, and the plain inits themselves: ``kaiming``,
 ``gaussian`` (Hu et al. 2021; embeddings as PEFT) and PEFT's base-changing ``pissa``,
-``pissa_niter_<k>`` and ``olora``. ``core.config`` takes its accepted names from here, ``core.layers``
+``pissa_niter_<k>`` and ``olora``; ``eva``'s entry points to ``core.eva``. ``core.config`` takes its accepted names from here, ``core.layers``
 calls the function, ``core.plan`` asks why a layer cannot take an init. Must not import:
-``core.config``, ``core.layers``, ``core.plan`` (``core.config`` imports this module).
+``core.config``, ``core.layers``, ``core.plan`` (``core.config`` imports this module), nor
+``core.eva`` anything of this one.
 
 A data-dependent init (EVA, ``core.eva``) runs in two steps: ``prepare`` sees the base
 model's forward on real batches before any adapter exists (``core.inject.prepare_lora``;
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lora_lightning.core import eva
 from lora_lightning.core.errors import LoRAConfigError
 from lora_lightning.core.kinds import CONV, EMBEDDING, GPT2_CONV1D, LINEAR
 
@@ -234,6 +236,22 @@ def base_changing_init(
     return a, b, residual.t() if transposed else residual
 
 
+# ------------------------------------------------------------------------------------- EVA
+def _eva_prepare(request: PrepareRequest) -> Prepared:
+    """EVA's data step (``core.eva.prepare``) on the request's targets and batches."""
+    config = request.config
+    values, ranks, alphas = eva.prepare(
+        request.targets, request.batches, request.run, config.eva_config, config.alpha_for
+    )
+    return Prepared(values=values, ranks=ranks, alphas=alphas)
+
+
+def _eva_init(request: InitRequest) -> InitResult:
+    """``A`` = the layer's kept input components (``[r, in]``), ``B`` = 0 (PEFT's)."""
+    # A copy: the prepared values are kept (for checkpoints) apart from the trained A.
+    return request.prepared.clone(), torch.zeros(request.shape_b), None
+
+
 # --------------------------------------------------------------------------------- registry
 #: Every init, in the order they are documented. A new init is one entry here (and its
 #: module, for anything beyond a few lines).
@@ -246,6 +264,7 @@ INITS: tuple[Init, ...] = (
     Init("olora", "olora", True, (LINEAR,), _base_changing_init, None, True),
     Init("pissa_niter_<k>", "pissa_niter_[1-9][0-9]*", True, (LINEAR, GPT2_CONV1D),
          _base_changing_init, None, True),
+    Init("eva", "eva", False, (LINEAR, GPT2_CONV1D), _eva_init, "eva", prepare=_eva_prepare),
 )  # fmt: skip
 
 

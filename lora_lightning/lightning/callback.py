@@ -143,7 +143,7 @@ class LoRACallback(RNGStateCallback):
         r, alpha, dropout, seed, dtype, target_modules, exclude_modules, rank_pattern,
             alpha_pattern, use_rslora, init, bias, modules_to_save, group_shared_input,
             dropout_masks, use_dora, loraplus_lr_ratio, loraplus_lr_embedding,
-            quantize_base, quantize_scope, fuse_shared_input: :class:`LoRAConfig` fields
+            quantize_base, quantize_scope, eva_config, fuse_shared_input: :class:`LoRAConfig` fields
             overriding ``config`` (``LoRACallback(r=4)``; flat ``init_args`` in ``LightningCLI`` YAML).
             ``loraplus_lr_ratio`` splits every param group of the optimizers
             ``configure_optimizers`` returns (see :func:`lora_lightning.apply_loraplus`),
@@ -189,6 +189,7 @@ class LoRACallback(RNGStateCallback):
         loraplus_lr_embedding: float | None = None,
         quantize_base: str | None = None,
         quantize_scope: str | None = None,
+        eva_config: Mapping[str, Any] | None = None,
         fuse_shared_input: bool | None = None,
     ) -> None:
         super().__init__()
