@@ -34,6 +34,7 @@ PATTERNS = {
     "PiSSA/OLoRA (names only)": r"pissa|olora",
     "quantization": r"quantiz|nf4|int8|torchao",
     "EVA": r"\beva\b|\beva_|_eva\b",
+    "LoRA-GA": r"lora_ga|loraga|lora-ga",
 }
 
 

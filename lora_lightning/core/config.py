@@ -25,6 +25,7 @@ import torch
 from lora_lightning.core.errors import LoRAConfigError
 from lora_lightning.core.eva import EvaConfig
 from lora_lightning.core.inits import find_init, init_names
+from lora_lightning.core.lora_ga import LoraGAConfig
 
 #: Names accepted by ``LoRAConfig.dtype`` (``auto`` = the dtype of the adapted base weight).
 DTYPES: dict[str, torch.dtype | None] = {
@@ -79,7 +80,9 @@ class LoRAConfig:
         init: A's init (the names of ``core.inits``' registry), ``kaiming`` (uniform,
             a=sqrt(5)) or ``gaussian`` (std 1/r); ``eva`` (PEFT's EVA: A from the principal
             components of each layer's inputs on the first training batches, ranks
-            redistributed, see ``eva_config`` and ``core.eva``); or an init
+            redistributed, see ``eva_config`` and ``core.eva``); ``lora_ga`` (PEFT's LoRA-GA:
+            A0, B0 from the SVD of each layer's weight gradient on the first training
+            batches, the base weight becoming ``W - s·B0 A0``; see ``core.lora_ga``); or an init
             that also changes the base weight, as PEFT: ``pissa`` (A, B from the top ``r``
             singular vectors of W), ``pissa_niter_<k>`` (the same by randomised SVD with
             ``k`` iterations, seeded per module), ``olora`` (A, B from W's QR); the base
@@ -122,6 +125,8 @@ class LoRAConfig:
         eva_config: the options of ``init="eva"`` (PEFT's ``EvaConfig``: ``rho``, ``tau``,
             ``use_label_mask``, ``label_mask_value``, ``whiten``, ``adjust_scaling_factors``;
             see ``core.eva``), a mapping or an ``EvaConfig``; unused by the other inits.
+        lora_ga_config: the options of ``init="lora_ga"`` (PEFT's ``LoraGAConfig``:
+            ``direction``, ``scale``, ``stable_gamma``; see ``core.lora_ga``).
         fuse_shared_input: deprecated (configs before 0.2): ``true`` means
             ``group_shared_input=true, dropout_masks=fast``; ``false`` means ``false, torch``.
 
@@ -150,6 +155,7 @@ class LoRAConfig:
     quantize_base: str = "none"
     quantize_scope: str = "adapted"
     eva_config: EvaConfig = field(default_factory=EvaConfig)
+    lora_ga_config: LoraGAConfig = field(default_factory=LoraGAConfig)
     fuse_shared_input: Optional[bool] = None  # noqa: UP045 - OmegaConf needs Optional
 
     def __post_init__(self) -> None:
@@ -175,22 +181,8 @@ class LoRAConfig:
         self.seed = _integer("seed", self.seed, minimum=0)
         _check_choice("dtype", self.dtype, tuple(DTYPES))
         find_init(self.init)  # raises on a name the registry does not know
-        if isinstance(self.eva_config, EvaConfig):
-            self.eva_config = dataclasses.replace(self.eva_config)  # a copy: configs don't share
-        elif hasattr(self.eva_config, "keys"):
-            known = {f.name for f in dataclasses.fields(EvaConfig)}
-            values = {key: self.eva_config[key] for key in self.eva_config.keys()}
-            if unknown := sorted(map(str, set(values) - known)):
-                raise LoRAConfigError(
-                    f"unknown lora.eva_config field(s) {unknown}: valid fields are {sorted(known)}"
-                )
-            self.eva_config = EvaConfig(**values)
-        else:
-            raise LoRAConfigError(
-                f"lora.eva_config={self.eva_config!r} is invalid: expected a mapping of "
-                f"{[f.name for f in dataclasses.fields(EvaConfig)]}"
-            )
-        self.eva_config.validate()
+        self.eva_config = _sub_config("eva_config", self.eva_config, EvaConfig)
+        self.lora_ga_config = _sub_config("lora_ga_config", self.lora_ga_config, LoraGAConfig)
         _check_choice("bias", self.bias, BIAS_MODES)
         _check_choice("dropout_masks", self.dropout_masks, DROPOUT_MASKS)
         self.use_rslora = _flag("use_rslora", self.use_rslora)
@@ -457,6 +449,20 @@ def _number_in(name: str, value: Any, low: float, high: float) -> float:
             f"lora.{name}={value!r} is invalid: expected a number in [{low:g}, {high:g})"
         )
     return number
+
+
+def _sub_config(name: str, value: Any, kind: type) -> Any:
+    """An init's options (``eva_config``...) as a validated ``kind``, from an instance (copied,
+    so configs never share one) or a mapping of its fields."""
+    known = [f.name for f in dataclasses.fields(kind)]
+    if isinstance(value, kind):
+        value = dataclasses.asdict(value)
+    if not hasattr(value, "keys"):
+        raise LoRAConfigError(f"lora.{name}={value!r} is invalid: expected a mapping of {known}")
+    values = {key: value[key] for key in value.keys()}
+    if unknown := sorted(map(str, set(values) - set(known))):
+        raise LoRAConfigError(f"unknown lora.{name} field(s) {unknown}: valid fields are {known}")
+    return kind(**values).validate()
 
 
 def _flag(name: str, value: Any) -> bool:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lora_lightning.core import eva
+from lora_lightning.core import eva, lora_ga
 from lora_lightning.core.errors import LoRAConfigError
 from lora_lightning.core.kinds import CONV, EMBEDDING, GPT2_CONV1D, LINEAR
 
@@ -45,7 +45,7 @@ class InitRequest:
     GPT-2 Conv1D), ``shape_a``/``shape_b`` the adapter shapes (``core.layers.adapter_shapes``),
     ``seed`` this module's seed (:func:`module_seed`), ``init`` the configured name
     (``pissa_niter_4``), ``prepared`` what a data-dependent init's ``prepare`` produced for this
-    layer (None otherwise).
+    layer (None otherwise), ``config`` the ``LoRAConfig`` (an init's own options).
     """
 
     weight: torch.Tensor
@@ -57,6 +57,7 @@ class InitRequest:
     shape_a: tuple[int, ...]
     shape_b: tuple[int, ...]
     prepared: Any = None
+    config: Any = None
 
 
 #: ``(A, B, residual)``: A and B in float32 on any device; ``residual`` the new base weight
@@ -71,13 +72,15 @@ class PrepareRequest:
     ``targets``: ``(name, module, r)`` of every layer the plan adapts, the base model not yet
     adapted; ``batches``: the batches to run; ``run(batch)`` runs the model on one batch
     (the hooks a ``prepare`` registers on the targets see the layer inputs); ``config``: the
-    ``LoRAConfig`` (options such as ``eva_config``).
+    ``LoRAConfig`` (options such as ``eva_config``); ``model``: the model ``run`` runs (for
+    its mode and flags, which ``prepare`` leaves as it found them).
     """
 
     targets: tuple[tuple[str, nn.Module, int], ...]
     batches: Sequence[Any]
     run: Callable[[Any], Any]
     config: Any
+    model: nn.Module
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,9 @@ class Init:
         factors_weight: it reads the base weight's values, so a meta weight is refused, and
             at most ``min(out, in)`` components exist (a larger rank is refused).
         prepare: for a data-dependent init, ``prepare(PrepareRequest) -> Prepared``.
+        rank_multiple: a factorising init that needs ``rank_multiple · r`` components (LoRA-GA
+            takes A and B from different components of ``2r``): ``r`` is at most
+            ``min(out, in) // rank_multiple``.
     """
 
     name: str
@@ -118,6 +124,7 @@ class Init:
     peft_name: str | bool | None
     factors_weight: bool = False
     prepare: Callable[[PrepareRequest], Prepared] | None = None
+    rank_multiple: int = 1
 
     def matches(self, init: Any) -> bool:
         """True if ``init`` (a ``LoRAConfig.init`` value) is this entry's."""
@@ -145,10 +152,13 @@ class Init:
                 "values; load the base weights first"
             )
         components = min(module.weight.shape)
-        if r > components:
+        limit = components // self.rank_multiple
+        if r > limit:
+            k = self.rank_multiple
+            needs = f"{k}·r={k * r} (r={r})" if k > 1 else f"r={r}"
             return (
                 f"a {tuple(module.weight.shape)} layer: init={init!r} factors its weight into at "
-                f"most {components} components, fewer than r={r}; use r <= {components} for it "
+                f"most {components} components, fewer than {needs}; use r <= {limit} for it "
                 "(lora.r, or lora.rank_pattern for this module)"
             )
         return None
@@ -238,11 +248,18 @@ def base_changing_init(
 
 # ------------------------------------------------------------------------------------- EVA
 def _eva_prepare(request: PrepareRequest) -> Prepared:
-    """EVA's data step (``core.eva.prepare``) on the request's targets and batches."""
-    config = request.config
-    values, ranks, alphas = eva.prepare(
-        request.targets, request.batches, request.run, config.eva_config, config.alpha_for
-    )
+    """EVA's data step (``core.eva.prepare``) on the request's targets and batches, in eval
+    mode without gradients (as PEFT)."""
+    config, model = request.config, request.model
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            values, ranks, alphas = eva.prepare(
+                request.targets, request.batches, request.run, config.eva_config, config.alpha_for
+            )
+    finally:
+        model.train(training)
     return Prepared(values=values, ranks=ranks, alphas=alphas)
 
 
@@ -250,6 +267,19 @@ def _eva_init(request: InitRequest) -> InitResult:
     """``A`` = the layer's kept input components (``[r, in]``), ``B`` = 0 (PEFT's)."""
     # A copy: the prepared values are kept (for checkpoints) apart from the trained A.
     return request.prepared.clone(), torch.zeros(request.shape_b), None
+
+
+# --------------------------------------------------------------------------------- LoRA-GA
+def _lora_ga_prepare(request: PrepareRequest) -> Prepared:
+    """LoRA-GA's data step (``core.lora_ga.gradients``): each target's mean weight gradient."""
+    return Prepared(values=lora_ga.gradients(request.model, request.targets, request.batches,
+                                             request.run))  # fmt: skip
+
+
+def _lora_ga_init(request: InitRequest) -> InitResult:
+    """``A0``/``B0`` from the SVD of the layer's gradient; the base becomes ``W - s·B0 A0``."""
+    return lora_ga.init(request.weight, request.prepared, request.r, request.scaling,
+                        request.config.lora_ga_config, request.seed)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------- registry
@@ -265,6 +295,10 @@ INITS: tuple[Init, ...] = (
     Init("pissa_niter_<k>", "pissa_niter_[1-9][0-9]*", True, (LINEAR, GPT2_CONV1D),
          _base_changing_init, None, True),
     Init("eva", "eva", False, (LINEAR, GPT2_CONV1D), _eva_init, "eva", prepare=_eva_prepare),
+    # PEFT's LoRA-GA reads out_features from the stored weight's first dimension, the input
+    # size of a GPT-2 Conv1D: Linear only, so that files agree.
+    Init("lora_ga", "lora_ga", True, (LINEAR,), _lora_ga_init, None, factors_weight=True,
+         prepare=_lora_ga_prepare, rank_multiple=2),
 )  # fmt: skip
 
 

@@ -70,10 +70,12 @@ def prepare_lora(
     forward: Forward | None = None,
     target_fn: TargetFn | None = None,
 ) -> PreparedPlan:
-    """The first of the two steps of a data-dependent init (EVA): plan, run the base model
-    on ``batches`` (eval mode, no gradients, hooks of the init's ``prepare`` on the targets),
-    and plan again with the ranks it chose. The model's parameters are not changed. For any
-    other init this is ``plan_lora`` (``values`` empty; ``batches`` are not run).
+    """The first of the two steps of a data-dependent init (EVA, LoRA-GA): plan, run the base
+    model on ``batches`` (the init's ``prepare`` decides how: EVA in eval mode without
+    gradients, LoRA-GA in train mode with a backward pass per batch), and plan again with the
+    ranks it chose. The model's parameters and flags are as before afterwards (LoRA-GA leaves
+    no gradient behind). For any other init this is ``plan_lora`` (``values`` empty;
+    ``batches`` are not run).
 
     Args:
         batches: the batches to learn from (moved to nothing: they must sit on the model's
@@ -106,14 +108,9 @@ def prepare_lora(
         batches=batches,
         run=lambda batch: run(model, batch),
         config=config,
+        model=root,
     )
-    training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            prepared = entry.prepare(request)
-    finally:
-        model.train(training)
+    prepared = entry.prepare(request)
     resolved = dataclasses.replace(
         config,
         rank_pattern={**{_exact(n): r for n, r in prepared.ranks.items()}, **config.rank_pattern},

@@ -158,7 +158,7 @@ def attach(
         request = InitRequest(
             weight=base, kind=kind, r=r, scaling=scaling, init=config.init,
             seed=module_seed(config.seed, name), shape_a=tuple(shape_a), shape_b=tuple(shape_b),
-            prepared=prepared,
+            prepared=prepared, config=config,
         )  # fmt: skip
         entry = find_init(config.init)
         if entry.prepare is not None and prepared is None:

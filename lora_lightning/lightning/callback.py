@@ -143,7 +143,7 @@ class LoRACallback(RNGStateCallback):
         r, alpha, dropout, seed, dtype, target_modules, exclude_modules, rank_pattern,
             alpha_pattern, use_rslora, init, bias, modules_to_save, group_shared_input,
             dropout_masks, use_dora, loraplus_lr_ratio, loraplus_lr_embedding,
-            quantize_base, quantize_scope, eva_config, fuse_shared_input: :class:`LoRAConfig` fields
+            quantize_base, quantize_scope, eva_config, lora_ga_config, fuse_shared_input: :class:`LoRAConfig` fields
             overriding ``config`` (``LoRACallback(r=4)``; flat ``init_args`` in ``LightningCLI`` YAML).
             ``loraplus_lr_ratio`` splits every param group of the optimizers
             ``configure_optimizers`` returns (see :func:`lora_lightning.apply_loraplus`),
@@ -190,6 +190,7 @@ class LoRACallback(RNGStateCallback):
         quantize_base: str | None = None,
         quantize_scope: str | None = None,
         eva_config: Mapping[str, Any] | None = None,
+        lora_ga_config: Mapping[str, Any] | None = None,
         fuse_shared_input: bool | None = None,
     ) -> None:
         super().__init__()
@@ -389,6 +390,14 @@ class LoRACallback(RNGStateCallback):
         )
         if same and all(torch.equal(values[n], self._init_state["values"][n]) for n in values):
             return
+        if find_init(self.config.init).changes_base:
+            raise CheckpointMismatchError(
+                f"this run's lora.init={self.config.init!r} found other values than the "
+                "checkpoint's on its first batches, and this init rewrites the base weights, "
+                "which cannot be rebuilt bit for bit from the rewritten ones: resume with the "
+                "same first batches (an unshuffled or seeded train loader, the same "
+                "init_batches)"
+            )
         if trainer is not None and trainer.strategy.restore_checkpoint_after_setup:
             raise CheckpointMismatchError(
                 f"this run's lora.init={self.config.init!r} found other ranks or values than "
