@@ -200,3 +200,26 @@ def test_a_resume_with_another_requested_config_is_refused(tmp_path, mean_init):
                          callbacks=[other])  # fmt: skip
     with pytest.raises(CheckpointMismatchError, match="alpha"):
         trainer.fit(_Module(), ckpt_path=tmp_path / "a.ckpt")
+
+
+def test_validating_from_a_checkpoint_rebuilds_the_adapters_without_training_batches(
+    tmp_path, mean_init
+):
+    config = LoRAConfig(r=2, init="mean", target_modules=MLP_TARGETS)
+    forward = {"init_forward": lambda m, batch: m(batch[0])}
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path,
+                         limit_val_batches=0,
+                         callbacks=[LoRACallback(config, init_batches=2, **forward)])  # fmt: skip
+    trainer.fit(_Module())
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    trained = torch.load(tmp_path / "a.ckpt", weights_only=True)["state_dict"]
+    CALLS.clear()
+    module = _Module()
+    callback = LoRACallback(config, init_batches=2, **forward)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[callback])  # fmt: skip
+    trainer.validate(module, ckpt_path=tmp_path / "a.ckpt")
+    assert CALLS == []  # no training batches were run
+    assert torch.equal(module.net.layers[0].lora_A.weight, trained["net.layers.0.lora_A.weight"])

@@ -14,11 +14,13 @@ import peft
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning_models import MLP_TARGETS, MLPModule
+from lightning_models import MLP_TARGETS, MLPModule, mlp_dataset
 from models import VOCAB, tiny_gpt2, tiny_llama
 from peft import preprocess_loraga
+from torch.utils.data import DataLoader
 
 from lora_lightning import (
+    CheckpointMismatchError,
     LoRACallback,
     LoRAConfig,
     LoRAConfigError,
@@ -159,3 +161,41 @@ def test_the_callback_runs_lora_ga_and_a_resume_on_the_same_batches_is_exact(tmp
     resumed = MLPModule()
     trainer(callback()).fit(resumed, ckpt_path=tmp_path / "a.ckpt")
     assert torch.equal(resumed.net.layers[0].lora_A.weight, trained["net.layers.0.lora_A.weight"])
+
+
+def test_validating_from_a_lora_ga_checkpoint_rewrites_the_base_as_the_run_did(tmp_path):
+    config = LoRAConfig(r=2, init="lora_ga", target_modules=MLP_TARGETS)
+    options = {"init_batches": 2, "init_forward": lambda m, b: F.cross_entropy(m(b[0]), b[1])}
+    trained = MLPModule()
+    first = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                       enable_model_summary=False, default_root_dir=tmp_path,
+                       limit_val_batches=0, callbacks=[LoRACallback(config, **options)])  # fmt: skip
+    first.fit(trained)
+    first.save_checkpoint(tmp_path / "a.ckpt")
+    module = MLPModule()
+    second = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[LoRACallback(config, **options)])  # fmt: skip
+    second.validate(module, ckpt_path=tmp_path / "a.ckpt")
+    for i in (0, 1):
+        assert torch.equal(module.net.layers[i].weight, trained.net.layers[i].weight)
+
+
+class _OtherData(MLPModule):
+    def _loader(self) -> DataLoader:
+        return DataLoader(mlp_dataset(self.n, seed=3), batch_size=self.batch_size)
+
+
+def test_resuming_lora_ga_on_other_first_batches_is_refused(tmp_path):
+    config = LoRAConfig(r=2, init="lora_ga", target_modules=MLP_TARGETS)
+    options = {"init_batches": 2, "init_forward": lambda m, b: F.cross_entropy(m(b[0]), b[1])}
+    first = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                       enable_model_summary=False, default_root_dir=tmp_path,
+                       limit_val_batches=0, callbacks=[LoRACallback(config, **options)])  # fmt: skip
+    first.fit(MLPModule())
+    first.save_checkpoint(tmp_path / "a.ckpt")
+    second = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path,
+                        limit_val_batches=0, callbacks=[LoRACallback(config, **options)])  # fmt: skip
+    with pytest.raises(CheckpointMismatchError, match="rewrites the base weights"):
+        second.fit(_OtherData(), ckpt_path=tmp_path / "a.ckpt")

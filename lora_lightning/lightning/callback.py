@@ -129,7 +129,7 @@ class LoRACallback(RNGStateCallback):
             (``modules_to_save``, biases), so PEFT loads the adapter onto the stock model;
             otherwise the LightningModule itself (``""``). Resolved at ``setup``, before
             anything is injected: it must name a submodule holding every trained tensor.
-        init_batches: how many training batches a data-dependent init (``init="eva"``) sees
+        init_batches: how many training batches a data-dependent init (``eva``, ``lora_ga``) sees
             before the adapters are built: the first ``init_batches`` of the train dataloader,
             on every rank (rank zero's result is broadcast, so every rank builds the same
             adapters). What the init produced (its ranks and values) is kept in every
@@ -143,8 +143,8 @@ class LoRACallback(RNGStateCallback):
         r, alpha, dropout, seed, dtype, target_modules, exclude_modules, rank_pattern,
             alpha_pattern, use_rslora, init, bias, modules_to_save, group_shared_input,
             dropout_masks, use_dora, loraplus_lr_ratio, loraplus_lr_embedding,
-            quantize_base, quantize_scope, eva_config, lora_ga_config, fuse_shared_input: :class:`LoRAConfig` fields
-            overriding ``config`` (``LoRACallback(r=4)``; flat ``init_args`` in ``LightningCLI`` YAML).
+            quantize_base, quantize_scope, eva_config, lora_ga_config, fuse_shared_input:
+            :class:`LoRAConfig` fields overriding ``config`` (``LoRACallback(r=4)``; flat ``init_args`` in ``LightningCLI`` YAML).
             ``loraplus_lr_ratio`` splits every param group of the optimizers
             ``configure_optimizers`` returns (see :func:`lora_lightning.apply_loraplus`),
             and the schedulers it returns with them.
@@ -279,8 +279,8 @@ class LoRACallback(RNGStateCallback):
                 ) from None
             self._check_export_root(pl_module, list(plan.trainable_tensors(pl_module)))
             self._check_exportable(pl_module, plan)
-            plan, values = self._prepare_init(trainer, pl_module, plan)
-            self.adapted = apply_plan(pl_module, plan, values)
+            plan, values = self._prepare_init(trainer, pl_module, plan, stage)
+            self.adapted = apply_plan(pl_module, plan, values, values_follow=values is None)
             self.config = plan.config  # with a data-dependent init's ranks: later setups agree
             self._root = self._resolve_export_root(pl_module)
         self._module = pl_module
@@ -324,15 +324,20 @@ class LoRACallback(RNGStateCallback):
 
     # ----------------------------------------------------------------- data-dependent init
     def _prepare_init(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, plan: LoRAPlan
-    ) -> tuple[LoRAPlan, dict[str, Any]]:
-        """For a data-dependent init (``core.inits``: EVA), the plan with the ranks it chose
-        and its per-layer values, learnt from the first ``init_batches`` training batches on
-        every rank, rank zero's result broadcast. Any other init (or adapters already there):
-        ``plan`` unchanged. (On a resume Lightning names the checkpoint only after ``setup``:
-        :meth:`_restore_init` then rebuilds the adapters from the checkpoint's result.)"""
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, plan: LoRAPlan, stage: str
+    ) -> tuple[LoRAPlan, dict[str, Any] | None]:
+        """For a data-dependent init (``core.inits``: EVA, LoRA-GA) while fitting, the plan
+        with the ranks it chose and its per-layer values, learnt from the first
+        ``init_batches`` training batches on every rank, rank zero's result broadcast. Any
+        other init (or adapters already there): ``plan`` unchanged, no values. Another stage
+        (validate, test, predict) has no training batches: placeholder adapters (values None:
+        the plan's ranks, untouched base) that :meth:`_restore_init` replaces by the loaded
+        checkpoint's. (On a resume too Lightning names the checkpoint only after ``setup``.)"""
         if find_init(self.config.init).prepare is None or plan.already_applied:
             return plan, {}
+        if stage != TrainerFn.FITTING:
+            self._init_state = {"requested": self.config.to_dict(), "placeholder": True}
+            return plan, None
         batches = self._first_batches(trainer)
         prepared = prepare_lora(
             pl_module, self.config, batches, forward=self.init_forward, target_fn=self.target_fn
@@ -376,6 +381,7 @@ class LoRACallback(RNGStateCallback):
                 "cannot be rebuilt: resume from a checkpoint of the same run, or start a new run"
             )
         requested = self._init_state["requested"]
+        placeholder = self._init_state.get("placeholder", False)
         differ = config_diff(dict(state["requested"]), requested, labels=("checkpoint", "now"))
         if differ:
             raise CheckpointMismatchError(
@@ -385,12 +391,16 @@ class LoRACallback(RNGStateCallback):
             )
         resolved = LoRAConfig.from_dict(dict(state["config"]))
         values = dict(state["values"])
-        same = not config_diff(resolved, self.config) and values.keys() == (
-            self._init_state["values"].keys()
+        ours = self._init_state.get("values", {})
+        same = (
+            not placeholder
+            and not config_diff(resolved, self.config)
+            and values.keys() == (ours.keys())
         )
-        if same and all(torch.equal(values[n], self._init_state["values"][n]) for n in values):
+        if same and all(torch.equal(values[n], ours[n]) for n in values):
             return
-        if find_init(self.config.init).changes_base:
+        # Placeholders left the base as it was: rebuilding from them is exact for every init.
+        if find_init(self.config.init).changes_base and not placeholder:
             raise CheckpointMismatchError(
                 f"this run's lora.init={self.config.init!r} found other values than the "
                 "checkpoint's on its first batches, and this init rewrites the base weights, "
