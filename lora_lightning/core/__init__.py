@@ -11,6 +11,9 @@ module             owns
 ``layers``         one adapted layer: kinds, shapes, init, attach/detach, forward hook
 ``fusion``         query/key/value sharing one ``A`` product
 ``dora``           the DoRA variant (magnitude, exact cheap row norm, forward, merge)
+``variants``       the variant protocol and registry the core asks (DoRA today)
+``kinds``          the names of the layer kinds
+``inits``          the init registry (name, base-changing, kinds, function, data step)
 ``plan``           ``plan_lora``: what an injection will do, checked, model untouched
 ``inject``         ``inject_lora`` / ``apply_plan``: all or nothing
 ``merge``          merge, unmerge, unload, merged state dicts
@@ -35,7 +38,7 @@ from lora_lightning.core.errors import (
     LoRAStateError,
     UnsupportedModuleError,
 )
-from lora_lightning.core.inject import apply_plan, inject_lora
+from lora_lightning.core.inject import apply_plan, inject_lora, prepare_lora
 from lora_lightning.core.loraplus import apply_loraplus, loraplus_param_groups
 from lora_lightning.core.merge import merge_lora, merged_state_dict, unload_lora, unmerge_lora
 from lora_lightning.core.multi import (
@@ -93,6 +96,7 @@ __all__ = [
     "merged_state_dict",
     "mixed_batch_forward",
     "plan_lora",
+    "prepare_lora",
     "save_adapter",
     "set_active_adapter",
     "trainable_names",

@@ -3,7 +3,8 @@
 Owns: the config dataclass, its validation and normalisation (:meth:`LoRAConfig.validate`,
 run at construction *and* again by every operation that uses a config, so a mutated dataclass
 cannot slip through), module-name patterns (:class:`NamePattern`) and config comparison
-(:func:`config_diff`). Must not import: anything outside ``torch`` and ``core.errors``.
+(:func:`config_diff`). Must not import: anything outside ``torch``, ``core.errors`` and the
+init registry ``core.inits`` (which names the valid ``init`` values).
 
 The dataclass is also the Hydra structured-config schema of the ``lora`` config group, so its
 field types stay within what OmegaConf supports (no callables: ``target_fn`` is an argument of
@@ -22,6 +23,9 @@ from typing import Any, Optional
 import torch
 
 from lora_lightning.core.errors import LoRAConfigError
+from lora_lightning.core.eva import EvaConfig
+from lora_lightning.core.inits import find_init, init_names
+from lora_lightning.core.lora_ga import LoraGAConfig
 
 #: Names accepted by ``LoRAConfig.dtype`` (``auto`` = the dtype of the adapted base weight).
 DTYPES: dict[str, torch.dtype | None] = {
@@ -31,10 +35,8 @@ DTYPES: dict[str, torch.dtype | None] = {
     "float64": torch.float64,
     "auto": None,
 }
-INITS = ("kaiming", "gaussian", "pissa", "olora", "pissa_niter_<k>")
-#: ``init`` values that also change the adapted base weights (PEFT's names): PiSSA, its fast
-#: randomised-SVD form ``pissa_niter_<k>``, and OLoRA.
-_BASE_CHANGING_INIT = re.compile(r"pissa|pissa_niter_[1-9][0-9]*|olora")
+#: Names accepted by ``LoRAConfig.init``: the init registry's (``core.inits``).
+INITS = init_names()
 BIAS_MODES = ("none", "lora_only", "all")
 DROPOUT_MASKS = ("fast", "torch")
 #: Values of ``quantize_base`` (``core.quantize.SCHEMES``; kept here so config imports only torch).
@@ -75,7 +77,12 @@ class LoRAConfig:
         rank_pattern: name/regex -> rank overriding ``r``; 0 means "no adapter on this module".
         alpha_pattern: name/regex -> alpha overriding ``alpha``.
         use_rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
-        init: A's init, ``kaiming`` (uniform, a=sqrt(5)) or ``gaussian`` (std 1/r); or an init
+        init: A's init (the names of ``core.inits``' registry), ``kaiming`` (uniform,
+            a=sqrt(5)) or ``gaussian`` (std 1/r); ``eva`` (PEFT's EVA: A from the principal
+            components of each layer's inputs on the first training batches, ranks
+            redistributed, see ``eva_config`` and ``core.eva``); ``lora_ga`` (PEFT's LoRA-GA:
+            A0, B0 from the SVD of each layer's weight gradient on the first training
+            batches, the base weight becoming ``W - s·B0 A0``; see ``core.lora_ga``); or an init
             that also changes the base weight, as PEFT: ``pissa`` (A, B from the top ``r``
             singular vectors of W), ``pissa_niter_<k>`` (the same by randomised SVD with
             ``k`` iterations, seeded per module), ``olora`` (A, B from W's QR); the base
@@ -115,6 +122,11 @@ class LoRAConfig:
             16384; a tied or meta weight) stays float and is listed in the plan
             (``LoRAPlan.kept_float``); only the weight is quantized, a bias stays float.
             Needs ``quantize_base`` other than ``none``. Not written to adapter files.
+        eva_config: the options of ``init="eva"`` (PEFT's ``EvaConfig``: ``rho``, ``tau``,
+            ``use_label_mask``, ``label_mask_value``, ``whiten``, ``adjust_scaling_factors``;
+            see ``core.eva``), a mapping or an ``EvaConfig``; unused by the other inits.
+        lora_ga_config: the options of ``init="lora_ga"`` (PEFT's ``LoraGAConfig``:
+            ``direction``, ``scale``, ``stable_gamma``; see ``core.lora_ga``).
         fuse_shared_input: deprecated (configs before 0.2): ``true`` means
             ``group_shared_input=true, dropout_masks=fast``; ``false`` means ``false, torch``.
 
@@ -142,6 +154,8 @@ class LoRAConfig:
     loraplus_lr_embedding: float = 1e-6
     quantize_base: str = "none"
     quantize_scope: str = "adapted"
+    eva_config: EvaConfig = field(default_factory=EvaConfig)
+    lora_ga_config: LoraGAConfig = field(default_factory=LoraGAConfig)
     fuse_shared_input: Optional[bool] = None  # noqa: UP045 - OmegaConf needs Optional
 
     def __post_init__(self) -> None:
@@ -166,11 +180,9 @@ class LoRAConfig:
         self.dropout = _number_in("dropout", self.dropout, 0.0, 1.0)
         self.seed = _integer("seed", self.seed, minimum=0)
         _check_choice("dtype", self.dtype, tuple(DTYPES))
-        if not (isinstance(self.init, str) and (self.init in INITS[:2] or self.changes_base)):
-            raise LoRAConfigError(
-                f"lora.init={self.init!r} is invalid: expected one of {', '.join(INITS)} "
-                "(k an integer >= 1, e.g. pissa_niter_4)"
-            )
+        find_init(self.init)  # raises on a name the registry does not know
+        self.eva_config = _sub_config("eva_config", self.eva_config, EvaConfig)
+        self.lora_ga_config = _sub_config("lora_ga_config", self.lora_ga_config, LoraGAConfig)
         _check_choice("bias", self.bias, BIAS_MODES)
         _check_choice("dropout_masks", self.dropout_masks, DROPOUT_MASKS)
         self.use_rslora = _flag("use_rslora", self.use_rslora)
@@ -226,7 +238,7 @@ class LoRAConfig:
     @property
     def changes_base(self) -> bool:
         """True if ``init`` also changes the adapted base weights (PiSSA, OLoRA)."""
-        return isinstance(self.init, str) and bool(_BASE_CHANGING_INIT.fullmatch(self.init))
+        return find_init(self.init).changes_base
 
     @property
     def torch_dtype(self) -> torch.dtype | None:
@@ -437,6 +449,20 @@ def _number_in(name: str, value: Any, low: float, high: float) -> float:
             f"lora.{name}={value!r} is invalid: expected a number in [{low:g}, {high:g})"
         )
     return number
+
+
+def _sub_config(name: str, value: Any, kind: type) -> Any:
+    """An init's options (``eva_config``...) as a validated ``kind``, from an instance (copied,
+    so configs never share one) or a mapping of its fields."""
+    known = [f.name for f in dataclasses.fields(kind)]
+    if isinstance(value, kind):
+        value = dataclasses.asdict(value)
+    if not hasattr(value, "keys"):
+        raise LoRAConfigError(f"lora.{name}={value!r} is invalid: expected a mapping of {known}")
+    values = {key: value[key] for key in value.keys()}
+    if unknown := sorted(map(str, set(values) - set(known))):
+        raise LoRAConfigError(f"unknown lora.{name} field(s) {unknown}: valid fields are {known}")
+    return kind(**values).validate()
 
 
 def _flag(name: str, value: Any) -> bool:

@@ -43,10 +43,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_lightning.core import kernels
+from lora_lightning.core.config import LoRAConfig
 from lora_lightning.core.layers import GPT2_CONV1D, LINEAR, active_dropout
-from lora_lightning.core.state import MAGNITUDE, LoRALayer
+from lora_lightning.core.state import LoRALayer
 
-__all__ = ["DoRA", "KINDS", "MAGNITUDE", "attach", "naive_weight_norm", "weight_norm"]
+__all__ = ["DoRA", "KINDS", "MAGNITUDE", "VARIANT", "attach", "naive_weight_norm", "weight_norm"]
+#: DoRA's magnitude: a parameter of the adapted layer itself, so its state-dict key is
+#: ``<path>.lora_magnitude_vector``, PEFT's file key.
+MAGNITUDE = "lora_magnitude_vector"
 #: Layer kinds DoRA adapts (PEFT's DoRA for ConvNd/Embedding is not implemented here).
 KINDS = (LINEAR, GPT2_CONV1D)
 #: ``hidden(module, layer, x) -> A x`` (dropout-free): the layer's own, shared-input aware.
@@ -166,6 +170,7 @@ class DoRA:
     recomputed every forward (see the module docstring)."""
 
     name = "dora"
+    tensors = (MAGNITUDE,)
 
     def __init__(self) -> None:
         self.merge_norm: torch.Tensor | None = None
@@ -259,3 +264,33 @@ class DoRA:
             return summed * (ratio.view(1, -1) if transposed else ratio.view(-1, 1))
         ratio = magnitude / self.merge_norm.to(delta.dtype)
         return weight / (ratio.view(1, -1) if transposed else ratio.view(-1, 1)) - delta
+
+
+class _Variant:
+    """DoRA as the core sees it (``core.variants.Variant``): its flags, tensors and checks."""
+
+    name = DoRA.name
+    config_field = "use_dora"
+    peft_field = "use_dora"
+    tensors = DoRA.tensors
+    tensor_label = "DoRA magnitudes"
+    combine_refusal = "is a DoRA adapter (its magnitudes do not combine)"
+    vllm_refusal = "DoRA (use_dora=true: lora_magnitude_vector tensors)"
+
+    def enabled(self, config: LoRAConfig) -> bool:
+        return config.use_dora
+
+    def unsupported_reason(self, module: nn.Module, kind: str | None) -> str | None:
+        return unsupported_reason(module, kind)
+
+    def tensor_shapes(
+        self, module: nn.Module, kind: str
+    ) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        return ((MAGNITUDE, magnitude_shape(module, kind)),)
+
+    def attach(self, module: nn.Module, layer: LoRALayer, dtype: torch.dtype) -> None:
+        attach(module, layer, dtype)
+
+
+#: The registry entry (``core.variants.VARIANTS``).
+VARIANT = _Variant()

@@ -1,8 +1,8 @@
 """The LoRA parts attached to one adapted layer: shapes, initialisation, and its forward hook.
 
-Owns: layer kinds (which module types LoRA can adapt), adapter shapes and seeded init,
-:func:`attach`/:func:`detach` of ``lora_A``/``lora_B`` on one layer, the forward hook, and the
-layer's ``s · B A`` (:func:`delta_weight`) for merging. Must not import: ``core.inject``,
+Owns: layer kinds (which module types LoRA can adapt), adapter shapes, :func:`attach`/
+:func:`detach` of ``lora_A``/``lora_B`` on one layer (their values from ``core.inits``), the
+forward hook, and the layer's ``s · B A`` (:func:`delta_weight`) for merging. Must not import: ``core.inject``,
 ``core.plan``, ``core.adapter``, Lightning, Hydra.
 
 Design (after Lorax): the adapted layer stays where it is with its own parameters untouched;
@@ -33,8 +33,6 @@ Embedding     ``[r, num_embeddings]``    ``[dim, r]``
 
 from __future__ import annotations
 
-import hashlib
-import math
 from typing import Any
 
 import torch
@@ -43,11 +41,10 @@ from torch import nn
 
 from lora_lightning.core import kernels
 from lora_lightning.core.errors import LoRAStateError, UnsupportedModuleError
+from lora_lightning.core.inits import InitRequest, find_init, module_seed
+from lora_lightning.core.kinds import CONV, EMBEDDING, GPT2_CONV1D, LINEAR, MATMUL_KINDS
 from lora_lightning.core.state import AdapterSet, LoRALayer, layer_state, pop_layer, set_layer
 
-LINEAR, GPT2_CONV1D, CONV, EMBEDDING = "linear", "gpt2_conv1d", "conv", "embedding"
-#: Kinds computed by ``core.kernels`` (and so able to share an input, see ``core.fusion``).
-MATMUL_KINDS = (LINEAR, GPT2_CONV1D)
 SUPPORTED = "nn.Linear, nn.Conv1d/2d/3d, nn.Embedding or GPT-2-style Conv1D"
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -141,12 +138,14 @@ def attach(
     scaling: float,
     dtype: torch.dtype,
     owner: AdapterSet,
+    prepared: Any = None,
 ) -> LoRALayer:
     """Attach ``lora_A``/``lora_B`` to ``module``, hook its forward, and mark it adapted.
 
-    The caller (``core.inject``) has validated the plan; this only builds. On a ``meta``
-    weight no memory is allocated and nothing is initialised (real values arrive with
-    ``load_state_dict``/``to_empty``).
+    ``A`` and ``B`` come from the config's init (``core.inits``; ``prepared``: what a
+    data-dependent init's ``prepare`` found for this layer). The caller (``core.inject``) has
+    validated the plan; this only builds. On a ``meta`` weight no memory is allocated and
+    nothing is initialised (real values arrive with ``load_state_dict``/``to_empty``).
     """
     base = module.weight
     config = owner.config
@@ -155,18 +154,23 @@ def attach(
         a = torch.empty(shape_a, dtype=dtype, device="meta")
         b = torch.empty(shape_b, dtype=dtype, device="meta")
         initial = None
-    elif config.changes_base:
-        a, b, residual = base_changing_init(
-            base, kind, r, scaling, config.init, module_seed(config.seed, name)
-        )
-        a, b = a.to(base.device, dtype), b.to(base.device, dtype)
-        initial = (a.detach().clone(), b.detach().clone())
-        with torch.no_grad():
-            base.copy_(residual)  # the caller keeps the original for a rollback
     else:
-        a, b = _init_weights(kind, shape_a, shape_b, config.init, r, config.seed, name)
+        request = InitRequest(
+            weight=base, kind=kind, r=r, scaling=scaling, init=config.init,
+            seed=module_seed(config.seed, name), shape_a=tuple(shape_a), shape_b=tuple(shape_b),
+            prepared=prepared, config=config,
+        )  # fmt: skip
+        entry = find_init(config.init)
+        if entry.prepare is not None and prepared is None:
+            # apply_plan allowed it only with values_follow: loading overwrites these at once.
+            entry = find_init("kaiming")
+        a, b, residual = entry.function(request)
         a, b = a.to(base.device, dtype), b.to(base.device, dtype)
         initial = None
+        if residual is not None:  # the init changed the base weight to W - s·B0 A0
+            initial = (a.detach().clone(), b.detach().clone())
+            with torch.no_grad():
+                base.copy_(residual)  # the caller keeps the original for a rollback
     module.lora_A = LoRAWeight(a)
     module.lora_B = LoRAWeight(b)
     layer = LoRALayer(kind=kind, r=r, alpha=alpha, scaling=scaling, owner=owner, initial=initial)
@@ -189,107 +193,6 @@ def detach(module: nn.Module) -> None:
             delattr(module, part)
 
 
-def module_seed(seed: int, name: str) -> int:
-    """A 63-bit seed from the config seed and the module name, stable across processes."""
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def _init_weights(
-    kind: str,
-    shape_a: tuple[int, ...],
-    shape_b: tuple[int, ...],
-    init: str,
-    r: int,
-    seed: int,
-    name: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded init on CPU in float32 so every device and dtype starts from the same numbers.
-
-    A linear/conv adapter gets A random, B zeros (Hu et al. 2021), so the model is unchanged at
-    step 0. An embedding adapter follows PEFT instead (A zeros, B normal): A is ``[r, vocab]``,
-    where a fan-in init over the vocabulary would give near-zero, slow-learning values.
-    """
-    generator = torch.Generator().manual_seed(module_seed(seed, name))
-    if kind == EMBEDDING:
-        a = torch.zeros(shape_a)
-        b = torch.empty(shape_b).normal_(generator=generator)
-        return a, b
-    return _lora_a_init(shape_a, init, r, generator), torch.zeros(shape_b)
-
-
-#: Layer kinds each base-changing init adapts. PEFT's OLoRA factors the stored weight without
-#: PEFT's fan_in_fan_out transpose, so on GPT-2 Conv1D its shapes are not LoRA's.
-BASE_CHANGING_KINDS = {"pissa": (LINEAR, GPT2_CONV1D), "olora": (LINEAR,)}
-
-
-def base_changing_unsupported_reason(
-    module: nn.Module, kind: str | None, init: str, r: int
-) -> str | None:
-    """Why ``init`` (pissa, pissa_niter_<k>, olora) cannot adapt ``module`` at rank ``r``, or
-    None. The factorisation has at most ``min(out, in)`` components: a larger ``r`` would
-    inject a smaller adapter than the plan records (and PEFT would write a file it cannot
-    read back), so it is refused rather than shrunk."""
-    family = "olora" if init == "olora" else "pissa"
-    kinds = BASE_CHANGING_KINDS[family]
-    if kind not in kinds:
-        names = " and ".join("nn.Linear" if k == LINEAR else "GPT-2 Conv1D" for k in kinds)
-        return f"a {type(module).__name__}, which init={init!r} cannot adapt (only {names})"
-    if module.weight.device.type == "meta":
-        return (
-            f"on the meta device: init={init!r} factors the base weight, which has no values; "
-            "load the base weights first"
-        )
-    components = min(module.weight.shape)
-    if r > components:
-        return (
-            f"a {tuple(module.weight.shape)} layer: init={init!r} factors its weight into at most "
-            f"{components} components, fewer than r={r}; use r <= {components} for it (lora.r, "
-            "or lora.rank_pattern for this module)"
-        )
-    return None
-
-
-@torch.no_grad()
-def base_changing_init(
-    weight: torch.Tensor, kind: str, r: int, scaling: float, init: str, seed: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PEFT's PiSSA / OLoRA initialisation (``pissa_init``/``olora_init`` in
-    ``peft/tuners/lora/layer.py``), the same ops in the same order, in float32.
-
-    ``weight`` is ``[out, in]`` (``[in, out]`` for GPT-2 Conv1D). Returns ``A0`` ``[r, in]``,
-    ``B0`` ``[out, r]`` (float32) and the residual ``W - s·B0 A0`` in ``weight``'s layout and
-    dtype:
-
-    - ``pissa``: ``W = V S Uᵀ``; ``A0 = sqrt(S_r / s) U_rᵀ``, ``B0 = V_r sqrt(S_r / s)``.
-    - ``pissa_niter_<k>``: the same from ``torch.svd_lowrank(W, r, niter=k)``, its random
-      draws seeded with ``seed`` (PEFT draws from the global generator).
-    - ``olora``: ``W = Q R``; ``A0 = R[:r]``, ``B0 = Q[:, :r]``.
-    """
-    transposed = kind == GPT2_CONV1D
-    w = weight.detach().to(torch.float32)
-    w = w.t() if transposed else w
-    if init == "olora":
-        q, upper = torch.linalg.qr(w)
-        a, b = upper[:r].contiguous(), q[:, :r].contiguous()
-    else:
-        if init == "pissa":
-            v, s, uh = torch.linalg.svd(w, full_matrices=False)
-            vr, sr, uhr = v[:, :r], s[:r], uh[:r]
-        else:
-            niter = int(init.rsplit("_", 1)[1])
-            devices = [w.device] if w.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(seed)
-                vr, sr, ur = torch.svd_lowrank(w, r, niter=niter)
-            uhr = ur.t()
-        sr = sr / scaling
-        a = torch.diag(torch.sqrt(sr)) @ uhr  # [r, r] @ [r, in] -> [r, in]
-        b = vr @ torch.diag(torch.sqrt(sr))  # [out, r] @ [r, r] -> [out, r]
-    residual = (w - scaling * b @ a).to(weight.dtype)
-    return a, b, residual.t() if transposed else residual
-
-
 def initial_delta(module: nn.Module) -> torch.Tensor | None:
     """``s · B0 A0`` of a PiSSA/OLoRA layer in float32, in the base ``weight``'s layout: what
     its init took out of the base weight. None for a layer with another init."""
@@ -299,16 +202,6 @@ def initial_delta(module: nn.Module) -> torch.Tensor | None:
     a, b = (t.to(torch.float32) for t in layer.initial)
     delta = (b @ a).t() if layer.kind == GPT2_CONV1D else b @ a
     return delta * layer.scaling
-
-
-def _lora_a_init(
-    shape: tuple[int, ...], init: str, r: int, generator: torch.Generator
-) -> torch.Tensor:
-    a = torch.empty(shape)
-    if init == "gaussian":
-        return a.normal_(0.0, 1.0 / r, generator=generator)
-    # kaiming_uniform_(a=sqrt(5)) as nn.Linear and PEFT do: bound = 1 / sqrt(fan_in).
-    return nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
 
 
 def active_dropout(module: nn.Module, layer: LoRALayer) -> float:

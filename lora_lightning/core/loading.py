@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lora_lightning.core import files, peft_format, tensor_checks
+from lora_lightning.core import files, peft_format, tensor_checks, variants
 from lora_lightning.core.config import LoRAConfig
 from lora_lightning.core.errors import AdapterFileError, LoRAError, LoRAStateError
 from lora_lightning.core.files import CONFIG_FILE
@@ -48,7 +48,7 @@ def install_adapter(
     """Apply ``plan`` (None: the adapters are there already), then copy ``tensors`` (keyed as
     ``lora_state_dict``, checked against the plan by the caller) into the model's."""
     if plan is not None:
-        apply_plan(model, plan)
+        apply_plan(model, plan, values_follow=True)
     with torch.no_grad():
         for key, target in lora_state_dict(model).items():
             target.copy_(tensors[key])
@@ -137,8 +137,11 @@ def _check_same_adapters(
     present = {name: layer for name, _, layer in adapted_layers(model)}
     problems = []
     held = config_of(model)
-    if held is not None and held.use_dora != config.use_dora:
-        problems.append(f"use_dora differs (model {held.use_dora}, file {config.use_dora})")
+    for field in variants.config_fields() if held is not None else ():
+        if getattr(held, field) != getattr(config, field):
+            problems.append(
+                f"{field} differs (model {getattr(held, field)}, file {getattr(config, field)})"
+            )
     if only_model := sorted(set(present) - set(file_modules)):
         problems.append(f"adapted in the model but not in the file: {only_model[:5]}")
     if only_file := sorted(set(file_modules) - set(present)):

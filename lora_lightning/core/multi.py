@@ -8,7 +8,7 @@ is a piece of ``core.state``; this module is the only one that uses it. Must not
 Lightning, Hydra, transformers.
 
 Design: the ACTIVE adapter lives in the layers, exactly as a single adapter does (its
-``lora_A``/``lora_B``/magnitude parameters, hooks and marks), so the single-adapter fast path
+``lora_A``/``lora_B``/variant parameters, hooks and marks), so the single-adapter fast path
 is untouched; the others wait in the bank as a config and detached tensors::
 
     model ─ layers: lora_A, lora_B, hooks, marks ── the active adapter ("a")
@@ -16,7 +16,7 @@ is untouched; the others wait in the bank as a config and detached tensors::
                       base_values={"classifier.weight": <the base's own values>, ...}
 
 Switching to an adapter whose layout equals the installed one's (same tensors by name,
-shape and dtype, same ranks, alphas and scalings, same dropout/bias/DoRA settings) copies
+shape and dtype, same ranks, alphas and scalings, same dropout/bias/variant flags) copies
 its values into the live parameters in place (parameter identity kept, no recompile of a
 ``torch.compile``'d model) and stores the outgoing values in the bank; any other switch
 unloads the active adapter and applies the incoming adapter's plan (checked before anything
@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lora_lightning.core import quantize
+from lora_lightning.core import quantize, variants
 from lora_lightning.core.config import DTYPES, LoRAConfig
 from lora_lightning.core.errors import AdapterFileError, LoRAConfigError, LoRAStateError
 from lora_lightning.core.loading import install_adapter, read_adapter
@@ -56,7 +56,6 @@ from lora_lightning.core.state import (
     adapted_layers,
     adapter_bank,
     config_of,
-    is_adapter_parameter,
     is_merged,
     lora_state_dict,
     owner_of,
@@ -72,8 +71,14 @@ BASE = "__base__"
 #: ``combine_adapters`` combinations.
 COMBINATIONS = ("cat", "linear")
 #: Config fields that change the forward pass beyond ranks and scalings: an in-place switch
-#: needs them equal.
-_FORWARD_FIELDS = ("dropout", "dropout_masks", "group_shared_input", "use_dora", "bias")
+#: needs them equal (every variant's flag among them, ``core.variants``).
+_FORWARD_FIELDS = (
+    "dropout",
+    "dropout_masks",
+    "group_shared_input",
+    *variants.config_fields(),
+    "bias",
+)
 _A, _B = ".lora_A.weight", ".lora_B.weight"
 
 
@@ -206,7 +211,7 @@ def hotswap_adapter(model: nn.Module, directory: str | os.PathLike[str], name: s
 
     The file is checked in full against its own plan, then against the installed layout:
     the same adapted modules, ``modules_to_save`` and trained biases, dtypes and shapes, the
-    same ``use_dora`` and ``bias``. Two differences are absorbed because the result is exact:
+    same variant flags (``use_dora``) and ``bias``. Two differences are absorbed because the result is exact:
 
     - a smaller rank: ``A`` is zero-padded to the installed rows and ``B`` to its columns
       (``[B, 0] [A; 0] = B A``);
@@ -402,7 +407,7 @@ def _device(model: nn.Module) -> torch.device:
 
 def _extras(tensors: dict[str, torch.Tensor]) -> list[str]:
     """Names of the tensors that are not adapters: ``modules_to_save`` parameters, biases."""
-    return [n for n in tensors if not is_adapter_parameter(n)]
+    return [n for n in tensors if not variants.is_adapter_tensor(n)]
 
 
 def _check_new_name(model: nn.Module, name: Any, what: str) -> None:
@@ -563,7 +568,7 @@ def _fit_to_slot(
         f"missing {n} (the installed adapter has it)" for n in sorted(set(slot) - set(found))
     ]
     problems += [f"unexpected {n} (not in the installed adapter)" for n in sorted(set(found) - set(slot))]  # fmt: skip
-    for field in ("use_dora", "bias"):
+    for field in (*variants.config_fields(), "bias"):
         if getattr(file_config, field) != getattr(config, field):
             problems.append(
                 f"{field} differs (installed {getattr(config, field)!r}, file "
@@ -644,8 +649,12 @@ def _check_combinable(sources: dict[str, StoredAdapter], combination: str) -> No
     problems = []
     for source, adapter in sources.items():
         config = adapter.config
-        if config.use_dora:
-            problems.append(f"{source!r} is a DoRA adapter (its magnitudes do not combine)")
+        # No variant combines yet: each one enabled is refused, never dropped from the result.
+        problems += [
+            f"{source!r} {v.combine_refusal}"
+            for v in variants.VARIANTS.values()
+            if v.enabled(config)
+        ]
         if config.changes_base:
             problems.append(f"{source!r} is an unconverted init={config.init!r} adapter")
         if extras := _extras(adapter.tensors):

@@ -15,7 +15,8 @@ under ``base_model.model.`` (PEFT's adapter name is not in the keys)::
 
     <path>.lora_A.weight / .lora_B.weight        adapter of a Linear, Conv1D or ConvNd
     <path>.lora_embedding_A / .lora_embedding_B  adapter of an Embedding
-    <path>.lora_magnitude_vector                 DoRA's magnitude (use_dora: true)
+    <path>.<variant tensor>                      a variant's (core.variants), e.g. DoRA's
+                                                 lora_magnitude_vector (use_dora: true)
     <path>.base_layer.bias                       bias of an adapted layer (bias != "none")
     <path>.bias                                  any other trained bias (bias="all")
     <module>.<param>                             modules_to_save parameters
@@ -38,10 +39,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from lora_lightning.core import variants
 from lora_lightning.core.config import DTYPES, LoRAConfig
-from lora_lightning.core.dora import MAGNITUDE
 from lora_lightning.core.errors import AdapterFileError
 from lora_lightning.core.files import CONFIG_FILE, WEIGHTS_FILE  # noqa: E402 - re-exported
+from lora_lightning.core.inits import find_init
 from lora_lightning.core.layers import EMBEDDING, GPT2_CONV1D
 from lora_lightning.core.state import LoRALayer, parameter_aliases
 
@@ -93,7 +95,8 @@ SUPPORTED_FIELDS = frozenset({
     "lora_dropout", "fan_in_fan_out", "bias", "use_rslora", "modules_to_save",
     "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern",
     "alpha_pattern", "megatron_core", "loftq_config", "eva_config", "corda_config",
-    "lora_ga_config", "use_dora", "qalora_group_size", "ensure_weight_tying", "runtime_config",
+    "lora_ga_config", "qalora_group_size", "ensure_weight_tying", "runtime_config",
+    *variants.peft_fields(),
 })  # fmt: skip
 #: LoraConfig fields refused by name when set (:data:`UNSUPPORTED_FIELDS`).
 REFUSED_FIELDS = frozenset(UNSUPPORTED_FIELDS)
@@ -111,7 +114,8 @@ _FEATURE_KEYS = {
     "lora_ranknum": "AdaLoRA",
 }
 _LORA_PART = re.compile(r"\.lora_\w+")
-_ADAPTER_PARTS = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", MAGNITUDE}
+_ADAPTER_PARTS = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
+                  *variants.tensor_parts()}  # fmt: skip
 
 
 def parse_adapter_config(text: str, path: Path) -> dict[str, Any]:
@@ -138,10 +142,11 @@ def parse_adapter_config(text: str, path: Path) -> dict[str, Any]:
     _expect(path, config, "lora_dropout", (int, float), lambda v: 0 <= v < 1,
             "a number in [0, 1)", default=0.0)  # fmt: skip
     _expect(path, config, "use_rslora", bool, lambda v: True, "true or false", default=False)
-    if not isinstance(config.get("use_dora", False), (bool, type(None))):
-        raise AdapterFileError(
-            f"{path}: use_dora={config['use_dora']!r} is invalid; expected true or false"
-        )
+    for field in variants.peft_fields():
+        if not isinstance(config.get(field, False), (bool, type(None))):
+            raise AdapterFileError(
+                f"{path}: {field}={config[field]!r} is invalid; expected true or false"
+            )
     _expect(path, config, "bias", str, lambda v: v in ("none", "lora_only", "all"),
             "one of none, lora_only, all", default="none")  # fmt: skip
     for name, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
@@ -238,8 +243,9 @@ def config_from_peft(
     Raises:
         AdapterFileError: modules the model lacks; mixed or non-float dtypes; ranks that
             disagree with the config; a model feature PEFT computes differently
-            (:func:`check_model_features`); ``ensure_weight_tying`` on tied modules; DoRA
-            magnitudes without ``use_dora: true``, or ``use_dora: true`` without them.
+            (:func:`check_model_features`); ``ensure_weight_tying`` on tied modules; a
+            variant's tensors without its flag (DoRA magnitudes without ``use_dora: true``),
+            or the flag without them.
     """
     names = dict(model.named_modules())
     _check_targets_exist(file_modules, names, directory)
@@ -261,7 +267,7 @@ def config_from_peft(
         use_rslora=bool(peft.get("use_rslora", False)),
         bias=peft.get("bias", "none"),
         modules_to_save=[_exact(n) for n in saved],
-        use_dora=_use_dora(peft, tensors, directory),
+        **_variant_flags(peft, tensors, directory),
     )
 
 
@@ -331,22 +337,29 @@ def _modules_to_save(
     return saved
 
 
-def _use_dora(peft: dict[str, Any], tensors: dict[str, torch.Tensor], directory: Path) -> bool:
-    """``use_dora``, checked against the file: DoRA magnitudes iff the config says DoRA."""
-    use_dora = peft.get("use_dora") is True
-    magnitudes = sorted(k for k in tensors if k.endswith("." + MAGNITUDE))
-    if use_dora and not magnitudes:
-        raise AdapterFileError(
-            f"{directory}: {CONFIG_FILE} says use_dora=true but {WEIGHTS_FILE} holds no DoRA "
-            f"magnitudes (<module>.{MAGNITUDE}); the file is incomplete or its config edited"
-        )
-    if magnitudes and not use_dora:
-        raise AdapterFileError(
-            f"{directory}: {WEIGHTS_FILE} holds DoRA magnitudes ({magnitudes[0]}, ...) but "
-            f"{CONFIG_FILE} says use_dora=false; loading it as plain LoRA would compute "
-            "something else. Set use_dora to true if the adapter was trained with DoRA"
-        )
-    return use_dora
+def _variant_flags(
+    peft: dict[str, Any], tensors: dict[str, torch.Tensor], directory: Path
+) -> dict[str, bool]:
+    """``LoRAConfig`` flag -> value for every variant (``core.variants``), each checked against
+    the file: the variant's tensors are there iff its field says so."""
+    flags = {}
+    for variant in variants.VARIANTS.values():
+        field, enabled = variant.peft_field, peft.get(variant.peft_field) is True
+        found = sorted(k for k in tensors if k.endswith(tuple(f".{t}" for t in variant.tensors)))
+        if enabled and not found:
+            raise AdapterFileError(
+                f"{directory}: {CONFIG_FILE} says {field}=true but {WEIGHTS_FILE} holds no "
+                f"{variant.tensor_label} (<module>.{'/'.join(variant.tensors)}); the file is "
+                "incomplete or its config edited"
+            )
+        if found and not enabled:
+            raise AdapterFileError(
+                f"{directory}: {WEIGHTS_FILE} holds {variant.tensor_label} ({found[0]}, ...) "
+                f"but {CONFIG_FILE} says {field}=false; loading it as plain LoRA would compute "
+                f"something else. Set {field} to true if the adapter was trained with it"
+            )
+        flags[variant.config_field] = enabled
+    return flags
 
 
 def peft_modules_to_save(entries: list[str], names: list[str]) -> list[str]:
@@ -568,11 +581,9 @@ def peft_config(
         "fan_in_fan_out": any(s.kind == GPT2_CONV1D for _, _, s in modules),
         # PiSSA/OLoRA keep PEFT's name: the file is then refused on a stock base (see
         # check_supported_features) unless written converted (init "kaiming" here).
-        "init_lora_weights": config.init
-        if config.init == "gaussian" or config.changes_base
-        else True,
+        "init_lora_weights": find_init(config.init).file_name(config.init),
         "inference_mode": True,
-        "use_dora": config.use_dora,
+        **{v.peft_field: v.enabled(config) for v in variants.VARIANTS.values()},
     }
 
 

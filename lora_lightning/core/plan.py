@@ -23,18 +23,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lora_lightning.core import dora, quantize
+from lora_lightning.core import quantize, variants
 from lora_lightning.core.config import LoRAConfig, NamePattern, compile_patterns, config_diff
 from lora_lightning.core.errors import LoRAConfigError, LoRAStateError, UnsupportedModuleError
-from lora_lightning.core.layers import (
-    adapter_shapes,
-    base_changing_unsupported_reason,
-    layer_kind,
-    unsupported_reason,
-)
+from lora_lightning.core.inits import find_init
+from lora_lightning.core.layers import adapter_shapes, layer_kind, unsupported_reason
 from lora_lightning.core.state import (
     adapted_layers,
-    is_adapter_parameter,
+    adapter_parameter_names,
     owner_of,
     parameter_aliases,
     select_trainable,
@@ -57,7 +53,7 @@ class TargetPlan:
     shape_a: tuple[int, ...]
     shape_b: tuple[int, ...]
     on_meta: bool  # the base weight has no values (meta device): nothing can be loaded
-    variant: str | None = None  # "dora" (config.use_dora), None for plain LoRA
+    variant: str | None = None  # a core.variants name ("dora"), None for plain LoRA
     variant_tensors: tuple[tuple[str, tuple[int, ...]], ...] = ()  # the variant's (name, shape)
     # An init that also rewrites the base weight to W - s·B0 A0 (config.init: pissa,
     # pissa_niter_<k>, olora); None when the base weight is left as it is.
@@ -112,11 +108,8 @@ class LoRAPlan:
             all_biases=self.config.bias == "all",
         )
         # Adapter tensors are this plan's own (not those of adapters already in the model).
-        specs = {
-            n: (tuple(params[n].shape), params[n].dtype)
-            for n in names
-            if not is_adapter_parameter(n)
-        }
+        present = adapter_parameter_names(model)
+        specs = {n: (tuple(params[n].shape), params[n].dtype) for n in names if n not in present}
         return {**specs, **self.adapter_tensors()}
 
     def summary(self) -> str:
@@ -159,10 +152,10 @@ def plan_lora(
         LoRAConfigError: an invalid config value; a ``target_modules`` or ``modules_to_save``
             entry that matches no module (with close names among the layers LoRA can adapt);
             no target left.
-        UnsupportedModuleError: a target LoRA cannot adapt, or with ``use_dora`` a target
-            DoRA cannot adapt (a convolution or embedding), or with a PiSSA/OLoRA ``init`` a
-            target it cannot adapt (see ``core.layers.base_changing_unsupported_reason``, tied
-            weights), or with ``quantize_base`` a target whose base it cannot store (not an
+        UnsupportedModuleError: a target LoRA cannot adapt, or with a variant (``use_dora``)
+            a target the variant cannot adapt (DoRA: a convolution or embedding), or a target
+            the ``init`` cannot adapt (``core.inits``: PiSSA/OLoRA on a layer kind they do not
+            factor, a meta weight, a rank above its smaller dimension, tied weights), or with ``quantize_base`` a target whose base it cannot store (not an
             nn.Linear, meta, a size nf4 cannot block, tied weights; see
             ``core.quantize.unsupported_reason``), or a target or ``modules_to_save`` module
             the model also holds under another name; every such module is listed.
@@ -200,11 +193,12 @@ def plan_lora(
     unsupported = [(n, unsupported_reason(m)) for n, m in kept if unsupported_reason(m)]
     unsupported += _held_under_several_names(every, kept + saved)
     unsupported += _read_directly(modules, kept)
-    if config.use_dora and not unsupported:
-        reasons = [(n, dora.unsupported_reason(m, layer_kind(m))) for n, m in kept]
+    variant = variants.enabled_variant(config)
+    if variant is not None and not unsupported:
+        reasons = [(n, variant.unsupported_reason(m, layer_kind(m))) for n, m in kept]
         unsupported = [(n, why) for n, why in reasons if why]
-    if config.changes_base and not unsupported and (alongside or owner_of(model) is None):
-        unsupported = _base_changing_problems(model, kept, config)
+    if not unsupported and (alongside or owner_of(model) is None):
+        unsupported = _init_problems(model, kept, config)
     if config.quantize_base != quantize.NONE and not unsupported and owner_of(model) is None:
         quantize.backend()  # a missing library is refused before anything changes
         unsupported = _quantize_problems(model, kept, config.quantize_base)
@@ -215,7 +209,7 @@ def plan_lora(
             f"{len(unsupported)} target(s) cannot be adapted: {listed}{more}; adjust "
             "lora.target_modules or lora.exclude_modules"
         )
-    targets = tuple(_target_plan(name, module, config) for name, module in kept)
+    targets = tuple(_target_plan(name, module, config, variant) for name, module in kept)
     _warn_about_tied_targets(model, kept)
     biases = tuple(
         n for n, m in kept if config.bias == "lora_only" and getattr(m, "bias", None) is not None
@@ -297,7 +291,9 @@ def _warn_about_tied_targets(model: nn.Module, targets: list[tuple[str, nn.Modul
             )
 
 
-def _target_plan(name: str, module: nn.Module, config: LoRAConfig) -> TargetPlan:
+def _target_plan(
+    name: str, module: nn.Module, config: LoRAConfig, variant: variants.Variant | None
+) -> TargetPlan:
     kind = layer_kind(module)
     r, alpha = config.rank_for(name), config.alpha_for(name)
     shape_a, shape_b = adapter_shapes(module, kind, r)
@@ -311,29 +307,32 @@ def _target_plan(name: str, module: nn.Module, config: LoRAConfig) -> TargetPlan
         shape_a=tuple(shape_a),
         shape_b=tuple(shape_b),
         on_meta=module.weight.device.type == "meta",
-        variant=dora.DoRA.name if config.use_dora else None,
-        variant_tensors=(
-            ((dora.MAGNITUDE, dora.magnitude_shape(module, kind)),) if config.use_dora else ()
-        ),
+        variant=variant.name if variant is not None else None,
+        variant_tensors=variant.tensor_shapes(module, kind) if variant is not None else (),
         base_init=config.init if config.changes_base else None,
         quantize=config.quantize_base if config.quantize_base != quantize.NONE else None,
     )
 
 
-def _base_changing_problems(
+def _init_problems(
     model: nn.Module, targets: list[tuple[str, nn.Module]], config: LoRAConfig
 ) -> list[tuple[str, str]]:
-    """Targets a PiSSA/OLoRA init cannot adapt: the wrong layer kind, no values (meta), a
-    rank above the layer's smaller dimension, or a weight shared with another module
-    (rewriting it would change that module too)."""
-    init = config.init
+    """Targets the init (``core.inits``) cannot adapt: a layer kind it does not support; for
+    an init that factors the weight, no values (meta) or a rank above the layer's smaller
+    dimension; for one that changes the base (PiSSA, OLoRA), a weight shared with another
+    module (rewriting it would change that module too)."""
+    init, entry = config.init, find_init(config.init)
     ranks = {id(module): config.rank_for(name) for name, module in targets}
+
+    def reason(module: nn.Module) -> str | None:
+        return entry.unsupported_reason(module, layer_kind(module), init, ranks[id(module)])
+
+    if not entry.changes_base:
+        return [(n, why) for n, m in targets if (why := reason(m))]
     return _weight_problems(
         model,
         targets,
-        lambda module: base_changing_unsupported_reason(
-            module, layer_kind(module), init, ranks[id(module)]
-        ),
+        reason,
         f"init={init!r} rewrites the base weight, which would change those modules too",
     )
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from lora_lightning.core import variants
 from lora_lightning.core.state import config_of, saved_modules
 
 #: modules_to_save vLLM accepts: the input embeddings and the output head.
@@ -27,15 +28,16 @@ class ServingCompatibilityWarning(UserWarning):
 def vllm_unsupported(model: nn.Module) -> list[str]:
     """The features of `model`'s adapter that vLLM refuses, each named; empty if none.
 
-    Reads the adapter's config (`use_dora`, `bias`) and its `modules_to_save` modules. A model
+    Reads the adapter's config (its variant, see `core.variants`; `bias`) and its `modules_to_save` modules. A model
     without a `generate` method (a classifier, an encoder) is not vLLM's to serve: empty list.
     """
     config = config_of(model)
     if config is None or not callable(getattr(model, "generate", None)):
         return []
     problems = []
-    if config.use_dora:
-        problems.append("DoRA (use_dora=true: lora_magnitude_vector tensors)")
+    problems += [
+        v.vllm_refusal for v in variants.VARIANTS.values() if v.enabled(config) and v.vllm_refusal
+    ]
     if config.bias != "none":
         problems.append(f"trained biases (bias={config.bias!r})")
     others = [n for n, _ in saved_modules(model) if n.rsplit(".", 1)[-1] not in VLLM_SAVABLE]

@@ -44,12 +44,6 @@ _MARKS = (_LAYER, _SAVED, _BIAS, _ROOT, _QUANTIZED)
 
 #: Names of LoRA's own child modules, never targets themselves.
 LORA_PARTS = ("lora_A", "lora_B")
-#: DoRA's magnitude: a parameter of the adapted layer itself (see ``core.dora``), so its
-#: state-dict key is ``<path>.lora_magnitude_vector``, PEFT's file key.
-MAGNITUDE = "lora_magnitude_vector"
-#: The last parts of every adapter tensor's qualified name: the two matrices and DoRA's
-#: magnitude.
-ADAPTER_TENSORS = ("lora_A.weight", "lora_B.weight", MAGNITUDE)
 
 
 @dataclass(eq=False)
@@ -75,7 +69,9 @@ class LoRALayer:
     merged: bool = False
     handle: Any = None  # the forward hook's RemovableHandle
     group: Any = None  # a core.fusion.SharedInput when siblings share one A product
-    variant: Any = None  # a layer variant (core.dora.DoRA) owning forward and merge; None: LoRA
+    # A layer variant (core.variants; DoRA's core.dora.DoRA) owning forward and merge and
+    # naming the tensors it added (``variant.tensors``); None: plain LoRA.
+    variant: Any = None
     # (A0, B0) of an init that changed the base weight to W - s·B0 A0 (PiSSA, OLoRA): what
     # conversion to plain LoRA and unload subtract/restore. None for every other init.
     initial: Any = None
@@ -279,10 +275,24 @@ def parameter_aliases(model: nn.Module) -> dict[str, list[str]]:
     return {n: [o for o in by_tensor[id(p)] if o != n] for n, p in params}
 
 
-def is_adapter_parameter(name: str) -> bool:
-    """True for the qualified name of an adapter tensor: ``...lora_A.weight``,
-    ``...lora_B.weight``, or DoRA's ``...lora_magnitude_vector``."""
-    return any(name == part or name.endswith("." + part) for part in ADAPTER_TENSORS)
+def adapter_tensor_names(name: str, layer: LoRALayer) -> list[str]:
+    """The qualified names of the adapter tensors of layer ``name``: its two matrices and
+    whatever its variant added (the layer says, nothing matches names by string)."""
+    prefix = f"{name}." if name else ""
+    parts = [f"{part}.weight" for part in LORA_PARTS]
+    parts += list(layer.variant.tensors) if layer.variant is not None else []
+    return [prefix + part for part in parts]
+
+
+def adapter_parameter_names(model: nn.Module) -> set[str]:
+    """Qualified names of every adapter tensor in ``model`` (see :func:`adapter_tensor_names`),
+    under every name a layer is held by (an aliased layer's tensors have several)."""
+    names: set[str] = set()
+    for name, module in model.named_modules(remove_duplicate=False):
+        layer = module.__dict__.get(_LAYER)
+        if layer is not None:
+            names.update(adapter_tensor_names(name, layer))
+    return names
 
 
 def trainable_names(model: nn.Module) -> list[str]:
@@ -306,6 +316,7 @@ def select_trainable(
     before any mark exists): adapter matrices, every parameter under a ``saved`` module, and
     the bias of each module in ``bias_modules`` (or every bias with ``all_biases``)."""
     names = []
+    adapters = adapter_parameter_names(model)
     saved_prefixes = [f"{n}." if n else "" for n in saved]
     for module_name, module in model.named_modules(remove_duplicate=False):
         prefix = f"{module_name}." if module_name else ""
@@ -313,7 +324,7 @@ def select_trainable(
         for param_name, _ in module.named_parameters(recurse=False):
             full = prefix + param_name
             if (
-                is_adapter_parameter(full)
+                full in adapters
                 or any(full.startswith(p) for p in saved_prefixes)
                 or (param_name == "bias" and trained_bias)
             ):
@@ -336,7 +347,7 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors a LoRA run produces, keyed as in ``model.state_dict()``.
 
     That is ``<path>.lora_A.weight`` / ``<path>.lora_B.weight`` of every adapted module (and
-    ``<path>.lora_magnitude_vector`` with DoRA), the
+    its variant's tensors, e.g. DoRA's ``<path>.lora_magnitude_vector``), the
     parameters of ``modules_to_save``, and the biases that ``config.bias`` trains. Frozen base
     weights are never included. Tensors are detached and share storage with the model.
     """
@@ -361,13 +372,14 @@ class ParameterCounts:
 
 
 def count_parameters(model: nn.Module) -> ParameterCounts:
-    """Count trainable, total and adapter (A/B, DoRA magnitude) parameters; works on ``meta``
+    """Count trainable, total and adapter (A/B, a variant's) parameters; works on ``meta``
     models too."""
     trainable = total = adapter = 0
+    adapters = adapter_parameter_names(model)
     for name, param in model.named_parameters():
         total += param.numel()
         trainable += param.numel() if param.requires_grad else 0
-        adapter += param.numel() if is_adapter_parameter(name) else 0
+        adapter += param.numel() if name in adapters else 0
     return ParameterCounts(
         trainable=trainable,
         total=total,

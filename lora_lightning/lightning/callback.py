@@ -39,6 +39,7 @@ Hook placement (Lightning 2.x, see PITFALLS.md):
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -62,15 +63,20 @@ from lora_lightning.core import (
     adapted_layers,
     apply_loraplus,
     apply_plan,
+    config_diff,
     count_parameters,
     export_root,
     lora_state_dict,
     merged_state_dict,
     plan_lora,
+    prepare_lora,
     save_adapter,
+    unload_lora,
 )
-from lora_lightning.core.errors import AdapterFileError, LoRAConfigError
+from lora_lightning.core.errors import AdapterFileError, CheckpointMismatchError, LoRAConfigError
 from lora_lightning.core.files import atomic_write_file
+from lora_lightning.core.inits import find_init
+from lora_lightning.core.inject import Forward
 from lora_lightning.core.peft_format import check_model_features
 from lora_lightning.core.plan import LoRAPlan, TargetFn
 from lora_lightning.lightning.checkpoint import (
@@ -96,6 +102,8 @@ from lora_lightning.lightning.sharded import (
 )
 
 _WRAPPED = "_lora_callback_wrapped"
+#: Key of a data-dependent init's result in the checkpoint's LoRA entry.
+_INIT_KEY = "init"
 _CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(LoRAConfig))
 
 
@@ -121,6 +129,13 @@ class LoRACallback(RNGStateCallback):
             (``modules_to_save``, biases), so PEFT loads the adapter onto the stock model;
             otherwise the LightningModule itself (``""``). Resolved at ``setup``, before
             anything is injected: it must name a submodule holding every trained tensor.
+        init_batches: how many training batches a data-dependent init (``eva``, ``lora_ga``) sees
+            before the adapters are built: the first ``init_batches`` of the train dataloader,
+            on every rank (rank zero's result is broadcast, so every rank builds the same
+            adapters). What the init produced (its ranks and values) is kept in every
+            checkpoint, and a resume rebuilds the adapters from it.
+        init_forward: ``init_forward(module, batch)`` runs the LightningModule on one batch
+            for that init; default ``module(**batch)`` for a mapping, ``module(batch)`` else.
         export_converted: write the adapter of a PiSSA/OLoRA run (``init``) converted to plain
             LoRA (rank 2r, ``save_adapter(..., convert_to_plain_lora=True)``), which loads on
             the stock base; False writes the unconverted form, which PEFT and this project
@@ -128,8 +143,8 @@ class LoRACallback(RNGStateCallback):
         r, alpha, dropout, seed, dtype, target_modules, exclude_modules, rank_pattern,
             alpha_pattern, use_rslora, init, bias, modules_to_save, group_shared_input,
             dropout_masks, use_dora, loraplus_lr_ratio, loraplus_lr_embedding,
-            quantize_base, quantize_scope, fuse_shared_input: :class:`LoRAConfig` fields
-            overriding ``config`` (``LoRACallback(r=4)``; flat ``init_args`` in ``LightningCLI`` YAML).
+            quantize_base, quantize_scope, eva_config, lora_ga_config, fuse_shared_input:
+            :class:`LoRAConfig` fields overriding ``config`` (``LoRACallback(r=4)``; flat ``init_args`` in ``LightningCLI`` YAML).
             ``loraplus_lr_ratio`` splits every param group of the optimizers
             ``configure_optimizers`` returns (see :func:`lora_lightning.apply_loraplus`),
             and the schedulers it returns with them.
@@ -152,6 +167,8 @@ class LoRACallback(RNGStateCallback):
         merge_on_end: bool = False,
         export_root: str = "auto",
         export_converted: bool = True,
+        init_batches: int = 16,
+        init_forward: Forward | None = None,
         r: int | None = None,
         alpha: float | None = None,
         dropout: float | None = None,
@@ -172,6 +189,8 @@ class LoRACallback(RNGStateCallback):
         loraplus_lr_embedding: float | None = None,
         quantize_base: str | None = None,
         quantize_scope: str | None = None,
+        eva_config: Mapping[str, Any] | None = None,
+        lora_ga_config: Mapping[str, Any] | None = None,
         fuse_shared_input: bool | None = None,
     ) -> None:
         super().__init__()
@@ -201,6 +220,17 @@ class LoRACallback(RNGStateCallback):
             )
         if target_fn is not None and not callable(target_fn):
             raise LoRAConfigError(f"LoRACallback(target_fn={target_fn!r}) is not callable")
+        if isinstance(init_batches, bool) or not isinstance(init_batches, int) or init_batches < 1:
+            raise LoRAConfigError(
+                f"LoRACallback(init_batches={init_batches!r}) is invalid: expected an integer >= 1"
+            )
+        if init_forward is not None and not callable(init_forward):
+            raise LoRAConfigError(f"LoRACallback(init_forward={init_forward!r}) is not callable")
+        self.init_batches = init_batches
+        self.init_forward = init_forward
+        # A data-dependent init's result, kept in checkpoints: the config asked for, the
+        # config it resolved (its ranks), and its per-layer values. None for other inits.
+        self._init_state: dict[str, Any] | None = None
         self.target_fn = target_fn
         self.adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
         self.export_on_checkpoint = export_on_checkpoint
@@ -249,7 +279,9 @@ class LoRACallback(RNGStateCallback):
                 ) from None
             self._check_export_root(pl_module, list(plan.trainable_tensors(pl_module)))
             self._check_exportable(pl_module, plan)
-            self.adapted = apply_plan(pl_module, plan)
+            plan, values = self._prepare_init(trainer, pl_module, plan, stage)
+            self.adapted = apply_plan(pl_module, plan, values, values_follow=values is None)
+            self.config = plan.config  # with a data-dependent init's ranks: later setups agree
             self._root = self._resolve_export_root(pl_module)
         self._module = pl_module
         # Needed to write (fit) or load checkpoints only. Every rank is here: under DDP each
@@ -290,6 +322,105 @@ class LoRACallback(RNGStateCallback):
                 "use strategy='ddp' to keep them (or load the exported adapter)."
             )
 
+    # ----------------------------------------------------------------- data-dependent init
+    def _prepare_init(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, plan: LoRAPlan, stage: str
+    ) -> tuple[LoRAPlan, dict[str, Any] | None]:
+        """For a data-dependent init (``core.inits``: EVA, LoRA-GA) while fitting, the plan
+        with the ranks it chose and its per-layer values, learnt from the first
+        ``init_batches`` training batches on every rank, rank zero's result broadcast. Any
+        other init (or adapters already there): ``plan`` unchanged, no values. Another stage
+        (validate, test, predict) has no training batches: placeholder adapters (values None:
+        the plan's ranks, untouched base) that :meth:`_restore_init` replaces by the loaded
+        checkpoint's. (On a resume too Lightning names the checkpoint only after ``setup``.)"""
+        if find_init(self.config.init).prepare is None or plan.already_applied:
+            return plan, {}
+        if stage != TrainerFn.FITTING:
+            self._init_state = {"requested": self.config.to_dict(), "placeholder": True}
+            return plan, None
+        batches = self._first_batches(trainer)
+        prepared = prepare_lora(
+            pl_module, self.config, batches, forward=self.init_forward, target_fn=self.target_fn
+        )
+        state = {
+            "requested": self.config.to_dict(),
+            "config": prepared.plan.config.to_dict(),
+            "values": {n: v.detach().cpu() for n, v in prepared.values.items()},
+        }
+        self._init_state = trainer.strategy.broadcast(state, src=0)
+        resolved = LoRAConfig.from_dict(self._init_state["config"])
+        return plan_lora(pl_module, resolved, target_fn=self.target_fn), dict(
+            self._init_state["values"]
+        )
+
+    def _first_batches(self, trainer: pl.Trainer) -> list[Any]:
+        """The first ``init_batches`` batches of the train dataloader (fewer if it is shorter),
+        however it was given (a DataModule, the module's hook, ``fit(train_dataloaders=)``)."""
+        source = getattr(getattr(trainer, "fit_loop", None), "_data_source", None)
+        loader = source.dataloader() if source is not None and source.is_defined() else None
+        if loader is None:
+            raise LoRAConfigError(
+                f"lora.init={self.config.init!r} initialises the adapters from training batches, "
+                "and this run has no train dataloader (a validate/test/predict run): load the "
+                "adapter of the training run instead"
+            )
+        return list(itertools.islice(iter(loader), self.init_batches))
+
+    def _restore_init(self, trainer: Any, module: pl.LightningModule, checkpoint: dict) -> None:
+        """Before a resumed model state loads: rebuild a data-dependent init's adapters from
+        the result the checkpoint kept (its ranks and values), if this run's own ``prepare``
+        found another; the config it was asked for must be the checkpoint's."""
+        if self._init_state is None:
+            return
+        meta = checkpoint.get(CHECKPOINT_KEY)
+        state = meta.get(_INIT_KEY) if isinstance(meta, Mapping) else None
+        if not isinstance(state, Mapping) or not {"requested", "config", "values"} <= set(state):
+            raise CheckpointMismatchError(
+                f"the checkpoint holds no result of lora.init={self.config.init!r} (its "
+                f"'{CHECKPOINT_KEY}' entry has no '{_INIT_KEY}'), so the adapters it trained "
+                "cannot be rebuilt: resume from a checkpoint of the same run, or start a new run"
+            )
+        requested = self._init_state["requested"]
+        placeholder = self._init_state.get("placeholder", False)
+        differ = config_diff(dict(state["requested"]), requested, labels=("checkpoint", "now"))
+        if differ:
+            raise CheckpointMismatchError(
+                "the checkpoint was trained with another LoRA config; differing fields: "
+                + "; ".join(differ)
+                + ". Resume with the checkpoint's config, or start a new run without ckpt_path"
+            )
+        resolved = LoRAConfig.from_dict(dict(state["config"]))
+        values = dict(state["values"])
+        ours = self._init_state.get("values", {})
+        same = (
+            not placeholder
+            and not config_diff(resolved, self.config)
+            and values.keys() == (ours.keys())
+        )
+        if same and all(torch.equal(values[n], ours[n]) for n in values):
+            return
+        # Placeholders left the base as it was: rebuilding from them is exact for every init.
+        if find_init(self.config.init).changes_base and not placeholder:
+            raise CheckpointMismatchError(
+                f"this run's lora.init={self.config.init!r} found other values than the "
+                "checkpoint's on its first batches, and this init rewrites the base weights, "
+                "which cannot be rebuilt bit for bit from the rewritten ones: resume with the "
+                "same first batches (an unshuffled or seeded train loader, the same "
+                "init_batches)"
+            )
+        if trainer is not None and trainer.strategy.restore_checkpoint_after_setup:
+            raise CheckpointMismatchError(
+                f"this run's lora.init={self.config.init!r} found other ranks or values than "
+                "the checkpoint's, and this strategy restores checkpoints after the optimizers "
+                "exist, so the adapters cannot be rebuilt from it; feed the init the same "
+                "batches (init_batches, an unshuffled loader) or resume with another strategy"
+            )
+        with without_compile_wrappers(module):
+            unload_lora(module, merge=False)
+            plan = plan_lora(module, resolved, target_fn=self.target_fn)
+            self.adapted = apply_plan(module, plan, values)
+        self.config, self._init_state = resolved, dict(state)
+
     # ------------------------------------------------------------------------ optimizers
     def _restrict_optimizers(self, original: Callable[[], Any]) -> Any:
         """Call the user's ``configure_optimizers`` and drop frozen parameters in place.
@@ -328,6 +459,8 @@ class LoRACallback(RNGStateCallback):
         output = original(checkpoint)
         module = self._require_module()
         metadata = lora_metadata(self.config, self._fingerprint(), self.adapted, self._root[0])
+        if self._init_state is not None:
+            metadata[_INIT_KEY] = self._init_state
         trim_checkpoint(checkpoint, lora_state_dict(module), metadata)
         return output
 
@@ -336,6 +469,7 @@ class LoRACallback(RNGStateCallback):
         module = self._require_module()
         trainer = getattr(module, "_trainer", None)
         training = trainer is not None and trainer.state.fn == TrainerFn.FITTING
+        self._restore_init(trainer, module, checkpoint)
         fingerprint = self._fingerprint()
         validate_checkpoint(checkpoint, module, self.config, fingerprint, training=training)
         if training:

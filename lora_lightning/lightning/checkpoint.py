@@ -30,7 +30,7 @@ from torch import nn
 
 from lora_lightning.core import LoRAConfig, adapted_layers, config_diff, quantize, trainable_names
 from lora_lightning.core.errors import CheckpointMismatchError, LoRAConfigError
-from lora_lightning.core.state import is_adapter_parameter
+from lora_lightning.core.state import adapter_parameter_names
 from lora_lightning.core.tensor_checks import (
     DTYPE,
     NON_FINITE,
@@ -466,11 +466,11 @@ def base_fingerprint(model: nn.Module, *, shared: bool = False) -> str:
 
 def _frozen_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """``(clean name, parameter)`` of every frozen base parameter, in model order."""
-    trainable = set(trainable_names(model))
+    trainable = set(trainable_names(model)) | adapter_parameter_names(model)
     return [
         (clean_name(name), param)
         for name, param in model.named_parameters()
-        if name not in trainable and not is_adapter_parameter(name)
+        if name not in trainable
     ]
 
 
