@@ -30,7 +30,7 @@ def test_the_study_runs_lora_full_fine_tuning_and_peft_and_resumes_nothing_twice
     assert rows["lora_s0"]["base_exact_match"] is not None  # the one run that evaluates the base
     assert rows["full_ft"]["base_exact_match"] is None
     report = (tmp_path / "results.md").read_text()
-    assert "QUICK SMOKE RUN" in report and "not run yet: lora_s1" in report
+    assert "QUICK SMOKE RUN" in report and "not run yet: lora_lr2e-3, lora_s1" in report
     assert (tmp_path / "exact_match.png").stat().st_size > 0
 
     stamp = (tmp_path / "runs/lora_s0/results.json").stat().st_mtime_ns

@@ -50,11 +50,13 @@ class Variant:
 #: "LoRA needs ~10x the full fine-tuning rate" rule (Schulman et al., "LoRA Without Regret",
 #: 2025). PiSSA uses its authors' setting (Meng et al. 2024: the full fine-tuning rate 2e-5,
 #: lora_alpha = r, no dropout). LoRA+ uses its authors' advice (Hayou et al. 2024: ratio 2^4,
-#: and the A rate about half of plain LoRA's).
+#: and the A rate about half of plain LoRA's). One row doubles LoRA's rate: does the 120-step
+#: budget want a larger one?
 VARIANTS = (
     Variant("lora_s0", "LoRA r=8", 1e-3, ("seed=0",), eval_base=True),
     Variant("full_ft", "full fine-tuning", 1e-4, ("seed=0", "~lora")),
     Variant("peft_s0", "PEFT LoRA r=8", 1e-3, ("seed=0", "~lora"), peft=True),
+    Variant("lora_lr2e-3", "LoRA r=8, lr 2e-3", 2e-3, ("seed=0",)),
     Variant("lora_s1", "LoRA r=8", 1e-3, ("seed=1",)),
     Variant("lora_s2", "LoRA r=8", 1e-3, ("seed=2",)),
     Variant("dora", "DoRA r=8", 1e-3, ("seed=0", "lora.use_dora=true")),
