@@ -96,6 +96,36 @@ def test_the_llm_job_runs_under_two_process_cpu_ddp(tiny_llm_dir, tmp_path):
     assert set(KEYS) <= set(metrics)
 
 
+@pytest.mark.slow
+def test_the_llm_job_runs_under_two_process_cpu_fsdp_and_exports_the_trained_adapter_whole(
+    tiny_llm_dir, tmp_path
+):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "fsdp"
+    train_py(
+        [*short_job(tiny_llm_dir, out), "trainer=fsdp", "trainer.devices=2", "data.batch_size=4"],
+        timeout=900,
+    )
+    metrics = json.loads((out / "results.json").read_text())["metrics"]
+    assert set(KEYS) <= set(metrics)
+    # The final step's adapters as the ranks' shards in last.ckpt hold them, joined by
+    # torch.distributed.checkpoint itself: the exported file holds exactly these.
+    last = out / "checkpoints" / "last.ckpt"
+    assert torch.load(last / "meta.pt", weights_only=False)["global_step"] == 2
+    dcp_to_torch_save(last, tmp_path / "last.pt")
+    trained = torch.load(tmp_path / "last.pt", weights_only=False)["state_dict"]
+    exported = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert set(exported) == {f"base_model.{key}" for key in trained}  # model.X -> PEFT's names
+    for key, tensor in trained.items():
+        assert torch.equal(exported[f"base_model.{key}"], tensor), key
+    base = AutoModelForCausalLM.from_pretrained(tiny_llm_dir)
+    PeftModel.from_pretrained(base, out / "adapter")  # refuses a tensor of the wrong shape
+
+
 # --- the real SmolLM2 ---------------------------------------------------------------------
 
 
