@@ -234,6 +234,32 @@ def test_submitit_signal_is_handled_at_the_step_boundary_and_handed_back_after_f
         signal.signal(signal.SIGUSR2, previous)
 
 
+def test_sigterm_stops_fit_at_the_step_boundary_and_runs_the_handler_installed_before_fit(
+    tmp_path,
+):
+    calls: list[int] = []
+
+    def earlier_handler(signum, frame):  # e.g. submitit's, which logs and bypasses SIGTERM
+        calls.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, earlier_handler)
+    try:
+        preemption = Preemption(tmp_path)
+        trainer = pl.Trainer(
+            accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False,
+            enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
+            callbacks=[SignalAtStep(2), preemption],
+        )  # fmt: skip
+        with pytest.raises(SIGTERMException):
+            trainer.fit(MLPModule())
+        assert trainer.global_step == 2 and preemption.saved == tmp_path / "preempted.ckpt"
+        assert (preemption.launcher, preemption.signal_name) == (None, "SIGTERM")
+        assert calls == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) is earlier_handler  # restored when fit ended
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_resume_auto_in_an_empty_run_folder_starts_fresh(tmp_path):
     assert resume_checkpoint(None, "auto", tmp_path) is None
 
