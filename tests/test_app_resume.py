@@ -260,6 +260,26 @@ def test_sigterm_stops_fit_at_the_step_boundary_and_runs_the_handler_installed_b
         signal.signal(signal.SIGTERM, previous)
 
 
+class SignalInFirstValidation(pl.Callback):
+    """Sends this process SIGTERM when the first epoch's validation starts."""
+
+    def on_validation_start(self, trainer: pl.Trainer, *args) -> None:
+        if not trainer.sanity_checking and trainer.current_epoch == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_during_the_epoch_end_validation_stops_after_that_epoch(tmp_path):
+    preemption = Preemption(tmp_path)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False,
+        enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=1,
+        callbacks=[SignalInFirstValidation(), preemption],
+    )  # fmt: skip
+    with pytest.raises(SIGTERMException):
+        trainer.fit(MLPModule())  # 4 steps per epoch
+    assert trainer.global_step == 4 and preemption.saved == tmp_path / "preempted.ckpt"
+
+
 def test_resume_auto_in_an_empty_run_folder_starts_fresh(tmp_path):
     assert resume_checkpoint(None, "auto", tmp_path) is None
 

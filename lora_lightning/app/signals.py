@@ -189,6 +189,10 @@ class Preemption(pl.Callback):
             loader.batches_done = batch_idx + 1
         self._agree_to_stop(trainer)
 
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A signal during the epoch's last validation: Lightning stops after the epoch.
+        self._agree_to_stop(trainer)
+
     def state_dict(self) -> dict[str, Any]:
         done = [loader.state_dict()["batches_done"] for loader in _train_loaders(self._trainer)]
         return {"batches_done": max(done, default=0)}
@@ -293,9 +297,11 @@ class Preemption(pl.Callback):
             log.info(f"{self._signal_of(launcher)}{named}: stopping after this step")
 
     def _agree_to_stop(self, trainer: pl.Trainer) -> None:
-        """At each training step's end, on every rank: when any rank was asked to stop, all of
-        them stop after this step, for the launcher with the highest request (so every rank
-        writes the same checkpoint and ends the same way).
+        """At each training step's (and epoch's) end, on every rank: when any rank was asked to
+        stop, all of them stop after this step, for the launcher with the highest request (so
+        every rank writes the same checkpoint and ends the same way). A signal during a
+        validation waits for the next step's end; one after the last step is not acted on
+        (the job finishes, and after ``fit`` SIGTERM has its earlier handler again).
 
         Stopping is Lightning's: its loops raise ``SIGTERMException`` after the step when its
         SIGTERM flag is set, the flag its own handler would have set; here it is set on every
@@ -310,6 +316,12 @@ class Preemption(pl.Callback):
             self.launcher = _ASKERS[asked - 1]
             self.signal_name = self._signal_of(self.launcher)
             trainer._signal_connector.received_sigterm = True
+            if not trainer.received_sigterm:  # a Lightning release that keeps it elsewhere
+                raise RuntimeError(
+                    f"lightning {pl.__version__}: Trainer.received_sigterm is not read from "
+                    "trainer._signal_connector.received_sigterm, so the preemption callback "
+                    "cannot stop training; lora_lightning.app.signals needs updating"
+                )
 
     def _signal_of(self, launcher: str | None) -> str:
         signum = self._launcher_signals.get(launcher) if launcher else None
