@@ -27,8 +27,9 @@ collective. Lightning's own SIGTERM handler cannot promise that (2.6: it calls
 ``dist.broadcast`` inside the handler, once per signal a rank receives, wherever that rank was
 interrupted, and each rank leaves the loop on its own flag; one rank then waits in a collective
 the others never make). So :class:`Preemption` replaces it for the duration of ``fit``: a
-handler only records the request, and at every training step boundary the ranks all-reduce
-(max) what they recorded; the first boundary where any rank has one is where all of them stop.
+handler only records the request, and at every training step's (and epoch's) end the ranks
+all-reduce (max) what they recorded; the first such point where any rank has one is where all
+of them stop.
 
 Exactness needs two things Lightning leaves to the user: the global RNG states (dropout
 masks), saved and restored per rank by ``LoRACallback`` (``RNGStateCallback`` for a run without
@@ -300,8 +301,9 @@ class Preemption(pl.Callback):
         """At each training step's (and epoch's) end, on every rank: when any rank was asked to
         stop, all of them stop after this step, for the launcher with the highest request (so
         every rank writes the same checkpoint and ends the same way). A signal during a
-        validation waits for the next step's end; one after the last step is not acted on
-        (the job finishes, and after ``fit`` SIGTERM has its earlier handler again).
+        validation inside an epoch waits for the next step's end; one after the last epoch's
+        end is not acted on (the job finishes, and after ``fit`` SIGTERM has its earlier
+        handler again).
 
         Stopping is Lightning's: its loops raise ``SIGTERMException`` after the step when its
         SIGTERM flag is set, the flag its own handler would have set; here it is set on every
