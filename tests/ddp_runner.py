@@ -18,16 +18,16 @@ TESTS = Path(__file__).resolve().parent
 _LAUNCHER_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-def run_ddp_driver(script: str | Path, out: Path, timeout: float = 300) -> None:
-    """Run ``python <script> <out>`` from the repository root; fail the test with the end of
-    its output if it exits non-zero (or ``timeout`` seconds pass)."""
+def run_ddp_driver(script: str | Path, out: Path, timeout: float = 300, *args: str) -> None:
+    """Run ``python <script> <out> <args>`` from the repository root; fail the test with the
+    end of its output if it exits non-zero (or ``timeout`` seconds pass)."""
     env = {
         key: value
         for key, value in os.environ.items()
         if key not in _LAUNCHER_VARIABLES and not key.startswith("PL_")
     }
     result = subprocess.run(
-        [sys.executable, str(script), str(out)],
+        [sys.executable, str(script), str(out), *args],
         cwd=TESTS.parent,
         env=env,
         capture_output=True,

@@ -1,4 +1,4 @@
-"""2-process CPU FSDP2 driver for test_callback_fsdp.py: ``python tests/fsdp_driver.py OUT``.
+"""CPU FSDP2 driver for test_callback_fsdp.py: ``python tests/fsdp_driver.py OUT [PHASE]``.
 
 Lightning's ``ModelParallelStrategy`` re-launches this script for rank 1, so every rank runs
 ``main``. A tiny Llama LightningModule (``LlamaModule``, sharded by ``shard_model`` in its
@@ -10,8 +10,14 @@ Lightning's ``ModelParallelStrategy`` re-launches this script for rank 1, so eve
 4. ``file_resume``: resumed from ``file``'s step-2 file, up to 4 steps.
 5. ``from_single`` (when ``OUT/single.ckpt`` exists: a single-process checkpoint the test
    wrote): resumed from it, 1 more step.
-6. ``mismatch``: resuming ``dist``'s folder with another LoRA rank; rank zero records the
+6. ``from_one`` (when ``OUT/one_ckpt`` exists): ``one``'s step-2 folder, written by one
+   process, resumed on two, 1 more step.
+7. ``mismatch``: resuming ``dist``'s folder with another LoRA rank; rank zero records the
    error and the adapters, which must be unchanged (it ends the run: rank 1 is stopped).
+
+The ``one`` and ``to_one`` phases run FSDP2 in one process (``ModelParallelStrategy`` on one
+device), before and after the 2-process runs: ``one`` trains 2 steps writing a distributed
+folder; ``to_one`` resumes ``dist``'s step-2 folder, 1 more step.
 
 Each rank writes ``<run>_<moment>_rank<r>.pt`` (the gathered adapters, this rank's local
 shards, the gathered optimizer state on rank zero, the global step, and at the end the
@@ -43,6 +49,7 @@ from lora_lightning.lightning.sharded import (
 )
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
+STEP2 = "epoch=0-step=2.ckpt"
 PROBE_IDS = torch.arange(16).reshape(2, 8) % 64
 
 
@@ -130,6 +137,7 @@ def run(
     ckpt_path: Path | None = None,
     r: int = 2,
     merge_on_end: bool = False,
+    devices: int = 2,
 ) -> pl.Trainer:
     callback = LoRACallback(
         target_modules=TARGETS,
@@ -140,9 +148,9 @@ def run(
     checkpoint = ModelCheckpoint(dirpath=out / f"{name}_ckpt", every_n_train_steps=2, save_top_k=-1)
     trainer = pl.Trainer(
         accelerator="cpu",
-        devices=2,
+        devices=devices,
         strategy=ModelParallelStrategy(
-            data_parallel_size=2,
+            data_parallel_size=devices,
             tensor_parallel_size=1,
             save_distributed_checkpoint=distributed,
         ),
@@ -159,22 +167,35 @@ def run(
 
 def main(out: Path) -> None:
     run(out, "dist", distributed=True, merge_on_end=True)
-    run(out, "dist_resume", distributed=True, ckpt_path=out / "dist_ckpt" / "epoch=0-step=2.ckpt")
+    run(out, "dist_resume", distributed=True, ckpt_path=out / "dist_ckpt" / STEP2)
     run(out, "file", distributed=False)
-    run(out, "file_resume", distributed=False, ckpt_path=out / "file_ckpt" / "epoch=0-step=2.ckpt")
+    run(out, "file_resume", distributed=False, ckpt_path=out / "file_ckpt" / STEP2)
     if (out / "single.ckpt").is_file():
         run(out, "from_single", distributed=True, steps=3, ckpt_path=out / "single.ckpt")
+    if (out / "one_ckpt").is_dir():
+        run(out, "from_one", distributed=True, steps=3, ckpt_path=out / "one_ckpt" / STEP2)
     try:
         run(
             out,
             "mismatch",
             distributed=True,
             r=4,
-            ckpt_path=out / "dist_ckpt" / "epoch=0-step=2.ckpt",
+            ckpt_path=out / "dist_ckpt" / STEP2,
         )
     except CheckpointMismatchError as err:
         torch.save({"error": str(err)}, out / "mismatch_error.pt")
 
 
+def one_process(out: Path, phase: str) -> None:
+    if phase == "one":
+        run(out, "one", distributed=True, steps=2, devices=1)
+    else:
+        folder = out / "dist_ckpt" / STEP2
+        run(out, "to_one", distributed=True, steps=3, devices=1, ckpt_path=folder)
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    if len(sys.argv) > 2:
+        one_process(Path(sys.argv[1]), sys.argv[2])
+    else:
+        main(Path(sys.argv[1]))

@@ -1,7 +1,7 @@
 """The Hydra app with ``trainer=fsdp`` (FSDP2Strategy) on 2 CPU processes: the default job
-runs, writes adapter-only checkpoints and PEFT-loadable adapters. (Exact resume is tested in
-test_callback_fsdp.py; preemption by SIGTERM with several processes is not tested: see the
-README's sharded-training section.)"""
+runs, writes adapter-only checkpoints and PEFT-loadable adapters, and a job stopped by SIGTERM
+continues with ``resume=auto`` to the uninterrupted job's adapter. (Exact resume inside
+Lightning is tested in test_callback_fsdp.py.)"""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import test_app
 from safetensors.torch import load_file
 from test_app import compose_train, train_py
-from test_app_resume import _budget
+from test_app_resume import _assert_same_adapter, _budget, preempt_then_resume
 from torch.distributed.checkpoint import FileSystemReader
 
 tiny_model_dir = test_app.tiny_model_dir  # the shared fixture (pytest finds it by this name)
@@ -51,3 +51,13 @@ def test_fsdp_job_adapters_load_in_peft_whole(straight, tiny_model_dir):
         PeftModel.from_pretrained(base, str(directory))  # refuses a tensor of the wrong shape
     # Whole tensors (not one rank's slice) in both: the shapes of the unsharded model.
     assert {k: v.shape for k, v in beside.items()} == {k: v.shape for k, v in final.items()}
+
+
+@pytest.mark.slow
+def test_sigterm_to_every_rank_of_an_fsdp_job_then_resume_auto_gives_the_uninterrupted_adapter(
+    straight, tiny_model_dir, tmp_path
+):
+    run_dir = tmp_path / "interrupted"
+    preempt_then_resume([*_budget(tiny_model_dir), *FSDP], run_dir, ranks="null")
+    assert (run_dir / "checkpoints" / "preempted.ckpt" / "meta.pt").is_file()  # the folder form
+    _assert_same_adapter(load_file(straight / "adapter" / "adapter_model.safetensors"), run_dir)

@@ -34,14 +34,19 @@ KILLER_ENV = {"PYTHONPATH": str(Path(__file__).parent)}
 
 class SignalAtStep(pl.Callback):
     """Sends this process ``signal`` (a name: SIGTERM, SIGUSR1...), as a scheduler would, after
-    optimizer step ``step``."""
+    optimizer step ``step``; with several processes, in those of global rank in ``ranks``
+    (None: every one, as SLURM signals every task; ``[0]``: the launching process only, as
+    ``kill <pid>`` would)."""
 
-    def __init__(self, step: int, signal: str = "SIGTERM") -> None:
+    def __init__(self, step: int, signal: str = "SIGTERM", ranks: list[int] | None = None) -> None:
         self.step = step
         self.signal = signal
+        self.ranks = ranks
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and (
+            self.ranks is None or trainer.global_rank in self.ranks
+        ):
             os.kill(os.getpid(), getattr(signal, self.signal))
 
 
@@ -51,9 +56,9 @@ def _budget(model_dir: Path) -> list[str]:
             "trainer.max_steps=-1", "trainer.max_epochs=2", "logger=none"]  # fmt: skip
 
 
-def _killer(signal_name: str) -> list[str]:
+def _killer(signal_name: str, ranks: str = "null") -> list[str]:
     return ["+callbacks.kill._target_=test_app_resume.SignalAtStep", "+callbacks.kill.step=5",
-            f"+callbacks.kill.signal={signal_name}"]  # fmt: skip
+            f"+callbacks.kill.signal={signal_name}", f"+callbacks.kill.ranks={ranks}"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +97,44 @@ def test_sigterm_mid_epoch_then_rerun_gives_the_uninterrupted_adapter(
     assert f"Resuming from {interrupted / 'checkpoints' / 'preempted.ckpt'}" in resumed.stdout
     assert "not resumable" not in resumed.stdout + resumed.stderr
     _assert_same_adapter(uninterrupted, interrupted)
+
+
+def preempt_then_resume(args: list[str], run_dir: Path, ranks: str) -> None:
+    """Run ``train.py <args>`` in ``run_dir`` with 2 processes, SIGTERM the ranks ``ranks`` at
+    step 5 (a Hydra list, or ``null`` for every rank); check that it stops with status 143 after
+    every rank took part in writing ``preempted.ckpt``; rerun it with ``resume=auto``."""
+    stopped = train_py(
+        [*args, *_killer("SIGTERM", ranks), f"hydra.run.dir={run_dir}"],
+        expect_rc=143, env=KILLER_ENV, timeout=400,
+    )  # fmt: skip
+    preempted = run_dir / "checkpoints" / "preempted.ckpt"
+    assert preempted.exists()
+    # Both ranks left the loop at the same step and saved together (a collective), each
+    # logging it; a rank stuck in another collective would have hung or failed the job.
+    assert (stopped.stdout + stopped.stderr).count(f"SIGTERM: checkpoint saved to {preempted}") == 2
+    assert not (run_dir / "adapter").exists()
+    resumed = train_py([*args, "resume=auto", f"hydra.run.dir={run_dir}"], timeout=400)
+    assert f"Resuming from {preempted}" in resumed.stdout
+
+
+DDP = ["trainer=ddp", "trainer.accelerator=cpu"]  # 2 processes
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_ddp(tiny_model_dir, tmp_path_factory) -> dict:
+    """The adapter of the budget's job run straight through by 2 DDP processes."""
+    out = tmp_path_factory.mktemp("straight-ddp")
+    train_py([*_budget(tiny_model_dir), *DDP, f"hydra.run.dir={out}"], timeout=400)
+    return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launching_process_of_a_ddp_job_stops_both_ranks_then_resumes_exactly(
+    tiny_model_dir, uninterrupted_ddp, tmp_path
+):
+    run_dir = tmp_path / "interrupted"
+    preempt_then_resume([*_budget(tiny_model_dir), *DDP], run_dir, ranks="[0]")
+    _assert_same_adapter(uninterrupted_ddp, run_dir)
 
 
 def _fake_slurm(tmp_path: Path) -> dict[str, str]:
@@ -176,7 +219,8 @@ def test_submitit_signal_is_handled_at_the_step_boundary_and_handed_back_after_f
         trainer = pl.Trainer(
             accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False,
             enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
-            callbacks=[preemption, SignalAtStep(2, "SIGUSR2")],
+            # The signal before the preemption callback's step-end check: it stops this step.
+            callbacks=[SignalAtStep(2, "SIGUSR2"), preemption],
         )  # fmt: skip
         with pytest.raises(SIGTERMException):
             trainer.fit(MLPModule())
@@ -188,6 +232,52 @@ def test_submitit_signal_is_handled_at_the_step_boundary_and_handed_back_after_f
         assert calls == [(signal.SIGUSR2, True)]
     finally:
         signal.signal(signal.SIGUSR2, previous)
+
+
+def test_sigterm_stops_fit_at_the_step_boundary_and_runs_the_handler_installed_before_fit(
+    tmp_path,
+):
+    calls: list[int] = []
+
+    def earlier_handler(signum, frame):  # e.g. submitit's, which logs and bypasses SIGTERM
+        calls.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, earlier_handler)
+    try:
+        preemption = Preemption(tmp_path)
+        trainer = pl.Trainer(
+            accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False,
+            enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
+            callbacks=[SignalAtStep(2), preemption],
+        )  # fmt: skip
+        with pytest.raises(SIGTERMException):
+            trainer.fit(MLPModule())
+        assert trainer.global_step == 2 and preemption.saved == tmp_path / "preempted.ckpt"
+        assert (preemption.launcher, preemption.signal_name) == (None, "SIGTERM")
+        assert calls == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) is earlier_handler  # restored when fit ended
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class SignalInFirstValidation(pl.Callback):
+    """Sends this process SIGTERM when the first epoch's validation starts."""
+
+    def on_validation_start(self, trainer: pl.Trainer, *args) -> None:
+        if not trainer.sanity_checking and trainer.current_epoch == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_during_the_epoch_end_validation_stops_after_that_epoch(tmp_path):
+    preemption = Preemption(tmp_path)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False,
+        enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=1,
+        callbacks=[SignalInFirstValidation(), preemption],
+    )  # fmt: skip
+    with pytest.raises(SIGTERMException):
+        trainer.fit(MLPModule())  # 4 steps per epoch
+    assert trainer.global_step == 4 and preemption.saved == tmp_path / "preempted.ckpt"
 
 
 def test_resume_auto_in_an_empty_run_folder_starts_fresh(tmp_path):

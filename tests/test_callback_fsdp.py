@@ -1,21 +1,21 @@
 """LoRACallback under FSDP2 (Lightning's ModelParallelStrategy) with 2 CPU processes (gloo).
 
-The fixture first trains a tiny Llama for 2 steps in this process (``single.ckpt``), then runs
-tests/fsdp_driver.py once (distributed-folder and single-file runs, their resumes, a resume
-of ``single.ckpt`` under FSDP2, a refused resume); each test asserts one fact about what the
-runs recorded or wrote. The last tests resume FSDP2 checkpoints in this single process.
+The fixture first trains a tiny Llama for 2 steps in this process (``single.ckpt``) and with
+FSDP2 on one process (``one_ckpt``), then runs tests/fsdp_driver.py on two (distributed-folder
+and single-file runs, their resumes, resumes of ``single.ckpt`` and ``one_ckpt``, a refused
+resume), then resumes a 2-process folder with FSDP2 on one process; each test asserts one fact
+about what the runs recorded or wrote. The last tests resume FSDP2 checkpoints in this single
+process without FSDP2.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from fsdp_driver import PROBE_IDS, TARGETS, LlamaModule
+from ddp_runner import run_ddp_driver
+from fsdp_driver import PROBE_IDS, STEP2, TARGETS, LlamaModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_models import lora_tensors, trainer
 from models import assert_close_relative, tiny_llama
@@ -30,7 +30,6 @@ pytestmark = pytest.mark.slow
 
 TESTS = Path(__file__).resolve().parent
 RANKS = (0, 1)
-STEP2 = "epoch=0-step=2.ckpt"
 
 
 def single_process_fit(out: Path) -> None:
@@ -45,21 +44,10 @@ def single_process_fit(out: Path) -> None:
 def fsdp_out(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fsdp")
     single_process_fit(out)
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-        and not k.startswith("PL_")
-    }
-    result = subprocess.run(
-        [sys.executable, str(TESTS / "fsdp_driver.py"), str(out)],
-        cwd=TESTS.parent,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    driver = TESTS / "fsdp_driver.py"
+    run_ddp_driver(driver, out, 200, "one")  # FSDP2 on one process: a folder for from_one
+    run_ddp_driver(driver, out, 400)
+    run_ddp_driver(driver, out, 200, "to_one")
     return out
 
 
@@ -164,6 +152,30 @@ def test_merged_model_of_a_sharded_run_gives_its_outputs(fsdp_out):
     with torch.no_grad():
         logits = model(input_ids=PROBE_IDS).logits
     assert_close_relative(logits, record(fsdp_out, "dist", "end")["logits"])
+
+
+def distributed_folder_contents(folder: Path, scratch: Path) -> dict:
+    """What a distributed checkpoint folder holds, as whole tensors, read in this process
+    (``torch.distributed.checkpoint``'s own conversion, no strategy involved)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(folder, scratch / "whole.pt")
+    return torch.load(scratch / "whole.pt", weights_only=False)
+
+
+@pytest.mark.parametrize(
+    ("run", "written_by", "ranks"), [("from_one", "one", RANKS), ("to_one", "dist", (0,))]
+)
+def test_distributed_checkpoint_resumes_exactly_on_another_number_of_processes(
+    fsdp_out, tmp_path, run, written_by, ranks
+):
+    saved = distributed_folder_contents(fsdp_out / f"{written_by}_ckpt" / STEP2, tmp_path)
+    for rank in ranks:
+        start = record(fsdp_out, run, "start", rank)
+        assert start["global_step"] == 2
+        assert_same_tensors(start["lora"], saved["state_dict"])
+        assert record(fsdp_out, run, "end", rank)["global_step"] == 3  # and trains on
+    assert_same_optimizer(record(fsdp_out, run, "start")["optimizer"], saved["optimizer_0"])
 
 
 def test_resume_with_another_lora_config_is_refused(fsdp_out):

@@ -110,12 +110,15 @@ def test_chunked_loss_matches_and_never_holds_more_than_a_chunk_of_logits():
 def test_logits_are_computed_for_answer_positions_only():
     module = task()
     batch = collate(encoded(), 0, "right")
-    rows: list[int] = []
+    rows: list[tuple[int, ...]] = []
     module.model.get_output_embeddings().register_forward_hook(
-        lambda _m, _i, out: rows.append(out.shape[0])
+        lambda _m, _i, out: rows.append(tuple(out.shape[:-1]))
     )
     module.answer_loss(batch)
-    assert rows == [int((batch["labels"][:, 1:] != -100).sum())]
+    # The model's own forward (which yields the hidden states) projects its last position
+    # only (logits_to_keep=1); then the answer positions, never all (batch x length).
+    answers = int((batch["labels"][:, 1:] != -100).sum())
+    assert rows == [(batch["input_ids"].shape[0], 1), (answers,)]
 
 
 def test_gradient_checkpointing_gives_the_same_adapter_gradients_on_a_frozen_base():

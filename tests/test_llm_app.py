@@ -95,16 +95,67 @@ def test_a_short_llm_job_stopped_before_its_first_validation_is_validated_at_its
     assert (out / "checkpoints" / "epoch=0-step=1.ckpt").is_file()  # the best by val/loss
 
 
-@pytest.mark.slow
-def test_the_llm_job_runs_under_two_process_cpu_ddp(tiny_llm_dir, tmp_path):
-    out = tmp_path / "ddp"
+def two_process_job(model_dir: Path, out: Path, trainer: str) -> Path:
     # 16 rows in batches of 4: 2 steps per process, so validation at step 2 is reachable.
     train_py(
-        [*short_job(tiny_llm_dir, out), "trainer=ddp", "trainer.devices=2", "data.batch_size=4"],
+        [*short_job(model_dir, out), f"trainer={trainer}", "trainer.devices=2",
+         "data.batch_size=4"],
         timeout=900,
-    )
-    metrics = json.loads((out / "results.json").read_text())["metrics"]
+    )  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module")
+def ddp_job(tiny_llm_dir, tmp_path_factory) -> Path:
+    return two_process_job(tiny_llm_dir, tmp_path_factory.mktemp("llm") / "ddp", "ddp")
+
+
+@pytest.fixture(scope="module")
+def fsdp_job(tiny_llm_dir, tmp_path_factory) -> Path:
+    return two_process_job(tiny_llm_dir, tmp_path_factory.mktemp("llm") / "fsdp", "fsdp")
+
+
+@pytest.mark.slow
+def test_the_llm_job_runs_under_two_process_cpu_ddp(ddp_job):
+    metrics = json.loads((ddp_job / "results.json").read_text())["metrics"]
     assert set(KEYS) <= set(metrics)
+
+
+@pytest.mark.slow
+def test_the_llm_job_runs_under_two_process_cpu_fsdp_and_exports_the_trained_adapter_whole(
+    fsdp_job, tiny_llm_dir, tmp_path
+):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from transformers import AutoModelForCausalLM
+
+    metrics = json.loads((fsdp_job / "results.json").read_text())["metrics"]
+    assert set(KEYS) <= set(metrics)
+    # The final step's adapters as the ranks' shards in last.ckpt hold them, joined by
+    # torch.distributed.checkpoint itself: the exported file holds exactly these.
+    last = fsdp_job / "checkpoints" / "last.ckpt"
+    assert torch.load(last / "meta.pt", weights_only=False)["global_step"] == 2
+    dcp_to_torch_save(last, tmp_path / "last.pt")
+    trained = torch.load(tmp_path / "last.pt", weights_only=False)["state_dict"]
+    exported = load_file(fsdp_job / "adapter" / "adapter_model.safetensors")
+    assert set(exported) == {f"base_model.{key}" for key in trained}  # model.X -> PEFT's names
+    for key, tensor in trained.items():
+        assert torch.equal(exported[f"base_model.{key}"], tensor), key
+    base = AutoModelForCausalLM.from_pretrained(tiny_llm_dir)
+    PeftModel.from_pretrained(base, fsdp_job / "adapter")  # refuses a tensor of the wrong shape
+
+
+@pytest.mark.slow
+def test_the_llm_job_trains_the_same_adapter_sharded_as_under_ddp(fsdp_job, ddp_job):
+    from safetensors.torch import load_file
+
+    # Bit for bit on CPU with 2 processes: both average two gradients, and halving is exact.
+    sharded = load_file(fsdp_job / "adapter" / "adapter_model.safetensors")
+    replicated = load_file(ddp_job / "adapter" / "adapter_model.safetensors")
+    assert sharded.keys() == replicated.keys()
+    for key in sharded:
+        assert torch.equal(sharded[key], replicated[key]), key
 
 
 # --- the real SmolLM2 ---------------------------------------------------------------------

@@ -18,7 +18,20 @@ expects. The signals:
   ``UncompletedJobError``.
 
 A launcher's signal is taken over only when that launcher installed a handler for it in this
-process. Exactness needs two things Lightning leaves to the user: the global RNG states (dropout
+process.
+
+With several processes (DDP, FSDP2) the signal may reach one rank (a scheduler's ``kill`` of
+the launching process), or every rank at different moments (SLURM, torchrun): the processes
+must still stop at the same step and write the checkpoint together, since saving is a
+collective. Lightning's own SIGTERM handler cannot promise that (2.6: it calls
+``dist.broadcast`` inside the handler, once per signal a rank receives, wherever that rank was
+interrupted, and each rank leaves the loop on its own flag; one rank then waits in a collective
+the others never make). So :class:`Preemption` replaces it for the duration of ``fit``: a
+handler only records the request, and at every training step's (and epoch's) end the ranks
+all-reduce (max) what they recorded; the first such point where any rank has one is where all
+of them stop.
+
+Exactness needs two things Lightning leaves to the user: the global RNG states (dropout
 masks), saved and restored per rank by ``LoRACallback`` (``RNGStateCallback`` for a run without
 LoRA), and a training dataloader that skips the batches of the interrupted epoch already
 trained on, which this module provides.
@@ -52,6 +65,10 @@ PREEMPTED_NAME = "preempted.ckpt"
 LIGHTNING_SLURM = "Lightning's SLURM requeue"
 #: submitit's handler runs after the checkpoint is written (:meth:`Preemption.end_job`).
 SUBMITIT = "submitit"
+#: Who can ask to stop (None: SIGTERM), as the ranks encode it to agree: request ``i + 1``.
+#: When ranks were asked by different ones the highest wins: a launcher's signal also says how
+#: the job must end, SIGTERM only that it must.
+_ASKERS: tuple[str | None, ...] = (None, LIGHTNING_SLURM, SUBMITIT)
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -112,6 +129,10 @@ class Preemption(pl.Callback):
     interrupted epoch's batches already trained on (the RNG states are the LoRA callback's, or
     ``RNGStateCallback``'s without LoRA).
 
+    With several processes every rank stops at the same step, whichever ranks got the signal
+    and when: the signal handlers only record it, and the ranks agree at each training step's
+    end (an all-reduce of one integer; none with one process).
+
     Call :meth:`attach` on the datamodule before training, and :meth:`end_job` after ``fit``
     raised ``SIGTERMException``.
 
@@ -131,6 +152,12 @@ class Preemption(pl.Callback):
         self.signal_name = "SIGTERM"
         # The launchers' own handlers of their signals: launcher -> (signal, handler).
         self._taken_over: dict[str, tuple[int, Callable[[int, FrameType | None], Any]]] = {}
+        # Each launcher's signal (whether or not its handler is in this process), for names.
+        self._launcher_signals: dict[str, int] = {}
+        # What this rank was asked (0: nothing; i + 1: _ASKERS[i]), written by the handlers.
+        self._asked = 0
+        # The SIGTERM handler of this process before fit (Lightning's handler chained it too).
+        self._sigterm_before_fit: Any = None
         self._skip_on_resume = 0
         self._trainer: pl.Trainer | None = None
 
@@ -161,6 +188,11 @@ class Preemption(pl.Callback):
     ) -> None:  # fmt: skip
         for loader in _train_loaders(trainer):
             loader.batches_done = batch_idx + 1
+        self._agree_to_stop(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A signal during the epoch's last validation: Lightning stops after the epoch.
+        self._agree_to_stop(trainer)
 
     def state_dict(self) -> dict[str, Any]:
         done = [loader.state_dict()["batches_done"] for loader in _train_loaders(self._trainer)]
@@ -171,11 +203,18 @@ class Preemption(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
+        if stage == "fit":
+            self._asked = 0
+            # Lightning installs its own handlers later in fit (and restores this one after).
+            self._sigterm_before_fit = signal.getsignal(signal.SIGTERM)
+
+    # Lightning has installed its handlers by the first of these two (and restores the earlier
+    # ones, ours gone, when fit ends); the sanity check runs before training starts.
+    def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._take_over_signals(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Lightning has installed its handlers by now (and restores the earlier ones, ours
-        # gone, when fit ends).
-        self._take_over_launcher_signals(trainer)
+        self._take_over_signals(trainer)
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
@@ -202,17 +241,21 @@ class Preemption(pl.Callback):
         requeues the job and exits, or raises ``UncompletedJobError`` when the job timed out
         more often than ``max_num_timeout`` allows (or cannot be requeued).
         """
-        if self.launcher == SUBMITIT:
+        # (A rank Lightning started itself has no submitit handler: it just exits.)
+        if self.launcher == SUBMITIT and SUBMITIT in self._taken_over:
             signum, handler = self._taken_over[SUBMITIT]
             log.info(f"{signal.Signals(signum).name}: handing the job back to submitit")
             handler(signum, None)
 
-    def _take_over_launcher_signals(self, trainer: pl.Trainer) -> None:
-        """Route each launcher's "time is up" signal through :meth:`_time_is_up`, keeping the
-        launcher's handler to run at the step boundary (a handler runs between any two Python
-        bytecodes: a checkpoint written there can be half a step)."""
+    def _take_over_signals(self, trainer: pl.Trainer) -> None:
+        """Install :meth:`_on_sigterm` in place of Lightning's SIGTERM handler, and route each
+        launcher's "time is up" signal through :meth:`_time_is_up`, keeping the launcher's
+        handler to run at the step boundary (a handler runs between any two Python bytecodes:
+        a checkpoint written there can be half a step). Once per fit."""
         if threading.current_thread() is not threading.main_thread():
             return  # Python installs signal handlers from the main thread only
+        if signal.getsignal(signal.SIGTERM) == self._on_sigterm:
+            return  # already done in this fit
         candidates: dict[str, int] = {}
         if os.environ.get("SUBMITIT_EXECUTOR"):  # set by submitit in the jobs it runs
             # submitit reads the same variable (JobEnvironment.USR_SIG).
@@ -226,24 +269,65 @@ class Preemption(pl.Callback):
             # Lightning installs no handler of its own on a signal submitit already handles.
             if requeue not in candidates.values():
                 candidates[LIGHTNING_SLURM] = requeue
+        self._launcher_signals = candidates
         self._taken_over = {}
         for launcher, signum in candidates.items():
             handler = signal.getsignal(signum)
             if callable(handler):
                 self._taken_over[launcher] = (signum, handler)
                 signal.signal(signum, self._time_is_up)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        """SIGTERM during fit: record it for the step boundary (no collective here: a handler
+        runs wherever this rank happened to be), then run the handler this process had before
+        fit, as Lightning's handler did."""
+        self._record(None)
+        if callable(self._sigterm_before_fit):
+            self._sigterm_before_fit(signum, frame)
 
     def _time_is_up(self, signum: int, frame: FrameType | None) -> None:
         """A launcher's signal: stop after this step as on SIGTERM, remembering who asked."""
-        if self.launcher is None:
-            self.launcher = next(k for k, (s, _) in self._taken_over.items() if s == signum)
-            self.signal_name = signal.Signals(signum).name
-            log.info(f"{signal.Signals(signum).name} ({self.launcher}): stopping after this step")
-        # Lightning's SIGTERM handler sets the flag its loops check after each step (and, under
-        # DDP, tells the other ranks); SIGTERM, not signum, for the ranks it started itself.
-        on_sigterm = signal.getsignal(signal.SIGTERM)
-        if callable(on_sigterm):
-            on_sigterm(signal.SIGTERM, frame)
+        self._record(next(k for k, (s, _) in self._taken_over.items() if s == signum))
+
+    def _record(self, launcher: str | None) -> None:
+        request = _ASKERS.index(launcher) + 1
+        if request > self._asked:
+            self._asked = request
+            named = f" ({launcher})" if launcher else ""
+            log.info(f"{self._signal_of(launcher)}{named}: stopping after this step")
+
+    def _agree_to_stop(self, trainer: pl.Trainer) -> None:
+        """At each training step's (and epoch's) end, on every rank: when any rank was asked to
+        stop, all of them stop after this step, for the launcher with the highest request (so
+        every rank writes the same checkpoint and ends the same way). A signal during a
+        validation inside an epoch waits for the next step's end; one after the last epoch's
+        end is not acted on (the job finishes, and after ``fit`` SIGTERM has its earlier
+        handler again).
+
+        Stopping is Lightning's: its loops raise ``SIGTERMException`` after the step when its
+        SIGTERM flag is set, the flag its own handler would have set; here it is set on every
+        rank at the same step. Under several processes this is a collective, so every rank
+        calls it at every step; with one it costs nothing.
+        """
+        asked = self._asked
+        if trainer.world_size > 1:
+            request = torch.tensor(asked, device=trainer.strategy.root_device)
+            asked = int(trainer.strategy.reduce(request, reduce_op="max").item())
+        if asked and not trainer.received_sigterm:
+            self.launcher = _ASKERS[asked - 1]
+            self.signal_name = self._signal_of(self.launcher)
+            trainer._signal_connector.received_sigterm = True
+            if not trainer.received_sigterm:  # a Lightning release that keeps it elsewhere
+                raise RuntimeError(
+                    f"lightning {pl.__version__}: Trainer.received_sigterm is not read from "
+                    "trainer._signal_connector.received_sigterm, so the preemption callback "
+                    "cannot stop training; lora_lightning.app.signals needs updating"
+                )
+
+    def _signal_of(self, launcher: str | None) -> str:
+        signum = self._launcher_signals.get(launcher) if launcher else None
+        return signal.Signals(signum).name if signum is not None else "SIGTERM"
 
 
 def _train_loaders(trainer: pl.Trainer | None) -> list[_ResumableLoader]:

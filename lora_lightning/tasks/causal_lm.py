@@ -19,6 +19,7 @@ scaling) is refused by name.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -139,14 +140,14 @@ class CausalLMTask(LightningModule):
     def answer_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """`(mean loss, number of answer tokens)` of a teacher-forced batch.
 
-        The decoder runs on the whole batch; logits are computed only where the next token is
-        an answer token, `loss_chunk_size` rows at a time when set (each chunk recomputed in
-        backward, so its logits are not kept).
+        The decoder runs on the whole batch (:meth:`last_hidden_state`); logits are computed
+        only where the next token is an answer token, `loss_chunk_size` rows at a time when set
+        (each chunk recomputed in backward, so its logits are not kept).
         """
         inputs = {
             k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch
         }
-        hidden = self.model.get_decoder()(**inputs, use_cache=False).last_hidden_state
+        hidden = self.last_hidden_state(inputs)
         targets = batch["labels"][:, 1:]
         keep = targets != IGNORE_INDEX
         count = keep.sum()
@@ -166,6 +167,29 @@ class CausalLMTask(LightningModule):
                     _summed_cross_entropy, head, part, labels, use_reentrant=False
                 )
         return total / count, count
+
+    def last_hidden_state(self, inputs: dict[str, Tensor]) -> Tensor:
+        """The decoder's last hidden state `(B, T, H)` for `inputs` (`input_ids` `(B, T)`,
+        masks, positions), taken by a hook on the decoder while the model runs its own forward.
+
+        Through the model's forward rather than the decoder's, so that what wraps the model
+        sees a forward: a model sharded by FSDP2 (`trainer=fsdp`) gathers its embeddings,
+        final norm and head in its root unit's forward only, and calling the decoder directly
+        would find them sharded. The forward's own logits are cut to the last position
+        (`logits_to_keep=1`, where the model accepts it), so the vocabulary projection of
+        every position is not computed; the head stays gathered for the loss that follows.
+        """
+        captured: list[Tensor] = []
+
+        def keep(module: torch.nn.Module, args: Any, output: Any) -> None:
+            captured.append(output[0])  # last_hidden_state (a ModelOutput or a tuple)
+
+        handle = self.model.get_decoder().register_forward_hook(keep)
+        try:
+            self.model(**inputs, use_cache=False, **_last_logits_only(self.model))
+        finally:
+            handle.remove()
+        return captured[-1]
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss, count = self.answer_loss(batch)
@@ -336,6 +360,13 @@ def _lazy_warmup_decay(module: LightningModule, warmup_ratio: float) -> Callable
         return linear_warmup_decay(step, int(warmup_ratio * total), total)
 
     return factor
+
+
+def _last_logits_only(model: Any) -> dict[str, int]:
+    """The forward argument that limits a Hugging Face causal LM's logits to the last
+    position, if its forward takes it (transformers >= 4.50: `logits_to_keep`)."""
+    parameters = inspect.signature(model.forward).parameters
+    return {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
 
 
 def _summed_cross_entropy(head: torch.nn.Module, hidden: Tensor, labels: Tensor) -> Tensor:
