@@ -48,9 +48,17 @@ def char_tokenizer(chat_template: str | None = CHATML) -> PreTrainedTokenizerFas
 
 
 def tiny_causal_lm(
-    kind: str = "llama", seed: int = 0, tied: bool = True, vocab_size: int | None = None
+    kind: str = "llama",
+    seed: int = 0,
+    tied: bool = True,
+    vocab_size: int | None = None,
+    kv_heads: int = 2,
 ) -> LlamaForCausalLM | Qwen2ForCausalLM:
-    """A 2-layer, width-32 decoder in train mode, sized to :func:`char_tokenizer`'s vocabulary."""
+    """A 2-layer, width-32 decoder in train mode, sized to :func:`char_tokenizer`'s vocabulary.
+
+    ``kv_heads``: key/value heads (of 4 heads of width 8); 4 makes every projection hold a
+    multiple of 1024 weights, as nf4 storage needs.
+    """
     vocab = vocab_size or len(char_tokenizer())
     common = dict(
         vocab_size=vocab,
@@ -58,7 +66,7 @@ def tiny_causal_lm(
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
-        num_key_value_heads=2,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=512,
         tie_word_embeddings=tied,
         pad_token_id=0,

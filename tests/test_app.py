@@ -114,6 +114,20 @@ def test_rank_sweep_experiment_sweeps_ranks():
     assert cfg.hydra.sweeper.params["lora.r"] == "1,2,4,8,16"
 
 
+@pytest.mark.parametrize(
+    ("override", "task_name", "metric"),
+    [
+        ("experiment=rank_sweep", "sst2-rank-sweep", "val/acc"),
+        ("experiment=llm_sft", "llm-sft", "test/exact_match"),
+        ("hparams_search=sst2_optuna", "sst2-optuna", "val/acc"),
+    ],
+)
+def test_an_experiments_top_level_keys_replace_the_defaults(override, task_name, metric):
+    cfg = compose_train([override])
+    assert (cfg.task_name, cfg.optimized_metric) == (task_name, metric)
+    assert compose_train([override, "task_name=mine"]).task_name == "mine"  # the command wins
+
+
 def test_deleting_the_lora_group_leaves_no_lora_config():
     assert "lora" not in compose_train(["~lora"])
 

@@ -20,10 +20,12 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import test_app
+import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning_models import MLPModule
 from safetensors.torch import load_file
 from test_app import compose_train, tiny_args, train_py
+from torch.utils.data import DataLoader, RandomSampler
 
 from lora_lightning.app.signals import SUBMITIT, Preemption, resume_checkpoint
 
@@ -337,3 +339,36 @@ def test_a_job_rerun_in_its_folder_continues_its_wandb_run(tiny_model_dir, tmp_p
     ids = {run.stem.removeprefix("run-") for run in wandb_runs(out)}
     assert len(wandb_runs(out)) == 2 and len(ids) == 1
     assert {run.stem.removeprefix("run-") for run in wandb_runs(other)}.isdisjoint(ids)
+
+
+def _shuffled_loader_module() -> pl.LightningDataModule:
+    """A datamodule whose train loader shuffles 8 items with a seeded sampler generator."""
+    module = pl.LightningDataModule()
+
+    def train_dataloader():
+        generator = torch.Generator().manual_seed(3)
+        return DataLoader(
+            list(range(8)), batch_size=2, sampler=RandomSampler(range(8), generator=generator)
+        )
+
+    module.train_dataloader = train_dataloader
+    return module
+
+
+def test_a_loader_resumed_mid_second_epoch_continues_that_epochs_order(tmp_path):
+    datamodule = _shuffled_loader_module()
+    Preemption(tmp_path).attach(datamodule)
+    loader = datamodule.train_dataloader()
+    first_epoch = [b.tolist() for b in loader]
+    batches = iter(loader)
+    second_epoch = [next(batches).tolist()]
+    loader.batches_done = 1  # what Preemption counts after each training step
+    state = loader.state_dict()
+    second_epoch += [b.tolist() for b in batches]
+    assert second_epoch != first_epoch  # a new order each epoch: the sampler's generator moved
+
+    rebuilt = _shuffled_loader_module()
+    Preemption(tmp_path).attach(rebuilt)
+    resumed = rebuilt.train_dataloader()
+    resumed.load_state_dict(state)
+    assert [b.tolist() for b in resumed] == second_epoch[1:]

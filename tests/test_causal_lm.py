@@ -12,7 +12,7 @@ import pytest
 import torch
 from llm_models import char_tokenizer, tiny_causal_lm
 
-from lora_lightning import LoRACallback, LoRAConfig, inject_lora
+from lora_lightning import LoRACallback, LoRAConfig, LoRAConfigError, inject_lora
 from lora_lightning.tasks import CausalLMTask, CausalLMTaskError, InstructDataModule
 from lora_lightning.tasks.causal_lm import check_logits_path, check_packing
 from lora_lightning.tasks.chat import Example, collate, encode, encode_prompt, pack
@@ -304,3 +304,31 @@ def test_a_packed_fit_checks_the_model_and_trains(tmp_path):
     trainer, module, _ = _fit(tmp_path, max_steps=2, packing=True)
     assert trainer.global_step == 2
     assert module._checked
+
+
+def test_a_tied_lm_head_in_modules_to_save_is_refused_at_setup_and_the_model_is_unchanged(
+    tmp_path,
+):
+    """PEFT would train a copy of lm_head and leave embed_tokens as it was; here the shared
+    tensor changes both, so the exported files could not be PEFT's. Refused before training,
+    not at the first checkpoint."""
+    module = task()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    lora = LoRACallback(LoRAConfig(r=2, target_modules=[".*q_proj"], modules_to_save=["lm_head"]))
+    data = InstructDataModule(tokenizer=char_tokenizer(), batch_size=4, **_files(tmp_path))
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
+        enable_checkpointing=False, callbacks=[lora], default_root_dir=tmp_path,
+    )  # fmt: skip
+    with pytest.raises(LoRAConfigError) as raised:
+        trainer.fit(module, datamodule=data)
+    message = str(raised.value)
+    assert message.startswith("LoRACallback.setup: PEFT would compute something else")
+    assert "'model.lm_head' shares its weights with ['model.model.embed_tokens.weight']" in message
+    assert trainer.global_step == 0 and module.base_metrics is None  # not even the base eval
+    model = module.model
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    assert model.lm_head.weight.requires_grad  # nothing frozen
+    assert not any("lora" in k for k in module.state_dict())
+    after = module.state_dict()
+    assert after.keys() == before.keys() and all(after[k].equal(v) for k, v in before.items())

@@ -5,13 +5,16 @@ export a plain transformers model generates the same tokens from, and the tied-e
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
 import pytest
 import torch
 from llm_models import char_tokenizer, tiny_causal_lm
+from safetensors.torch import load_file
 from test_app import compose_train, train_py
+from test_app_resume import KILLER_ENV, _assert_same_adapter, _killer
 
 from lora_lightning import (
     AdapterFileError,
@@ -33,6 +36,15 @@ def tiny_llm_dir(tmp_path_factory) -> Path:
     """A tiny tied Llama and the character ChatML tokenizer, saved as a model folder."""
     folder = tmp_path_factory.mktemp("tiny_llm")
     tiny_causal_lm().save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_nf4_llm_dir(tmp_path_factory) -> Path:
+    """The tiny Llama with 4 key/value heads: every projection nf4 can store (1024 weights)."""
+    folder = tmp_path_factory.mktemp("tiny_llm_nf4")
+    tiny_causal_lm(kv_heads=4).save_pretrained(folder)
     char_tokenizer().save_pretrained(folder)
     return folder
 
@@ -156,6 +168,89 @@ def test_the_llm_job_trains_the_same_adapter_sharded_as_under_ddp(fsdp_job, ddp_
     assert sharded.keys() == replicated.keys()
     for key in sharded:
         assert torch.equal(sharded[key], replicated[key]), key
+
+
+# --- the job's variants: QLoRA, DoRA, a rank sweep, preemption and resume ------------------
+
+
+@pytest.mark.slow
+def test_the_llm_job_trains_on_an_nf4_base(tiny_nf4_llm_dir, tmp_path):
+    out = tmp_path / "nf4"
+    train_py([*short_job(tiny_nf4_llm_dir, out), "lora.quantize_base=nf4", "logger=none"])
+    metrics = json.loads((out / "results.json").read_text())["metrics"]
+    assert set(KEYS) <= set(metrics)
+    checkpoint = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["lora"]["config"]["quantize_base"] == "nf4"
+    assert len(checkpoint["lora"]["adapted_modules"]) == 14  # every projection, none refused
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_the_llm_job_with_dora_warns_that_vllm_refuses_it_and_peft_loads_it(tiny_llm_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "dora"
+    train_py([*short_job(tiny_llm_dir, out), "lora.use_dora=true", "logger=none"])
+    log = (out / "train.log").read_text()
+    assert f"{out / 'adapter'} loads in PEFT, but vLLM refuses adapters with DoRA" in log
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["use_dora"] is True
+    ids = torch.tensor([[3, 40, 41, 42, 43, 44, 45]])
+    ours = AutoModelForCausalLM.from_pretrained(tiny_llm_dir)
+    load_adapter(ours, out / "adapter")
+    theirs = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_llm_dir), out / "adapter"
+    )
+    torch.testing.assert_close(theirs.eval()(ids).logits, ours.eval()(ids).logits)
+
+
+@pytest.mark.slow
+def test_a_rank_sweep_of_the_llm_job_writes_the_summary_table_and_plot(tiny_llm_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    job = [a for a in short_job(tiny_llm_dir, tmp_path) if not a.startswith("hydra.run.dir")]
+    result = train_py(["-m", "lora.r=2,4", *job, "logger=none", f"hydra.sweep.dir={sweep}"],
+                      timeout=900)  # fmt: skip
+    for folder, rank in (("0", 2), ("1", 4)):
+        config = json.loads((sweep / folder / "adapter" / "adapter_config.json").read_text())
+        assert config["r"] == rank
+    header, *rows = list(csv.reader((sweep / "summary.csv").open()))
+    assert header[:3] == ["job", "lora.r", "test/exact_match"]
+    assert "base/test/exact_match" in header
+    assert [row[1] for row in rows] == ["2", "4"]
+    assert (sweep / "summary.png").stat().st_size > 0
+    assert "| job | lora.r | test/exact_match |" in result.stdout
+
+
+def _resumable_llm_job(model_dir: Path, out: Path) -> list[str]:
+    # 16 rows in batches of 4, 2 epochs: the signal at step 5 (_killer) lands mid-epoch; the
+    # LoRA dropout makes the RNG state matter.
+    job = [a for a in short_job(model_dir, out) if a != "trainer.max_steps=2"]
+    return [*job, "data.batch_size=4", "trainer.max_steps=-1", "trainer.max_epochs=2",
+            "logger=none"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_auto_gives_the_llm_jobs_uninterrupted_adapter(tiny_llm_dir, tmp_path):
+    straight = tmp_path / "straight"
+    train_py(_resumable_llm_job(tiny_llm_dir, straight))
+    interrupted = tmp_path / "interrupted"
+    stopped = train_py(
+        [*_resumable_llm_job(tiny_llm_dir, interrupted), *_killer("SIGTERM")],
+        expect_rc=143, env=KILLER_ENV,
+    )  # fmt: skip
+    assert "SIGTERM: checkpoint saved" in stopped.stdout + stopped.stderr
+    assert (interrupted / "checkpoints" / "preempted.ckpt").is_file()
+    assert not (interrupted / "adapter").exists()
+    resumed = train_py([*_resumable_llm_job(tiny_llm_dir, interrupted), "resume=auto"])
+    assert f"Resuming from {interrupted / 'checkpoints' / 'preempted.ckpt'}" in resumed.stdout
+    expected = load_file(straight / "adapter" / "adapter_model.safetensors")
+    _assert_same_adapter(expected, interrupted)
+    # The base evaluation ran once, before the interruption, and its numbers travelled on.
+    before = json.loads((straight / "results.json").read_text())["metrics"]
+    after = json.loads((interrupted / "results.json").read_text())["metrics"]
+    assert after["base/test/exact_match"] == before["base/test/exact_match"]
+    assert after["test/exact_match"] == before["test/exact_match"]
 
 
 # --- the real SmolLM2 ---------------------------------------------------------------------

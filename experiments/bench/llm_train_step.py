@@ -21,21 +21,40 @@ Packing: `--pack-examples` training examples are run once as right-padded batche
 rows and once packed into rows of `--pack-length` tokens (batches of `--pack-rows` rows), with
 `ours_task_loss`; tokens/s counts real (non-padding) tokens.
 
-Not measured here yet: `torch.compile` (compiling the 30-layer model on 2 loaded cores takes
-longer than this run) and peak memory (needs one process per variant).
+`torch.compile` (on unless `--no-compile`): each variant's loss function is compiled
+(`torch.compile(loss_fn)`, inductor, default mode; the task loss's answer-position indexing is
+a graph break) and timed as `<variant>_compiled` in the same interleaved rounds as the eager
+variants, after one untimed compiling step each; its loss must match the eager loss to 1e-4.
 
-Run: `python -m experiments.bench.llm_train_step [--repeats N] [--batch N] [--quick]`
+Peak memory (unless `--no-memory`): each variant (eager and compiled) runs in a fresh
+interpreter (`--worker VARIANT`): load, build the batch, one untimed step (compilation, AdamW's
+state), then the kernel's peak-RSS mark is reset (`5` into `/proc/self/clear_refs`) and
+`--memory-steps` steps run; the peak is the process's `VmHWM` (`/proc/self/status`), not
+`resource.getrusage(RUSAGE_SELF).ru_maxrss` (recorded too): a spawned process's `ru_maxrss`
+starts at its parent's RSS, here two SmolLM2 copies, which hid every difference (measured: 1151
+MiB for every variant). Reported: RSS after that first step, the peak, and the peak minus the RSS before the
+first step (gradients, AdamW state, activations; for compiled variants also the compiled code).
+Process RSS, not torch's allocator: it counts everything the process holds.
+
+Run: `python -m experiments.bench.llm_train_step [--repeats N] [--batch N] [--quick]
+[--no-compile] [--no-memory] [--memory-steps N]`; `--quick` keeps 2 of the 30 layers and one
+round (a smoke run: seconds to a minute, numbers meaningless).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import resource
 import statistics
+import subprocess
 import sys
 from typing import Any
 
 import torch
 
 from experiments.bench.common import (
+    REPO_ROOT,
     apply_threads,
     base_parser,
     goal,
@@ -50,8 +69,11 @@ from experiments.bench.common import (
     timed,
     write_results,
 )
+from experiments.bench.memory import _reset_peak_rss, _status_kib
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+EAGER = ("peft", "ours_hf_loss", "ours_task_loss")
+MIB = 1024**2
 
 
 def _task_batch(
@@ -73,39 +95,68 @@ def _task_batch(
     return [collate(chosen[i : i + batch], pad, "right") for i in range(0, len(chosen), batch)]
 
 
-def _models(quick: bool):
+def _models(quick: bool, need: tuple[str, ...] = ("ours", "peft")):
+    """This project's LoRA and PEFT's on SmolLM2 (the ones in ``need``; None for the others),
+    with the same adapter values when both are built."""
     from peft import LoraConfig, get_peft_model
 
     from lora_lightning import LoRAConfig, inject_lora
     from lora_lightning.tasks import CausalLMTask
 
-    ours = CausalLMTask(eval_base=False)
-    theirs = CausalLMTask(eval_base=False)
-    if quick:  # two layers: seconds, numbers meaningless
-        for task in (ours, theirs):
+    ours = CausalLMTask(eval_base=False) if "ours" in need else None
+    theirs = CausalLMTask(eval_base=False) if "peft" in need else None
+    for task in (ours, theirs):
+        if task is not None and quick:  # two layers: seconds, numbers meaningless
             task.model.model.layers = task.model.model.layers[:2]
-    inject_lora(
-        ours.model,
-        LoRAConfig(r=8, alpha=16, dropout=0.0, target_modules=[rf".*\.{t}" for t in TARGETS]),
-    )
-    theirs.model = get_peft_model(
-        theirs.model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS)
-    )
-    ours_params = dict(ours.model.named_parameters())
     generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
+    if ours is not None:
+        inject_lora(
+            ours.model,
+            LoRAConfig(r=8, alpha=16, dropout=0.0, target_modules=[rf".*\.{t}" for t in TARGETS]),
+        )
+        with torch.no_grad():
+            for name, parameter in ours.model.named_parameters():
+                parameter.requires_grad_("lora_" in name)
+                if "lora_B" in name:
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.01)
+    if theirs is not None:
+        theirs.model = get_peft_model(
+            theirs.model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS)
+        )
         for name, parameter in theirs.model.named_parameters():
-            if "lora_" not in name:
-                parameter.requires_grad_(False)
-                continue
-            path = name.removeprefix("base_model.model.").replace(".default", "")
-            mine = ours_params[path]
-            if "lora_B" in name:
-                mine.copy_(torch.randn(mine.shape, generator=generator) * 0.01)
-            parameter.copy_(mine.reshape(parameter.shape))
-    for name, parameter in ours.model.named_parameters():
-        parameter.requires_grad_("lora_" in name)
+            parameter.requires_grad_("lora_" in name)
+    if ours is not None and theirs is not None:
+        ours_params = dict(ours.model.named_parameters())
+        with torch.no_grad():
+            for name, parameter in theirs.model.named_parameters():
+                if "lora_" in name:
+                    path = name.removeprefix("base_model.model.").replace(".default", "")
+                    parameter.copy_(ours_params[path].reshape(parameter.shape))
     return ours, theirs
+
+
+def _hf_loss(task):
+    """transformers' own loss (logits for every position, then cross-entropy)."""
+
+    def loss(b):
+        inputs = {k: b[k] for k in ("input_ids", "attention_mask", "position_ids")}
+        return task.model(**inputs, labels=b["labels"], use_cache=False).loss
+
+    return loss
+
+
+def _variant(name: str, ours, theirs):
+    """``(model, loss function)`` of a variant (``<eager variant>[_compiled]``)."""
+    base = name.removesuffix("_compiled")
+    if base == "peft":
+        model, loss = theirs.model, _hf_loss(theirs)
+    elif base == "ours_hf_loss":
+        model, loss = ours.model, _hf_loss(ours)
+    elif base == "ours_task_loss":
+        model, loss = ours.model, lambda b: ours.answer_loss(b)[0]
+    else:
+        raise SystemExit(f"unknown variant {name!r}; expected one of {EAGER} (+ _compiled)")
+    return model, torch.compile(loss) if name.endswith("_compiled") else loss
 
 
 def _stepper(model: torch.nn.Module, loss_fn, batch: dict[str, Any]):
@@ -122,7 +173,57 @@ def _one(model, optimizer, loss_fn, batch) -> float:
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(loss)
+    return float(loss.detach())
+
+
+# ------------------------------------------------------------------------------ peak memory
+def worker(variant: str, quick: bool, batch_size: int, steps: int) -> dict[str, Any]:
+    """Train ``variant`` in this (fresh) process; return its peak-memory record."""
+    need = ("peft",) if variant.startswith("peft") else ("ours",)
+    ours, theirs = _models(quick, need)
+    model, loss_fn = _variant(variant, ours, theirs)
+    batch = _task_batch(batch_size)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    rss_before = _status_kib("VmRSS")
+    _one(model, optimizer, loss_fn, batch)  # compiles; AdamW allocates its state
+    rss_after_first = _status_kib("VmRSS")
+    reset = _reset_peak_rss()
+    for _ in range(steps):
+        _one(model, optimizer, loss_fn, batch)
+    hwm = _status_kib("VmHWM")  # this process's peak since the reset
+    # ru_maxrss also counts the memory of the process this one was spawned from (the kernel
+    # keeps the larger of the two at exec): here the parent holding two SmolLM2 copies, so it
+    # is kept for reference only, and the peak is VmHWM where the reset worked.
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    peak = hwm if reset and hwm is not None else maxrss
+    kib = 1024
+    return {
+        "variant": variant,
+        "steps": steps,
+        "batch_shape": list(batch["input_ids"].shape),
+        "peak_reset_after_first_step": reset,
+        "rss_before_first_step_bytes": rss_before * kib if rss_before else None,
+        "rss_after_first_step_bytes": rss_after_first * kib if rss_after_first else None,
+        "peak_rss_bytes": peak * kib,
+        "vm_hwm_bytes": hwm * kib if hwm is not None else None,
+        "ru_maxrss_bytes": maxrss * kib,
+        "peak_increase_bytes": (peak - rss_before) * kib if rss_before else None,
+    }
+
+
+def run_worker(variant: str, args) -> dict[str, Any]:
+    """One variant's memory record, measured in a fresh interpreter."""
+    command = [sys.executable, "-m", "experiments.bench.llm_train_step", "--worker", variant,
+               "--batch", str(args.batch), "--memory-steps", str(args.memory_steps),
+               "--threads", str(args.threads), *(["--quick"] if args.quick else [])]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        raise SystemExit(f"memory worker {variant} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _mib(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / MIB:.0f} MiB"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -131,31 +232,36 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pack-examples", type=int, default=32)
     parser.add_argument("--pack-length", type=int, default=256)
     parser.add_argument("--pack-rows", type=int, default=2)
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled variants")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory workers")
+    parser.add_argument("--memory-steps", type=int, default=3)
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one variant's memory
     args = parser.parse_args(argv)
     apply_threads(args.threads)
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.quick, args.batch, args.memory_steps)))
+        return
     repeats = args.repeats or (1 if args.quick else 4)
     machine = machine_info()
     ours, theirs = _models(args.quick)
     batch = _task_batch(args.batch)
 
-    def hf_loss(module):
-        def loss(b):
-            inputs = {k: b[k] for k in ("input_ids", "attention_mask", "position_ids")}
-            return module.model(**inputs, labels=b["labels"], use_cache=False).loss
-
-        return loss
-
     with torch.no_grad():
-        a, b = hf_loss(theirs)(batch), hf_loss(ours)(batch)
+        a, b = _hf_loss(theirs)(batch), _hf_loss(ours)(batch)
         task_loss = ours.answer_loss(batch)[0]
     if not torch.allclose(a, b, atol=1e-5) or not torch.allclose(task_loss, b, atol=1e-5):
         sys.exit(f"numerics differ: peft {float(a)}, ours {float(b)}, task loss {float(task_loss)}")
-    variants = {
-        "peft": _stepper(theirs.model, hf_loss(theirs), batch),
-        "ours_hf_loss": _stepper(ours.model, hf_loss(ours), batch),
-        "ours_task_loss": _stepper(ours.model, lambda b: ours.answer_loss(b)[0], batch),
-    }
-    for step in variants.values():  # warm-up, untimed
+    names = [*EAGER, *([] if args.no_compile else [f"{v}_compiled" for v in EAGER])]
+    built = {name: _variant(name, ours, theirs) for name in names}
+    for name in names:
+        if name.endswith("_compiled"):
+            # With gradients on (no backward): the graph compiled here is the training one.
+            got = built[name][1](batch).detach()
+            want = built[name.removesuffix("_compiled")][1](batch).detach()
+            if not torch.allclose(got, want, atol=1e-4):
+                sys.exit(f"{name}: compiled loss {float(got)} differs from eager {float(want)}")
+    variants = {name: _stepper(model, loss, batch) for name, (model, loss) in built.items()}
+    for step in variants.values():  # warm-up (and compilation), untimed
         step()
     times = interleave(variants, repeats)
 
@@ -184,6 +290,8 @@ def main(argv: list[str] | None = None) -> None:
     padded_slots = sum(b["input_ids"].numel() for b in padded)
     packed_slots = sum(b["input_ids"].numel() for b in packed)
 
+    memory = {} if args.no_memory else {name: run_worker(name, args) for name in names}
+
     ratios = {
         "ours_hf_loss/peft": ratio_summary(times["ours_hf_loss"], times["peft"]),
         "ours_task_loss/peft": ratio_summary(times["ours_task_loss"], times["peft"]),
@@ -200,6 +308,29 @@ def main(argv: list[str] | None = None) -> None:
             0.95,
         ),
     ]
+    if not args.no_compile:
+        for ours_name in ("ours_task_loss", "ours_hf_loss"):
+            key = f"{ours_name}_compiled/peft_compiled"
+            ratios[key] = ratio_summary(times[f"{ours_name}_compiled"], times["peft_compiled"])
+            label = "task loss" if ours_name == "ours_task_loss" else "same HF loss"
+            goals.append(
+                goal(
+                    f"SmolLM2 LoRA step, ours ({label}) / PEFT <= 1.0, both compiled",
+                    ratios[key],
+                    1.0,
+                )  # fmt: skip
+            )
+    memory_goals = {}
+    for ours_name in ("ours_task_loss", "ours_hf_loss"):
+        for suffix in ("", "_compiled"):
+            mine, peft = memory.get(ours_name + suffix), memory.get("peft" + suffix)
+            if mine and peft:
+                memory_goals[f"{ours_name}{suffix}/peft{suffix}"] = {
+                    "ours_peak_rss_bytes": mine["peak_rss_bytes"],
+                    "peft_peak_rss_bytes": peft["peak_rss_bytes"],
+                    "ratio": mine["peak_rss_bytes"] / peft["peak_rss_bytes"],
+                    "met": mine["peak_rss_bytes"] <= peft["peak_rss_bytes"],
+                }
     payload = {
         "machine": machine,
         "settings": vars(args) | {"out": str(args.out), "repeats": repeats},
@@ -207,6 +338,14 @@ def main(argv: list[str] | None = None) -> None:
         "step": {name: summary(t) for name, t in times.items()},
         "ratios": ratios,
         "goals": goals,
+        "memory": {
+            "measure": "process peak RSS (VmHWM) over --memory-steps steps after one untimed "
+            "step, the peak mark reset after it (clear_refs); one fresh process per variant; "
+            "ru_maxrss is floored by the parent's RSS and only recorded",
+            "variants": memory,
+            "goals": memory_goals,
+            "goal": "ours peak RSS <= PEFT's",
+        },
         "packing": {
             "examples": args.pack_examples,
             "real_tokens": real_tokens,
@@ -219,19 +358,35 @@ def main(argv: list[str] | None = None) -> None:
             "met": tokens_per_s["packed"] / tokens_per_s["padded"] >= 1.5,
         },
     }
-    rows = [
-        [name, ms(s["median_s"]), ms(s["min_s"]), ms(s["max_s"])]
-        for name, s in payload["step"].items()
+    rows = []
+    for name, s in payload["step"].items():
+        record = memory.get(name, {})
+        rows.append([
+            name, ms(s["median_s"]), ms(s["min_s"]), ms(s["max_s"]),
+            _mib(record.get("peak_rss_bytes")), _mib(record.get("peak_increase_bytes")),
+        ])  # fmt: skip
+    memory_lines = [
+        f"**Peak memory** ({name}): ours {_mib(g['ours_peak_rss_bytes'])}, PEFT "
+        f"{_mib(g['peft_peak_rss_bytes'])}, ratio {g['ratio']:.3f} (goal <= 1: "
+        f"{'met' if g['met'] else 'NOT met'})."
+        for name, g in memory_goals.items()
     ]
     lines = [
-        "# SmolLM2-135M LoRA train step: lora_lightning vs PEFT; packing vs padding",
+        "# SmolLM2-135M LoRA train step: lora_lightning vs PEFT, eager and compiled; packing vs "
+        "padding",
         "",
         *machine_lines(machine),
-        f"- Batch {tuple(batch['input_ids'].shape)} (task-set rows, right-padded); {repeats} interleaved rounds",
+        f"- Batch {tuple(batch['input_ids'].shape)} (task-set rows, right-padded); {repeats} "
+        "interleaved rounds"
+        + ("" if args.no_compile else " (eager and compiled variants in the same rounds)"),
+        "- Peak RSS: one fresh process per variant; the kernel's peak mark reset after one "
+        f"untimed step, then {args.memory_steps} steps; increase = peak - RSS before the "
+        "first step (gradients, AdamW state, activations, compiled code)",
         "",
-        markdown_table(["variant", "median", "min", "max"], rows),
+        markdown_table(["variant", "median", "min", "max", "peak RSS", "peak increase"], rows),
         "",
         *[goal_line(g) for g in goals],
+        *memory_lines,
         "",
         f"Packing ({args.pack_examples} examples, {real_tokens} real tokens; padded {padded_slots} "
         f"token slots in batches of {args.batch}, packed {packed_slots} in rows of "

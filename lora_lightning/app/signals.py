@@ -102,25 +102,59 @@ class _ResumableLoader(DataLoader):
 
     ``batches_done`` (batches of the current epoch whose training step finished) is kept by
     :class:`Preemption`, which saves it with the checkpoint and sets ``_skip`` from it on resume.
-    Lightning also sees the loader as stateful, so it does not warn about mid-epoch resumes.
+    Lightning also sees the loader as stateful, so it does not warn about mid-epoch resumes,
+    and saves and restores this state itself.
+
+    The state also holds the states of the loader's random generators (its own, for the
+    workers' seeds, and its sampler's: a ``RandomSampler(generator=...)`` draws each epoch's
+    order from it) as they were when the interrupted epoch began, or as they are now between
+    epochs: a loader rebuilt on resume starts its generators from their seeds, so without them
+    an epoch after the first would be read in the first epoch's order.
     """
 
     batches_done = 0
     _skip = 0
+    # Generator states when the current epoch's iteration began; to restore at the next one.
+    _epoch_start: list[torch.Tensor] | None = None
+    _restore: list[torch.Tensor] | None = None
 
-    def state_dict(self) -> dict[str, int]:
-        return {"batches_done": self.batches_done if self.batches_done < len(self) else 0}
+    def state_dict(self) -> dict[str, Any]:
+        mid_epoch = 0 < self.batches_done < len(self)
+        states = self._epoch_start if mid_epoch else None
+        if states is None:
+            states = [generator.get_state() for generator in self._generators()]
+        return {"batches_done": self.batches_done if mid_epoch else 0, "generators": states}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self._skip = state.get("batches_done", 0)
+        self._restore = state.get("generators")
 
     def __iter__(self) -> Iterator[Any]:
         skip, self._skip = self._skip, 0
+        restore, self._restore = self._restore, None
+        generators = self._generators()
+        if restore is not None and len(restore) == len(generators):
+            for generator, saved in zip(generators, restore, strict=True):
+                generator.set_state(saved)
+        elif restore is not None:
+            log.warning(
+                f"resume: the checkpoint holds {len(restore)} train-loader random generator "
+                f"state(s), this loader has {len(generators)}; its order starts from its seeds"
+            )
+        self._epoch_start = [generator.get_state() for generator in generators]
         self.batches_done = skip
         batches = super().__iter__()
         for _ in range(skip):
             next(batches)
         yield from batches
+
+    def _generators(self) -> list[torch.Generator]:
+        """The loader's generator and its sampler's, each once, in that order."""
+        found: list[torch.Generator] = []
+        for generator in (self.generator, getattr(self.sampler, "generator", None)):
+            if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
+                found.append(generator)
+        return found
 
 
 class Preemption(pl.Callback):

@@ -8,10 +8,11 @@ so the names below import without it.
 
 from lora_lightning.tasks.causal_lm import CausalLMTask, CausalLMTaskError
 from lora_lightning.tasks.chat import DataError
-from lora_lightning.tasks.classifier import TextClassifier, linear_warmup_decay
+from lora_lightning.tasks.classifier import TextClassifier
 from lora_lightning.tasks.instruct import InstructDataModule
 from lora_lightning.tasks.instruct_set import instruct_path
 from lora_lightning.tasks.minilm import minilm_path
+from lora_lightning.tasks.schedule import WarmupDecaySchedule, linear_warmup_decay
 from lora_lightning.tasks.smollm2 import smollm2_path
 from lora_lightning.tasks.sst2 import (
     SST2_SPLITS,
@@ -30,6 +31,7 @@ __all__ = [
     "SST2DataModule",
     "SST2_SPLITS",
     "TextClassifier",
+    "WarmupDecaySchedule",
     "linear_warmup_decay",
     "minilm_path",
     "random_subset",

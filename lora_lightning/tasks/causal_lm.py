@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from torchmetrics.aggregation import SumMetric
 
 from lora_lightning.tasks.chat import IGNORE_INDEX
-from lora_lightning.tasks.classifier import enable_activation_checkpointing, linear_warmup_decay
+from lora_lightning.tasks.classifier import enable_activation_checkpointing
 from lora_lightning.tasks.generation import (
     Scored,
     decode_answers,
@@ -43,6 +43,7 @@ from lora_lightning.tasks.generation import (
 )
 from lora_lightning.tasks.instruct import load_tokenizer
 from lora_lightning.tasks.minilm import force_offline, import_transformers
+from lora_lightning.tasks.schedule import WarmupDecaySchedule
 
 log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -130,6 +131,10 @@ class CausalLMTask(LightningModule):
         self.base_metrics: dict[str, float] | None = None
         self._scored: list[Scored] = []
         self._checked = False
+        # The learning-rate schedule, whose length is read when training starts.
+        self._schedule = WarmupDecaySchedule(
+            self, warmup_ratio, "CausalLMTask", error=CausalLMTaskError
+        )
 
     # -- the loss ---------------------------------------------------------------------------
 
@@ -251,6 +256,7 @@ class CausalLMTask(LightningModule):
         self._report_samples(scored, "test")
 
     def on_train_start(self) -> None:
+        self._schedule.start()
         if self.eval_base and self.base_metrics is None:
             self.base_metrics = self._evaluate_base()
         for key, value in (self.base_metrics or {}).items():
@@ -322,44 +328,20 @@ class CausalLMTask(LightningModule):
         """AdamW over `self.parameters()` (frozen ones get no gradient and are skipped), with
         linear warmup and decay stepped every batch.
 
-        The schedule's length is read from the trainer at the first optimizer step, not here:
-        asking for it here would load the train loader before Lightning restores a resumable
-        one, and the step-0 factor needs no length (0 with warmup, else 1).
+        The schedule's length is read when training starts, not here (see
+        :class:`~lora_lightning.tasks.schedule.WarmupDecaySchedule`): asking for it here would
+        load the train loader before Lightning restores a resumable one.
+
+        Raises:
+            CausalLMTaskError: the trainer has no finite number of steps.
         """
         optimizer = torch.optim.AdamW(
             self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
         )
-        schedule = _lazy_warmup_decay(self, self.hparams.warmup_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {
             "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+            "lr_scheduler": {"scheduler": self._schedule.build(optimizer), "interval": "step"},
         }
-
-
-def _lazy_warmup_decay(module: LightningModule, warmup_ratio: float) -> Callable[[int], float]:
-    """Linear warmup/decay whose total length is read from the trainer when first needed.
-
-    A function, not a callable object: LambdaLR saves a callable object's attributes in its
-    state dict (and so in checkpoints), and this one would hold the module.
-    """
-    known: dict[str, int] = {}
-
-    def factor(step: int) -> float:
-        if step == 0:
-            return 0.0 if warmup_ratio > 0 else 1.0
-        if "total" not in known:
-            total = module.trainer.estimated_stepping_batches
-            if not math.isfinite(total):
-                raise CausalLMTaskError(
-                    "CausalLMTask: the learning-rate schedule needs a finite run; set "
-                    "trainer.max_steps or trainer.max_epochs"
-                )
-            known["total"] = max(1, int(total))
-        total = known["total"]
-        return linear_warmup_decay(step, int(warmup_ratio * total), total)
-
-    return factor
 
 
 def _last_logits_only(model: Any) -> dict[str, int]:

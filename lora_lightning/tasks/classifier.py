@@ -7,9 +7,8 @@ Hugging Face model sits at the attribute `model` so that module paths inside it
 
 from __future__ import annotations
 
-import math
 import os
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +18,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import Accuracy, F1Score
 
 from lora_lightning.tasks.minilm import import_transformers, resolve_pretrained
+from lora_lightning.tasks.schedule import WarmupDecaySchedule
 
 
 class TextClassifier(LightningModule):
@@ -62,10 +62,8 @@ class TextClassifier(LightningModule):
         if not 0.0 <= warmup_ratio <= 1.0:
             raise ValueError(f"TextClassifier: warmup_ratio must be in [0, 1], not {warmup_ratio}")
         self.save_hyperparameters()
-        # The learning-rate schedule: its scheduler, and (warmup, total) steps once training
-        # starts (see configure_optimizers).
-        self._scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
-        self._schedule_steps: tuple[int, int] | None = None
+        # The learning-rate schedule, whose length is read when training starts.
+        self._schedule = WarmupDecaySchedule(self, warmup_ratio, "TextClassifier")
         transformers = import_transformers()
         # .float(): transformers 5 loads in the checkpoint's dtype by default; training and the
         # merge precision guarantees assume float32 whatever the checkpoint holds.
@@ -132,7 +130,8 @@ class TextClassifier(LightningModule):
         All parameters are passed on purpose: frozen ones get no gradient and AdamW skips them,
         so a callback that freezes the base model leaves only its trainable parameters updating.
 
-        The run length is not read here but when training starts (:meth:`on_train_start`):
+        The run length is not read here but when training starts (:meth:`on_train_start`,
+        see :class:`~lora_lightning.tasks.schedule.WarmupDecaySchedule`):
         `trainer.estimated_stepping_batches` builds the train loader when it does not exist
         yet, and a loader built before Lightning restores a checkpoint's loop state keeps
         its position at the start of the epoch: a resumed epoch would start over.
@@ -141,72 +140,23 @@ class TextClassifier(LightningModule):
             ValueError: the trainer has no finite number of steps (`max_epochs=-1` and no
                 `max_steps`), so the decay has no end.
         """
-        if self.trainer.max_epochs == -1 and self.trainer.max_steps == -1:
-            _infinite_run()
         optimizer = torch.optim.AdamW(
             self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
         )
-        self._schedule_steps = None
-        # A plain function (not a bound method): LambdaLR's state_dict skips it.
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: self._lr_multiplier(step)
-        )
-        self._scheduler = scheduler
         return {
             "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+            "lr_scheduler": {"scheduler": self._schedule.build(optimizer), "interval": "step"},
         }
 
     def on_train_start(self) -> None:
         """Read the run length (the train loader exists now, so nothing is rebuilt) and set
         the learning rates of the scheduler's current step from it.
 
-        Until now the multiplier was a placeholder; for a resumed run the result equals the
-        learning rates Lightning restored, computed the same way.
-
         Raises:
             ValueError: the run has no finite number of steps (an iterable train set without
                 `max_steps`).
         """
-        total_steps = self.trainer.estimated_stepping_batches
-        if not math.isfinite(total_steps) or total_steps < 0:  # -1: iterable data, no max_steps
-            _infinite_run()
-        total = max(1, int(total_steps))
-        self._schedule_steps = (int(self.hparams.warmup_ratio * total), total)
-        scheduler = self._scheduler
-        if scheduler is None:  # configure_optimizers was replaced (e.g. by a subclass)
-            return
-        rates = [
-            base * multiplier(scheduler.last_epoch)
-            for base, multiplier in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
-        ]
-        for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
-            group["lr"] = rate
-        scheduler._last_lr = rates  # what get_last_lr() (LearningRateMonitor) reports
-
-    def _lr_multiplier(self, step: int) -> float:
-        if self._schedule_steps is None:  # LambdaLR's first call, before training starts
-            return 0.0
-        warmup, total = self._schedule_steps
-        return linear_warmup_decay(step, warmup, total)
-
-
-def _infinite_run() -> NoReturn:
-    raise ValueError(
-        "TextClassifier: the learning-rate schedule needs a finite run; set "
-        "trainer.max_steps or trainer.max_epochs"
-    )
-
-
-def linear_warmup_decay(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Learning-rate multiplier at optimizer step `step` (0-based): rises linearly to 1 by
-    step `warmup_steps`, then falls linearly to 0 at `total_steps`.
-
-    The same shape as transformers' `get_linear_schedule_with_warmup`.
-    """
-    if step < warmup_steps:
-        return step / warmup_steps
-    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+        self._schedule.start()
 
 
 def enable_activation_checkpointing(model: Any) -> None:
