@@ -27,8 +27,19 @@ sys.path.insert(0, str(REPO_ROOT))  # `experiments` is a top-level folder, not i
 from experiments.gpu import check  # noqa: E402
 from experiments.gpu.common import Context, Recorder  # noqa: E402
 
-STEPS = {"probe", "correctness", "speed", "lightning_fsdp", "lightning_ddp", "default_job"}
+STEPS = {
+    "probe",
+    "correctness",
+    "speed",
+    "llm",
+    "lightning_fsdp",
+    "lightning_fsdp2",
+    "lightning_ddp",
+    "default_job",
+}
 KERNEL_CASES = 8
+#: The smoke run's tiny Llama: 2 blocks x 7 adapted projections x (A, B).
+LLM_ADAPTER_TENSORS = 2 * 7 * 2
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +97,7 @@ def test_every_step_and_check_passed_or_was_skipped_with_a_reason(smoke) -> None
         assert by_name["default_job"]["status"] == "skipped"
         assert "CUDA" in by_name["default_job"]["reason"]
     # ... and everything else really ran.
-    for name in ("probe", "correctness", "speed", "lightning_ddp"):
+    for name in ("probe", "correctness", "speed", "llm", "lightning_fsdp2", "lightning_ddp"):
         assert by_name[name]["status"] == "passed", name
 
 
@@ -111,6 +122,40 @@ def test_correctness_numbers_are_present(smoke) -> None:
     assert {"minilm", "llama_1b"} <= set(speed["train_step"]) and set(speed["inference"])
     resume = {entry["name"]: entry for entry in steps["lightning_ddp"]["checks"]}
     assert resume["exact_resume"]["bitwise_equal"] is True
+
+
+@pytest.mark.slow
+def test_llm_step_compares_gradients_generation_and_step_time_with_peft(smoke) -> None:
+    _, out = smoke
+    step = {step["name"]: step for step in load(out)["steps"]}["llm"]
+    checks = {entry["name"]: entry for entry in step["checks"]}
+    grads = checks["loss_and_adapter_grads"]
+    assert grads["adapter_gradients"] == LLM_ADAPTER_TENSORS
+    assert not grads["beyond_tolerance"] and not grads["frozen_with_grad"]
+    assert grads["loss_rel_err"]["lora_lightning"] <= 1e-5
+    generation = checks["greedy_generation"]
+    assert generation["same_tokens"] is True and generation["differing_rows"] == []
+    effect = generation["logits_rel_l2_ours_vs_base"]
+    assert effect > 10 * generation["logits_rel_l2_ours_vs_peft"]
+    assert len(generation["answers_ours"]) == len(generation["targets"]) > 0
+    timing = step["data"]["train_step"]
+    assert set(timing["times"]) == {"lora_lightning", "peft"}
+    assert math.isfinite(timing["ratios"]["lora_lightning/peft"]["median_of_pair_ratios"])
+    assert step["data"]["setup"]["answer_tokens"] > 0
+
+
+@pytest.mark.slow
+def test_fsdp2_step_shards_every_parameter_and_resumes_bitwise(smoke) -> None:
+    _, out = smoke
+    step = {step["name"]: step for step in load(out)["steps"]}["lightning_fsdp2"]
+    checks = {entry["name"]: entry for entry in step["checks"]}
+    assert checks["exact_resume"]["bitwise_equal"] is True
+    sharding = checks["sharded_with_fsdp2"]
+    assert sharding["status"] == "passed" and not sharding["not_sharded"]
+    assert sharding["optimized_equals_trainable"] is True
+    assert (
+        checks["trimmed_checkpoint"]["missing"] == checks["trimmed_checkpoint"]["unexpected"] == []
+    )
 
 
 # ------------------------------------------------------------- the orchestrator, stand-ins
