@@ -12,6 +12,7 @@ and the steps after them still run.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import subprocess
@@ -24,7 +25,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # `experiments` is a top-level folder, not installed
 
-from experiments.gpu import check  # noqa: E402
+from experiments.gpu import check, llm_step  # noqa: E402
 from experiments.gpu.common import Context, Recorder  # noqa: E402
 
 STEPS = {
@@ -156,6 +157,25 @@ def test_fsdp2_step_shards_every_parameter_and_resumes_bitwise(smoke) -> None:
     assert (
         checks["trimmed_checkpoint"]["missing"] == checks["trimmed_checkpoint"]["unexpected"] == []
     )
+
+
+def test_generation_divergence_on_a_clear_winner_is_no_tie() -> None:
+    """``llm_step.tie_at`` excuses a difference in greedy tokens only where rounding could
+    have picked the winner: a token far below the float32 truth's choice is no tie."""
+    ctx = Context(smoke=True, device="cpu", workdir="", result_path="", budget_s=0)
+    base, tokenizer, _ = llm_step.load_model(ctx)
+    pair = llm_step.adapted_pair(base, ctx)
+    prompt = tokenizer("<|im_start|>user\nhi<|im_end|>\n", return_tensors="pt")
+    inputs = {"input_ids": prompt["input_ids"], "attention_mask": prompt["attention_mask"]}
+    logits = llm_step.last_logits(pair["lora_lightning"], inputs)
+    ours = logits.argmax(-1, keepdim=True)  # the truth's winner at new token 0
+    theirs = logits.argmin(-1, keepdim=True)  # its loser
+    truth = copy.deepcopy(pair["lora_lightning"]).float()
+    verdict = llm_step.tie_at(pair, truth, inputs, ours, theirs, row=0, position=0)
+    assert verdict["tie"] is False
+    assert verdict["truth_gap"] > verdict["allowed_gap"]
+    same = llm_step.tie_at(pair, truth, inputs, ours, ours, row=0, position=0)
+    assert same["truth_gap"] == 0 and same["tie"] is True
 
 
 # ------------------------------------------------------------- the orchestrator, stand-ins
