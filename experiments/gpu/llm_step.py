@@ -11,8 +11,9 @@ the answers only), batch 8.
   of ours must be within bfloat16's floor (``common.REL_FLOOR``) or 4x PEFT's own error against
   the float32 truth (``common.accept``); the frozen base gets no gradient.
 - ``greedy_generation``: the same pair, greedy decoding with the KV cache
-  (``lora_lightning.tasks.generation``) of a few test prompts: the same tokens, and the
-  adapters change the first step's logits by more than the two implementations differ.
+  (``lora_lightning.tasks.generation``) of a few test prompts: the same tokens (where a row
+  parts, only at a rounding tie: :func:`tie_at`), and the adapters move the last prompt
+  position's logits ``ADAPTER_EFFECT`` times more than the two implementations differ.
 - ``train_step``: the speed step's train step (``speed.time_train_steps``: forward, loss,
   backward, AdamW, zero_grad; fresh adapters, PEFT's A copied from ours, the first 3 losses
   compared, then interleaved rounds with the order rotated, median per-round ratio ours/PEFT),
@@ -54,7 +55,7 @@ from experiments.gpu.common import (
     peft_config,
     rel_err,
 )
-from experiments.gpu.speed import Sizes, _free, time_train_steps
+from experiments.gpu.speed import Sizes, free_memory, time_train_steps
 from lora_lightning import inject_lora
 
 KEY = "smollm2"  # common.TARGETS: every projection of a Llama block
@@ -109,7 +110,7 @@ def run(ctx: Context, rec: Recorder) -> None:
             raise SkipCheck("the adapted pair could not be built (see the first check)")
         entry.update(generation(pair, base, prompts, tokenizer, dims["new_tokens"], ctx))
     pair.clear()
-    _free(ctx)
+    free_memory(ctx)
 
     with rec.check("train_step") as entry:
         size = Sizes(batch["input_ids"].shape[0], batch["input_ids"].shape[1], dims["rounds"],

@@ -111,12 +111,12 @@ def run(ctx: Context, rec: Recorder) -> None:
             block = train_step(ctx, key)
             data["train_step"][key] = block
             entry.update(ok=block["numerics_ok"], summary=block["headline"])
-        _free(ctx)
+        free_memory(ctx)
         with rec.check(f"inference/{key}") as entry:
             block = inference(ctx, key)
             data["inference"][key] = block
             entry.update(ok=block["outputs_ok"], summary=block["headline"])
-        _free(ctx)
+        free_memory(ctx)
     for key in ("minilm", "llama_1b"):
         with rec.check(f"train_step_dora/{key}") as entry:
             if not HAS_DORA:
@@ -124,12 +124,12 @@ def run(ctx: Context, rec: Recorder) -> None:
             block = train_step(ctx, key, dora=True)
             data["train_step"][f"{key}_dora"] = block
             entry.update(ok=block["numerics_ok"], summary=block["headline"])
-        _free(ctx)
+        free_memory(ctx)
     if not ctx.cuda:
         rec.skip("peak_gpu_memory", f"needs CUDA; this run is on {ctx.device}")
 
 
-def _free(ctx: Context) -> None:
+def free_memory(ctx: Context) -> None:
     """Release the previous phase's models. ``gc.freeze()`` before each timing phase moves
     every object alive then (imported libraries, models) out of the collector's reach: the
     bench's ``timed`` runs ``gc.collect()`` before every timed call, which costs ~0.5 s per
@@ -193,7 +193,7 @@ def train_step(ctx: Context, key: str, dora: bool = False) -> dict[str, Any]:
     batch = device_batch(base, ctx, size, causal)
     models = train_variants(base, key, dora=dora, bf16_adapters=causal and not dora)
     del base
-    _free(ctx)
+    free_memory(ctx)
     label = LABELS[key] + (", DoRA" if dora else "")
     label += " [tiny stand-in: --smoke]" if ctx.smoke and causal else ""
     return time_train_steps(ctx, models, batch, size, autocast, label, dora=dora)
@@ -236,7 +236,7 @@ def time_train_steps(
             for _ in range(NUMERICS_STEPS):
                 stepper.step()  # the same warm-up as the numerics pair got
     verdict = loss_verdict(numerics, dora)
-    gc.freeze()  # see _free
+    gc.freeze()  # see free_memory
     times = interleave(
         {name: s.timed_steps(size.per_round) for name, s in steppers.items()}, size.rounds
     )
@@ -334,7 +334,7 @@ def inference(ctx: Context, key: str) -> dict[str, Any]:
         return lambda: timed(call)[0] / size.per_round
 
     variants = {name: variant(m) for name, m in models.items()}
-    gc.freeze()  # see _free
+    gc.freeze()  # see free_memory
     interleave(variants, 1 if ctx.smoke else 2)  # untimed warm-up
     times = interleave(variants, size.rounds)
     ratios = {
