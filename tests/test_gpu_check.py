@@ -139,10 +139,11 @@ def test_llm_step_compares_gradients_generation_and_step_time_with_peft(smoke) -
     effect = generation["logits_rel_l2_ours_vs_base"]
     assert effect > 10 * generation["logits_rel_l2_ours_vs_peft"]
     assert len(generation["answers_ours"]) == len(generation["targets"]) > 0
-    timing = step["data"]["train_step"]
+    timing = step["data"]["train_step"]["smollm2"]
     assert set(timing["times"]) == {"lora_lightning", "peft"}
     assert math.isfinite(timing["ratios"]["lora_lightning/peft"]["median_of_pair_ratios"])
     assert step["data"]["setup"]["answer_tokens"] > 0
+    assert "**Train step, tiny Llama" in (out / "check.md").read_text()
 
 
 @pytest.mark.slow

@@ -117,7 +117,7 @@ def run(ctx: Context, rec: Recorder) -> None:
                      dims["per_round"])  # fmt: skip
         models = {name: m.train() for name, m in train_pair(base).items()}
         block = time_train_steps(ctx, models, batch, size, None, label)
-        data["train_step"] = block
+        data["train_step"] = {KEY: block}  # the speed step's form: report.render_speed
         entry.update(ok=block["numerics_ok"], summary=block["headline"])
 
 
