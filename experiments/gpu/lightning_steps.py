@@ -1,6 +1,8 @@
 """Step 3, Lightning on the GPU: one process (``devices=1``) under ``strategy=fsdp`` (3a: the
 FSDP wrapping, flat-parameter and full-state-dict gathering paths run, one ``BertLayer`` per
-FSDP unit) and under ``strategy=ddp`` (3b). The same round trip for both:
+FSDP unit), under FSDP2 (3c: this project's ``FSDP2Strategy``, Lightning's
+``ModelParallelStrategy`` with ``shard_model``, single-file checkpoints) and under
+``strategy=ddp`` (3b). The same round trip for all three:
 
 1. ``fit_with_checkpoints``: ``LoRACallback`` (the default job's LoRA: every encoder Linear,
    the classifier in ``modules_to_save``, dropout 0) on the real MiniLM with its own dropouts
@@ -18,8 +20,12 @@ FSDP unit) and under ``strategy=ddp`` (3b). The same round trip for both:
 5. ``peft_load``: the exported adapter loads in PEFT (``PeftModel.from_pretrained``) and gives
    the outputs our ``load_adapter`` gives on the same base, different from the base's.
 
+FSDP2 adds ``sharded_with_fsdp2``: after the fit every parameter is a DTensor, the FSDP units
+are the blocks ``shard_model`` finds (every ``BertLayer`` among them) plus the root, and the
+optimizer holds exactly the trainable parameters.
+
 With ``--smoke`` on the CPU the FSDP step is skipped (Lightning refuses ``strategy=fsdp`` with
-``accelerator=cpu``) and the DDP step runs on one CPU process (gloo), tiny batches.
+``accelerator=cpu``); the FSDP2 and DDP steps run on one CPU process (gloo), tiny batches.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from experiments.gpu.common import (
     SEED,
     Context,
     Recorder,
+    SkipCheck,
     batch_loader,
     lightning_classifier,
     minilm,
@@ -77,6 +84,55 @@ def run_fsdp(ctx: Context, rec: Recorder) -> None:
     round_trip(ctx, rec, fsdp)
 
 
+def run_fsdp2(ctx: Context, rec: Recorder) -> None:
+    """3c: FSDP2 through ``lora_lightning.lightning.FSDP2Strategy`` (Lightning's
+    ``ModelParallelStrategy``, ``shard_model``: one unit per ``BertLayer``, then the root),
+    single-file checkpoints (``save_distributed_checkpoint=False``: gathered on rank zero, the
+    form the round trip's file checks read). Runs on the CPU too (one gloo process)."""
+
+    def fsdp2() -> Any:
+        from lora_lightning.lightning import FSDP2Strategy
+
+        return FSDP2Strategy(save_distributed_checkpoint=False)
+
+    runs = round_trip(ctx, rec, fsdp2)
+    with rec.check("sharded_with_fsdp2") as entry:
+        if "straight" not in runs:
+            raise SkipCheck("the straight run did not finish (see fit_with_checkpoints)")
+        entry.update(fsdp2_sharding(runs["straight"]))
+
+
+def fsdp2_sharding(run: dict[str, Any]) -> dict[str, Any]:
+    """After the fit: every parameter of the model is a DTensor (``fully_shard`` ran on the
+    whole model, adapters included), the FSDP units are the transformer blocks
+    ``shard_model`` finds (every ``BertLayer`` among them) plus the root, and the optimizer
+    holds exactly the trainable parameters (adapters and the classifier)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from lora_lightning.lightning.sharded import is_dtensor, transformer_blocks
+
+    module = run["module"]
+    params = dict(module.named_parameters())
+    plain = sorted(name for name, p in params.items() if not is_dtensor(p))
+    units = {name for name, sub in module.named_modules() if isinstance(sub, FSDPModule)}
+    # Read from an unsharded copy: fully_shard renames the classes (FSDPBertLayer).
+    unsharded = lightning_classifier(minilm())
+    expected = {name for name, _ in transformer_blocks(unsharded)} | {"model"}
+    layers = {f"model.bert.encoder.layer.{i}" for i in range(len(module.model.bert.encoder.layer))}
+    optimized = {id(p) for g in run["trainer"].optimizers[0].param_groups for p in g["params"]}
+    trainable = {id(p) for p in params.values() if p.requires_grad}
+    return {
+        "ok": not plain and units == expected and layers <= units and optimized == trainable,
+        "summary": f"{len(params) - len(plain)} of {len(params)} parameters are DTensors, "
+        f"{len(units)} FSDP units ({len(layers)} BertLayers, expected {len(expected)}), the "
+        f"optimizer holds {len(optimized)} parameters ({len(trainable)} trainable)",
+        "not_sharded": plain[:10],
+        "fsdp_units": sorted(units),
+        "expected_units": sorted(expected),
+        "optimized_equals_trainable": optimized == trainable,
+    }
+
+
 def run_ddp(ctx: Context, rec: Recorder) -> None:
     round_trip(ctx, rec, lambda: "ddp")
 
@@ -103,7 +159,12 @@ def reproducible_minilm() -> torch.nn.Module:
     return model
 
 
-def round_trip(ctx: Context, rec: Recorder, strategy: Callable[[], Any]) -> None:
+def round_trip(
+    ctx: Context, rec: Recorder, strategy: Callable[[], Any]
+) -> dict[str, dict[str, Any]]:
+    """The round trip of the module docstring under ``strategy()`` (a new strategy per fit);
+    returns the runs (``straight``, ``resumed``: trainer, module, checkpoint and adapter
+    folders) for checks of a strategy's own."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     work = Path(ctx.workdir)
@@ -239,6 +300,7 @@ def round_trip(ctx: Context, rec: Recorder, strategy: Callable[[], Any]) -> None
 
     with rec.check("peft_load") as entry:
         entry.update(peft_load(ctx, runs["straight"]["adapter"], batches[0]))
+    return runs
 
 
 def _from_peft(key: str) -> str:

@@ -172,4 +172,4 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.2f} ms" if seconds < 1 else f"{seconds:.3f} s"
 
 
-RENDERERS = {"speed": render_speed, "default_job": render_default_job}
+RENDERERS = {"speed": render_speed, "llm": render_speed, "default_job": render_default_job}

@@ -52,6 +52,7 @@ from experiments.gpu.common import (
     Recorder,
     SkipCheck,
     build_llama,
+    copy_adapters_to_peft,
     dtype_name,
     minilm,
     ours_config,
@@ -110,12 +111,12 @@ def run(ctx: Context, rec: Recorder) -> None:
             block = train_step(ctx, key)
             data["train_step"][key] = block
             entry.update(ok=block["numerics_ok"], summary=block["headline"])
-        _free(ctx)
+        free_memory(ctx)
         with rec.check(f"inference/{key}") as entry:
             block = inference(ctx, key)
             data["inference"][key] = block
             entry.update(ok=block["outputs_ok"], summary=block["headline"])
-        _free(ctx)
+        free_memory(ctx)
     for key in ("minilm", "llama_1b"):
         with rec.check(f"train_step_dora/{key}") as entry:
             if not HAS_DORA:
@@ -123,12 +124,12 @@ def run(ctx: Context, rec: Recorder) -> None:
             block = train_step(ctx, key, dora=True)
             data["train_step"][f"{key}_dora"] = block
             entry.update(ok=block["numerics_ok"], summary=block["headline"])
-        _free(ctx)
+        free_memory(ctx)
     if not ctx.cuda:
         rec.skip("peak_gpu_memory", f"needs CUDA; this run is on {ctx.device}")
 
 
-def _free(ctx: Context) -> None:
+def free_memory(ctx: Context) -> None:
     """Release the previous phase's models. ``gc.freeze()`` before each timing phase moves
     every object alive then (imported libraries, models) out of the collector's reach: the
     bench's ``timed`` runs ``gc.collect()`` before every timed call, which costs ~0.5 s per
@@ -190,24 +191,52 @@ def train_step(ctx: Context, key: str, dora: bool = False) -> dict[str, Any]:
     causal = key == "llama_1b"
     base, autocast = base_model(ctx, key, causal_lm=True)
     batch = device_batch(base, ctx, size, causal)
+    models = train_variants(base, key, dora=dora, bf16_adapters=causal and not dora)
+    del base
+    free_memory(ctx)
+    label = LABELS[key] + (", DoRA" if dora else "")
+    label += " [tiny stand-in: --smoke]" if ctx.smoke and causal else ""
+    return time_train_steps(ctx, models, batch, size, autocast, label, dora=dora)
+
+
+def train_variants(
+    base: nn.Module, key: str, dora: bool = False, bf16_adapters: bool = False
+) -> dict[str, nn.Module]:
+    """Adapted copies of ``base`` (left as it is) on ``TARGETS[key]``: ``lora_lightning``
+    (ours) and ``peft`` (``get_peft_model``), both with DoRA when ``dora``; with
+    ``bf16_adapters`` also ``lora_lightning_bf16_adapters`` (ours, adapters in the base's
+    dtype). Adapters are freshly initialised: PEFT's A is copied from ours when timed."""
     extra = {"use_dora": True} if dora else {}
     models: dict[str, nn.Module] = {}
     models["lora_lightning"] = copy.deepcopy(base)
     inject_lora(models["lora_lightning"], ours_config(key, **extra))
     models["peft"] = get_peft_model(copy.deepcopy(base), peft_config(key, **extra))
-    if causal and not dora:
+    if bf16_adapters:
         models["lora_lightning_bf16_adapters"] = copy.deepcopy(base)
         inject_lora(models["lora_lightning_bf16_adapters"], ours_config(key, dtype="auto"))
-    del base
-    _free(ctx)
+    return models
+
+
+def time_train_steps(
+    ctx: Context,
+    models: dict[str, nn.Module],
+    batch: dict[str, torch.Tensor],
+    size: Sizes,
+    autocast: torch.dtype | None,
+    label: str,
+    dora: bool = False,
+) -> dict[str, Any]:
+    """Train steps of ``models`` (:func:`train_variants`) on ``batch``: the first
+    ``NUMERICS_STEPS`` losses of ours and PEFT compared (PEFT's A copied from ours), then
+    interleaved timed rounds, per-round ratios against PEFT and peak GPU memory per model."""
     steppers = {name: make_stepper(m, batch, ctx, autocast) for name, m in models.items()}
     numerics = check_numerics(steppers["lora_lightning"], steppers["peft"], NUMERICS_STEPS)
     for name, stepper in steppers.items():
         if name not in ("lora_lightning", "peft"):
             for _ in range(NUMERICS_STEPS):
                 stepper.step()  # the same warm-up as the numerics pair got
-    verdict = _loss_verdict(numerics, dora)
-    gc.freeze()  # see _free
+    verdict = loss_verdict(numerics, dora)
+    gc.freeze()  # see free_memory
     times = interleave(
         {name: s.timed_steps(size.per_round) for name, s in steppers.items()}, size.rounds
     )
@@ -218,9 +247,8 @@ def train_step(ctx: Context, key: str, dora: bool = False) -> dict[str, Any]:
     }
     memory = {name: peak_memory(ctx, s.step) for name, s in steppers.items()}
     main = ratios["lora_lightning/peft"]["median_of_pair_ratios"]
-    label = LABELS[key] + (", DoRA" if dora else "")
     return {
-        "label": label + (" [tiny stand-in: --smoke]" if ctx.smoke and causal else ""),
+        "label": label,
         "setup": f"batch {size.batch} x {size.seq_len}, {size.rounds} rounds of "
         f"{size.per_round} step(s), after {NUMERICS_STEPS} warm-up steps",
         "batch": [size.batch, size.seq_len],
@@ -235,7 +263,7 @@ def train_step(ctx: Context, key: str, dora: bool = False) -> dict[str, Any]:
     }
 
 
-def _loss_verdict(numerics: dict[str, Any], dora: bool) -> dict[str, Any]:
+def loss_verdict(numerics: dict[str, Any], dora: bool) -> dict[str, Any]:
     """Our own verdict (the bench's 1e-6 is for float32 on the CPU). With DoRA the state-dict
     keys differ by design: PEFT holds the magnitude at ``lora_magnitude_vector.default.weight``
     in memory, ours at ``lora_magnitude_vector`` (the name PEFT writes to disk)."""
@@ -279,12 +307,7 @@ def inference(ctx: Context, key: str) -> dict[str, Any]:
     merged = copy.deepcopy(ours)
     merge_lora(merged)
     theirs = get_peft_model(copy.deepcopy(base), peft_config(key), autocast_adapter_dtype=False)
-    inner = dict(theirs.get_base_model().named_parameters())
-    with torch.no_grad():
-        for name, value in params.items():
-            if ".lora_" in name:
-                path, part, _ = name.rsplit(".", 2)
-                inner[f"{path}.{part}.default.weight"].copy_(value)
+    copy_adapters_to_peft(ours, theirs)
     models = {"base": base, "lora_lightning": ours.eval(), "lora_lightning_merged": merged.eval(),
               "peft": theirs.eval()}  # fmt: skip
     # The float32 truth: ours unmerged, every weight and adapter upcast (the same values).
@@ -311,7 +334,7 @@ def inference(ctx: Context, key: str) -> dict[str, Any]:
         return lambda: timed(call)[0] / size.per_round
 
     variants = {name: variant(m) for name, m in models.items()}
-    gc.freeze()  # see _free
+    gc.freeze()  # see free_memory
     interleave(variants, 1 if ctx.smoke else 2)  # untimed warm-up
     times = interleave(variants, size.rounds)
     ratios = {
