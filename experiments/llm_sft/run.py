@@ -51,7 +51,8 @@ class Variant:
 #: 2025). PiSSA uses its authors' setting (Meng et al. 2024: the full fine-tuning rate 2e-5,
 #: lora_alpha = r, no dropout). LoRA+ uses its authors' advice (Hayou et al. 2024: ratio 2^4,
 #: and the A rate about half of plain LoRA's). One row doubles LoRA's rate: does the 120-step
-#: budget want a larger one?
+#: budget want a larger one? EVA and LoRA-GA (data-dependent inits: the first 16 training
+#: batches) run at LoRA's rate.
 VARIANTS = (
     Variant("lora_s0", "LoRA r=8", 1e-3, ("seed=0",), eval_base=True),
     Variant("full_ft", "full fine-tuning", 1e-4, ("seed=0", "~lora")),
@@ -70,6 +71,8 @@ VARIANTS = (
         ("seed=0", "lora.init=pissa", "lora.alpha=8", "lora.dropout=0.0"),
     ),  # fmt: skip
     Variant("loraplus", "LoRA+ r=8 (ratio 16)", 5e-4, ("seed=0", "lora.loraplus_lr_ratio=16")),
+    Variant("eva", "EVA r=8", 1e-3, ("seed=0", "lora.init=eva")),
+    Variant("lora_ga", "LoRA-GA r=8", 1e-3, ("seed=0", "lora.init=lora_ga")),
 )
 QUICK = (
     "trainer.max_steps=2",
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these variants")
     parser.add_argument("extra", nargs="*", help="more train.py overrides for every variant")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     names = {v.name for v in VARIANTS}
     unknown = sorted(set(args.only or ()) - names)
     if unknown:
