@@ -46,23 +46,25 @@ class Variant:
 
 
 #: The study, most informative first (a partial study still answers the main questions).
-#: Learning rates: LoRA and DoRA/nf4 use the job's 1e-3. Full fine-tuning uses 1e-4, the
-#: "LoRA needs ~10x the full fine-tuning rate" rule (Schulman et al., "LoRA Without Regret",
-#: 2025). PiSSA uses its authors' setting (Meng et al. 2024: the full fine-tuning rate 2e-5,
-#: lora_alpha = r, no dropout). LoRA+ uses its authors' advice (Hayou et al. 2024: ratio 2^4,
-#: and the A rate about half of plain LoRA's). One row doubles LoRA's rate: does the 120-step
-#: budget want a larger one? EVA and LoRA-GA (data-dependent inits: the first 16 training
-#: batches) run at LoRA's rate.
+#: Learning rates: LoRA and its variants use the job's 2e-3 (`conf/model/smollm2.yaml`: of 1e-3
+#: and 2e-3, both rows here, 2e-3 reached the higher exact match and lower val loss). Full
+#: fine-tuning uses 1e-4, the "LoRA needs ~10x the full fine-tuning rate" rule (Schulman et
+#: al., "LoRA Without Regret", 2025) applied to LoRA's 1e-3. PiSSA uses its authors' setting
+#: (Meng et al. 2024: the full fine-tuning rate 2e-5, lora_alpha = r, no dropout). LoRA+ uses
+#: its authors' advice (Hayou et al. 2024: ratio 2^4, and the A rate about half of plain
+#: LoRA's). EVA and LoRA-GA (data-dependent inits: the first 16 training batches) run at
+#: LoRA's rate. PEFT runs at both of LoRA's rates.
 VARIANTS = (
-    Variant("lora_s0", "LoRA r=8", 1e-3, ("seed=0",), eval_base=True),
+    Variant("lora_s0", "LoRA r=8", 2e-3, ("seed=0",)),
+    Variant("lora_lr1e-3", "LoRA r=8, lr 1e-3", 1e-3, ("seed=0",), eval_base=True),
     Variant("full_ft", "full fine-tuning", 1e-4, ("seed=0", "~lora")),
-    Variant("peft_s0", "PEFT LoRA r=8", 1e-3, ("seed=0", "~lora"), peft=True),
-    Variant("lora_lr2e-3", "LoRA r=8, lr 2e-3", 2e-3, ("seed=0",)),
-    Variant("lora_s1", "LoRA r=8", 1e-3, ("seed=1",)),
-    Variant("lora_s2", "LoRA r=8", 1e-3, ("seed=2",)),
-    Variant("dora", "DoRA r=8", 1e-3, ("seed=0", "lora.use_dora=true")),
+    Variant("peft_lr1e-3", "PEFT LoRA r=8, lr 1e-3", 1e-3, ("seed=0", "~lora"), peft=True),
+    Variant("peft_s0", "PEFT LoRA r=8", 2e-3, ("seed=0", "~lora"), peft=True),
+    Variant("lora_s1", "LoRA r=8", 2e-3, ("seed=1",)),
+    Variant("lora_s2", "LoRA r=8", 2e-3, ("seed=2",)),
+    Variant("dora", "DoRA r=8", 2e-3, ("seed=0", "lora.use_dora=true")),
     Variant(
-        "nf4", "QLoRA r=8 (nf4 base)", 1e-3, ("seed=0", "lora.quantize_base=nf4"), eval_base=True
+        "nf4", "QLoRA r=8 (nf4 base)", 2e-3, ("seed=0", "lora.quantize_base=nf4"), eval_base=True
     ),  # fmt: skip
     Variant(
         "pissa",
@@ -70,9 +72,9 @@ VARIANTS = (
         2e-5,
         ("seed=0", "lora.init=pissa", "lora.alpha=8", "lora.dropout=0.0"),
     ),  # fmt: skip
-    Variant("loraplus", "LoRA+ r=8 (ratio 16)", 5e-4, ("seed=0", "lora.loraplus_lr_ratio=16")),
-    Variant("eva", "EVA r=8", 1e-3, ("seed=0", "lora.init=eva")),
-    Variant("lora_ga", "LoRA-GA r=8", 1e-3, ("seed=0", "lora.init=lora_ga")),
+    Variant("loraplus", "LoRA+ r=8 (ratio 16)", 1e-3, ("seed=0", "lora.loraplus_lr_ratio=16")),
+    Variant("eva", "EVA r=8", 2e-3, ("seed=0", "lora.init=eva")),
+    Variant("lora_ga", "LoRA-GA r=8", 2e-3, ("seed=0", "lora.init=lora_ga")),
 )
 QUICK = (
     "trainer.max_steps=2",
@@ -149,8 +151,8 @@ def row(variant: Variant, run_dir: Path) -> dict:
     out = {
         "name": variant.name,
         "method": variant.method,
-        "lr": variant.lr,
-        "seed": _seed(results.get("overrides", [])),
+        "lr": float(_override(results.get("overrides", []), "model.lr", str(variant.lr))),
+        "seed": _override(results.get("overrides", []), "seed", "0"),
         "exact_match": _round(metrics.get("test/exact_match")),
         "base_exact_match": _round(metrics.get("base/test/exact_match")),
         "val_loss": _round(metrics.get("val/loss")),
@@ -253,8 +255,9 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _seed(overrides: list[str]) -> str:
-    return next((o.split("=", 1)[1] for o in overrides if o.startswith("seed=")), "0")
+def _override(overrides: list[str], key: str, default: str) -> str:
+    """The value the run was given for `key` (what it ran with, whatever the table says now)."""
+    return next((o.split("=", 1)[1] for o in overrides if o.startswith(f"{key}=")), default)
 
 
 def _round(value: float | None) -> float | None:
