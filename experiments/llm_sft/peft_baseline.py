@@ -13,11 +13,7 @@ repository root:
 
 from __future__ import annotations
 
-import hydra
-import lightning.pytorch as pl
-from omegaconf import DictConfig
-
-from lora_lightning.app import CONF_DIR, register_configs, run
+from experiments.study import peft_main
 
 #: PEFT's equivalent of the llm_sft job's LoRA: r=8, alpha=16, dropout=0.05 on every attention
 #: and MLP projection of the Llama blocks (PEFT matches a list entry against the name's end).
@@ -30,20 +26,7 @@ PEFT_LORA = {
 }
 
 
-def use_peft(module: pl.LightningModule) -> None:
-    """Wrap the task's Hugging Face causal LM in ``peft.get_peft_model``."""
-    from peft import LoraConfig, get_peft_model
-
-    module.model = get_peft_model(module.model, LoraConfig(**PEFT_LORA))
-
-
-register_configs()
-
-
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    return run(cfg, prepare_model=use_peft)
-
+main = peft_main(PEFT_LORA)
 
 if __name__ == "__main__":
     main()

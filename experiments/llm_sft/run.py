@@ -17,16 +17,15 @@ every variant it rewrites ``results.md``, ``results.csv``, ``results.json`` and
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from experiments.study import machine, write_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -170,27 +169,17 @@ def write_reports(rows: list[dict], out: Path, quick: bool) -> None:
     """results.json (rows + machine), results.csv, results.md and exact_match.png in `out`."""
     if not rows:
         return
-    out.mkdir(parents=True, exist_ok=True)
-    machine = {
-        "cpu": _cpu(),
-        "cores": os.cpu_count(),
-        "threads": os.environ.get("OMP_NUM_THREADS", "default"),
-        "python": platform.python_version(),
-        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "quick": quick,
-    }
-    (out / "results.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
-    with open(out / "results.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / "results.md").write_text(markdown(rows, machine))
+    machine_info = machine(quick, threads=os.environ.get("OMP_NUM_THREADS", "default"))
+    write_rows(rows, machine_info, out)
+    (out / "results.md").write_text(markdown(rows, machine_info))
     plot(rows, out / "exact_match.png")
 
 
-def markdown(rows: list[dict], machine: dict) -> str:
+def markdown(rows: list[dict], machine_info: dict) -> str:
     """The results table, the LoRA seed mean and the rows not run yet."""
-    title = "QUICK SMOKE RUN, numbers meaningless" if machine["quick"] else "the llm_sft budget"
+    title = (
+        "QUICK SMOKE RUN, numbers meaningless" if machine_info["quick"] else "the llm_sft budget"
+    )
     head = ["variant", "lr", "seed", "exact match", *FAMILIES, "val loss", "trainable", "wall"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -215,8 +204,8 @@ def markdown(rows: list[dict], machine: dict) -> str:
              for r in rows if r["load_before"] is not None]  # fmt: skip
     return (
         f"# SmolLM2-135M-Instruct instruction tuning ({title})\n\n"
-        f"Machine: {machine['cpu']}, {machine['cores']} cores, OMP threads "
-        f"{machine['threads']}, {machine['date_utc']}. Load average (1 min) before->after each "
+        f"Machine: {machine_info['cpu']}, {machine_info['cores']} cores, OMP threads "
+        f"{machine_info['threads']}, {machine_info['date_utc']}. Load average (1 min) before->after each "
         f"run: {', '.join(loads) or 'not recorded'}.\n\n"
         + "\n".join(lines)
         + "\n\n"
@@ -266,16 +255,6 @@ def _round(value: float | None) -> float | None:
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

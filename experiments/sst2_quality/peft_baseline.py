@@ -10,11 +10,7 @@ only difference is who adapts the model. Run from the repository root:
 
 from __future__ import annotations
 
-import hydra
-import lightning.pytorch as pl
-from omegaconf import DictConfig
-
-from lora_lightning.app import CONF_DIR, register_configs, run
+from experiments.study import peft_main
 
 #: PEFT's equivalent of conf/lora/default.yaml: r=8, alpha=16, dropout=0.1, every encoder
 #: Linear (a list entry matches that name or any path ending in ".<entry>") but the pooler,
@@ -29,20 +25,7 @@ PEFT_LORA = {
 }
 
 
-def use_peft(module: pl.LightningModule) -> None:
-    """Wrap the task's Hugging Face model in ``peft.get_peft_model``."""
-    from peft import LoraConfig, get_peft_model
-
-    module.model = get_peft_model(module.model, LoraConfig(**PEFT_LORA))
-
-
-register_configs()
-
-
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    return run(cfg, prepare_model=use_peft)
-
+main = peft_main(PEFT_LORA)
 
 if __name__ == "__main__":
     main()

@@ -14,14 +14,13 @@ LoRA runs go through ``train.py -m`` (a Hydra multirun), full fine-tuning throug
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from experiments.study import machine, write_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -91,18 +90,8 @@ def _peft_adapter_bytes(run_dir: Path) -> int:
 
 def write_reports(rows: list[dict], out: Path, quick: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    machine = {
-        "cpu": _cpu(),
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "quick": quick,
-    }
-    (out / "results.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
-    with open(out / "results.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    machine_info = machine(quick)
+    write_rows(rows, machine_info, out)
     header = "| method | dev acc | dev F1 | trainable params | trainable % | wall time | saved |"
     lines = [header, "|---|---|---|---|---|---|---|"]
     for row in rows:
@@ -113,9 +102,8 @@ def write_reports(rows: list[dict], out: Path, quick: bool) -> None:
         )
     (out / "results.md").write_text(
         f"# SST-2 quality ({'QUICK SMOKE RUN, not meaningful' if quick else 'default budget'})\n\n"
-        f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['date_utc']}.\n\n"
-        + "\n".join(lines)
-        + "\n"
+        f"Machine: {machine_info['cpu']}, {machine_info['cores']} cores, "
+        f"{machine_info['date_utc']}.\n\n" + "\n".join(lines) + "\n"
     )
     _plot(rows, out / "accuracy_vs_params.png")
     print((out / "results.md").read_text())
@@ -144,16 +132,6 @@ def _plot(rows: list[dict], path: Path) -> None:
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _size(n: int) -> str:

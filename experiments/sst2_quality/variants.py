@@ -29,7 +29,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from experiments.sst2_quality.run import _cpu, _size
+from experiments.sst2_quality.run import _size
+from experiments.study import cpu_name
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -153,7 +154,7 @@ def report(study: str, jobs: dict[str, list[str]], runs: Path, out: Path) -> Non
             verdict = "met" if gap <= 0.5 else "NOT met"
             lines.append(f"Full fine-tuning minus mean LoRA: {gap:+.2f} points; the goal "
                          f"(LoRA within 0.5 points) is {verdict}.")  # fmt: skip
-    machine = {"cpu": _cpu(), "cores": os.cpu_count()}
+    machine = {"cpu": cpu_name(), "cores": os.cpu_count()}
     name = "variants" if study == "variants" else "full_data"
     (out / f"{name}.json").write_text(
         json.dumps({"machine": machine, "rows": rows, "summary": summary}, indent=2)
