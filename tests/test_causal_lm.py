@@ -121,6 +121,23 @@ def test_logits_are_computed_for_answer_positions_only():
     assert rows == [(batch["input_ids"].shape[0], 1), (answers,)]
 
 
+def test_a_peft_wrapped_model_also_projects_only_its_last_position_in_the_forward():
+    # PEFT's wrapper takes logits_to_keep through **kwargs: asked of the wrapper, the task
+    # would project every position (the PEFT baseline of the experiments paid for it).
+    from peft import LoraConfig, get_peft_model
+
+    module = task()
+    module.model = get_peft_model(module.model, LoraConfig(r=2, target_modules=["q_proj"]))
+    batch = collate(encoded(), 0, "right")
+    rows: list[tuple[int, ...]] = []
+    module.model.get_output_embeddings().register_forward_hook(
+        lambda _m, _i, out: rows.append(tuple(out.shape[:-1]))
+    )
+    module.answer_loss(batch)
+    answers = int((batch["labels"][:, 1:] != -100).sum())
+    assert rows == [(batch["input_ids"].shape[0], 1), (answers,)]
+
+
 def test_gradient_checkpointing_gives_the_same_adapter_gradients_on_a_frozen_base():
     config = LoRAConfig(r=4, alpha=8, dropout=0.2, seed=0, target_modules=[".*proj"])
     grads = []

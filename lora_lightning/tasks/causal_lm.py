@@ -346,8 +346,14 @@ class CausalLMTask(LightningModule):
 
 def _last_logits_only(model: Any) -> dict[str, int]:
     """The forward argument that limits a Hugging Face causal LM's logits to the last
-    position, if its forward takes it (transformers >= 4.50: `logits_to_keep`)."""
-    parameters = inspect.signature(model.forward).parameters
+    position, if its forward takes it (transformers >= 4.50: `logits_to_keep`).
+
+    Asked of the causal LM itself: a wrapper such as PEFT's `PeftModelForCausalLM` takes it
+    through `**kwargs` and passes it on, but its own signature does not name it (asking the
+    wrapper would compute every position's logits).
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    parameters = inspect.signature(inner.forward).parameters
     return {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
 
 
