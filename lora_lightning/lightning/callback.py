@@ -1,9 +1,9 @@
 """`LoRACallback`: LoRA for any LightningModule, as a Lightning Callback with hooks only.
 
 Owns: when things happen. What happens is the core's (plan, inject, counts, export root,
-merged state dict, save) and ``lightning.checkpoint``'s (trim, validate, fingerprint); the
-callback holds its options, the module it set up and the resolved export root. Must not
-import: ``app/``, Hydra, W&B.
+merged state dict, save), ``lightning.checkpoint``'s (trim, validate) and
+``lightning.fingerprint``'s; the callback holds its options, the module it set up and the
+resolved export root. Must not import: ``app/``, Hydra, W&B.
 
 Hook placement (Lightning 2.x, see PITFALLS.md):
 
@@ -82,7 +82,6 @@ from lora_lightning.core.plan import LoRAPlan, TargetFn
 from lora_lightning.lightning.checkpoint import (
     CHECKPOINT_KEY,
     adapter_dir_for,
-    base_fingerprint,
     check_checkpoint_form,
     check_optimizer_states,
     clean_name,
@@ -92,6 +91,7 @@ from lora_lightning.lightning.checkpoint import (
     without_compile_wrappers,
 )
 from lora_lightning.lightning.checkpoint_io import AdapterExportingIO
+from lora_lightning.lightning.fingerprint import base_fingerprint
 from lora_lightning.lightning.rng import RNGStateCallback
 from lora_lightning.lightning.sharded import (
     LoRACheckpointing,
