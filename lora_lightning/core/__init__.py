@@ -19,6 +19,7 @@ module             owns
 ``merge``          merge, unmerge, unload, merged state dicts
 ``loraplus``       LoRA+ optimizer groups (B faster than A), schedulers kept in step
 ``peft_format``    PEFT's keys and ``adapter_config.json``, both ways
+``model_checks``   model features PEFT computes differently (tied saved modules, ...), refused
 ``files``          atomic file and directory writes
 ``tensor_checks``  whether loaded or saved tensors fit the model (shared rules)
 ``loading``        reading an adapter directory and checking it; installing it

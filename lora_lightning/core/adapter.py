@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lora_lightning.core import files, peft_format
+from lora_lightning.core import files, model_checks, peft_format
 from lora_lightning.core.bank import load_named_adapter
 from lora_lightning.core.config import LoRAConfig
 from lora_lightning.core.errors import AdapterFileError, LoRAStateError
@@ -97,7 +97,7 @@ def save_adapter(
     _check_savable(tensors, expected, Path(directory))
     _check_no_tensor_twice(tensors, Path(directory))
     saved = [n for n, _ in saved_modules(model)]
-    peft_format.check_model_features(
+    model_checks.check_model_features(
         model, [n for n, _, _ in layers], saved, f"save_adapter: refusing to write {directory}"
     )
     kinds = {name: layer.kind for name, _, layer in layers}

@@ -77,7 +77,7 @@ from lora_lightning.core.errors import AdapterFileError, CheckpointMismatchError
 from lora_lightning.core.files import atomic_write_file
 from lora_lightning.core.inits import find_init
 from lora_lightning.core.inject import Forward
-from lora_lightning.core.peft_format import check_model_features
+from lora_lightning.core.model_checks import check_model_features
 from lora_lightning.core.plan import LoRAPlan, TargetFn
 from lora_lightning.lightning.checkpoint import (
     CHECKPOINT_KEY,
