@@ -657,7 +657,7 @@ def _with_config_fields(init: Callable[..., None]) -> None:
 
     ``inspect.signature`` honours ``__signature__``: LightningCLI (jsonargparse reads the
     signature, and the ``Args:`` of ``__init__``'s docstring for ``--help``), ``help()`` and
-    IPython list every field, and a new field reaches them without an edit here. Static
+    IPython's ``LoRACallback?`` list every field, and a new field reaches them without an edit here. Static
     analysers do not run this: to them the keywords are ``**fields``.
     """
     own = inspect.signature(init, eval_str=True)
