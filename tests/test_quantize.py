@@ -581,7 +581,7 @@ def test_resume_onto_a_changed_base_is_refused(tmp_path):
 
 
 def test_the_base_fingerprint_hashes_the_stored_codes():
-    from lora_lightning.lightning.checkpoint import base_fingerprint
+    from lora_lightning.lightning.fingerprint import base_fingerprint
 
     first, second, other = qbert(), qbert(), qbert()
     with torch.no_grad():

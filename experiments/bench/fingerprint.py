@@ -1,6 +1,6 @@
 """Cost of the base-model fingerprint that ``LoRACallback`` computes at ``setup``.
 
-``lora_lightning.lightning.checkpoint.base_fingerprint`` checksums every value of every frozen
+``lora_lightning.lightning.fingerprint.base_fingerprint`` checksums every value of every frozen
 parameter (raw bits as 64-bit words, position-weighted wrapping int64 sums per 512 KiB row,
 mixed into sha256 with names, shapes and dtypes). This times it on the LoRA-adapted models of
 the other benchmarks, MiniLM-L6 (real weights) and the BERT-base-shaped random model, both
@@ -52,7 +52,7 @@ from experiments.bench.common import (
 )
 from experiments.bench.models import MODEL_NAMES, load_model
 from lora_lightning.core import LoRAConfig, inject_lora, trainable_names
-from lora_lightning.lightning.checkpoint import base_fingerprint
+from lora_lightning.lightning.fingerprint import base_fingerprint
 
 NAME = "fingerprint"
 DEFAULT_REPEATS = 5

@@ -9,7 +9,8 @@ Two counts per variant:
   ``grep -rliE PATTERN lora_lightning conf train.py`` would count them;
 - ``code``: files where it appears in code (Python tokens other than comments and
   docstrings; every non-comment line of a YAML file), the edit sites a change of the variant
-  would touch. The ``code`` column also gives the number of such lines.
+  would touch. The ``code`` column also gives the number of such lines, and the ``outside``
+  column the ``code`` files other than the variant's own modules (:data:`OWN`).
 
 Run: ``python -m experiments.variants.count_sites`` from the repository root.
 """
@@ -35,6 +36,17 @@ PATTERNS = {
     "quantization": r"quantiz|nf4|int8|torchao",
     "EVA": r"\beva\b|\beva_|_eva\b",
     "LoRA-GA": r"lora_ga|loraga|lora-ga",
+}
+
+#: Variant -> its own modules (where it is meant to live, the registry entry included): the
+#: "outside" column counts the code files naming it beyond these.
+OWN = {
+    "DoRA": ("lora_lightning/core/dora.py", "lora_lightning/core/variants.py"),
+    "PiSSA/OLoRA": ("lora_lightning/core/inits.py",),
+    "PiSSA/OLoRA (names only)": ("lora_lightning/core/inits.py",),
+    "quantization": ("lora_lightning/core/quantize.py",),
+    "EVA": ("lora_lightning/core/eva.py", "lora_lightning/core/inits.py"),
+    "LoRA-GA": ("lora_lightning/core/lora_ga.py", "lora_lightning/core/inits.py"),
 }
 
 
@@ -92,10 +104,14 @@ def count(root: Path) -> dict[str, tuple[list[str], list[str], int]]:
 def main(root: Path = Path(".")) -> None:
     """Print a Markdown table and the file lists."""
     counts = count(root)
-    print("| variant | files naming it (any text) | files naming it in code | code lines |")
-    print("|---|---|---|---|")
+    print(
+        "| variant | files naming it (any text) | files naming it in code | code lines "
+        "| in code outside its own modules |"
+    )
+    print("|---|---|---|---|---|")
     for variant, (anywhere, in_code, lines) in counts.items():
-        print(f"| {variant} | {len(anywhere)} | {len(in_code)} | {lines} |")
+        outside = [f for f in in_code if f not in OWN[variant]]
+        print(f"| {variant} | {len(anywhere)} | {len(in_code)} | {lines} | {len(outside)} |")
     for variant, (_, in_code, _) in counts.items():
         print(
             f"\n{variant} (in code): "

@@ -19,15 +19,22 @@ module             owns
 ``merge``          merge, unmerge, unload, merged state dicts
 ``loraplus``       LoRA+ optimizer groups (B faster than A), schedulers kept in step
 ``peft_format``    PEFT's keys and ``adapter_config.json``, both ways
+``model_checks``   model features PEFT computes differently (tied saved modules, ...), refused
 ``files``          atomic file and directory writes
 ``tensor_checks``  whether loaded or saved tensors fit the model (shared rules)
 ``loading``        reading an adapter directory and checking it; installing it
 ``adapter``        ``save_adapter`` / ``load_adapter``
-``multi``          many named adapters on one base: switch, hot-swap, combine, mixed batches
+``bank``           many named adapters on one base: load by name, list, delete, shared checks
+``switch``         ``set_active_adapter``: which adapter computes, in place where layouts match
+``hotswap``        ``hotswap_adapter``: new values into an adapter's existing parameters
+``combine``        ``combine_adapters``: weighted combinations (PEFT's ``add_weighted_adapter``)
+``mixed``          ``mixed_batch_forward``: each row of a batch with its own adapter
 =================  ===============================================================
 """
 
 from lora_lightning.core.adapter import load_adapter, save_adapter
+from lora_lightning.core.bank import active_adapter, delete_adapter, list_adapters
+from lora_lightning.core.combine import combine_adapters
 from lora_lightning.core.config import LoRAConfig, config_diff
 from lora_lightning.core.errors import (
     AdapterFileError,
@@ -38,18 +45,11 @@ from lora_lightning.core.errors import (
     LoRAStateError,
     UnsupportedModuleError,
 )
+from lora_lightning.core.hotswap import hotswap_adapter
 from lora_lightning.core.inject import apply_plan, inject_lora, prepare_lora
 from lora_lightning.core.loraplus import apply_loraplus, loraplus_param_groups
 from lora_lightning.core.merge import merge_lora, merged_state_dict, unload_lora, unmerge_lora
-from lora_lightning.core.multi import (
-    active_adapter,
-    combine_adapters,
-    delete_adapter,
-    hotswap_adapter,
-    list_adapters,
-    mixed_batch_forward,
-    set_active_adapter,
-)
+from lora_lightning.core.mixed import mixed_batch_forward
 from lora_lightning.core.plan import LoRAPlan, TargetPlan, plan_lora
 from lora_lightning.core.serving import ServingCompatibilityWarning, vllm_unsupported
 from lora_lightning.core.state import (
@@ -61,6 +61,7 @@ from lora_lightning.core.state import (
     lora_state_dict,
     trainable_names,
 )
+from lora_lightning.core.switch import set_active_adapter
 
 __all__ = [
     "ServingCompatibilityWarning",

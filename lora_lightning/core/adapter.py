@@ -4,7 +4,7 @@ Owns: the two operations, each planned and checked in full before anything chang
 checks every tensor (shape against the model, dtype, finite values) before the first byte is
 written; loading reads and checks the files, plans the injection, checks every tensor against
 the plan, and only then injects and copies (those two halves are ``core.loading``'s, shared
-with ``core.multi``; a named load is handed to ``core.multi``). On any error the model and
+with ``core.bank``; a named load is handed to ``core.bank``). On any error the model and
 every file are exactly as before. Key and config translation is ``core.peft_format``'s;
 writing is ``core.files``'. Must not import: Lightning, Hydra, W&B, transformers. Nothing is
 ever unpickled.
@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lora_lightning.core import files, peft_format
+from lora_lightning.core import files, model_checks, peft_format
+from lora_lightning.core.bank import load_named_adapter
 from lora_lightning.core.config import LoRAConfig
 from lora_lightning.core.errors import AdapterFileError, LoRAStateError
 from lora_lightning.core.loading import install_adapter, read_adapter, tensor_problems
-from lora_lightning.core.multi import load_named_adapter
 from lora_lightning.core.peft_format import to_peft_key
 from lora_lightning.core.serving import ServingCompatibilityWarning, vllm_unsupported
 from lora_lightning.core.state import (
@@ -97,7 +97,7 @@ def save_adapter(
     _check_savable(tensors, expected, Path(directory))
     _check_no_tensor_twice(tensors, Path(directory))
     saved = [n for n, _ in saved_modules(model)]
-    peft_format.check_model_features(
+    model_checks.check_model_features(
         model, [n for n, _, _ in layers], saved, f"save_adapter: refusing to write {directory}"
     )
     kinds = {name: layer.kind for name, _, layer in layers}
@@ -132,12 +132,12 @@ def load_adapter(
     tensor's name, shape and dtype is checked against the planned injection and every
     mismatch reported at once, before the model is changed.
 
-    With a ``name`` the adapter is one of several on this base (see ``core.multi``): the
+    With a ``name`` the adapter is one of several on this base (see ``core.bank``): the
     first named one loaded into a plain model is installed as above and recorded under
     ``name``; later ones are checked the same way against their own plan and stored inactive
-    (switch with :func:`lora_lightning.core.multi.set_active_adapter`). An unnamed injection
+    (switch with :func:`lora_lightning.core.switch.set_active_adapter`). An unnamed injection
     counts as the adapter ``"default"``. A name already there is refused (use
-    :func:`lora_lightning.core.multi.hotswap_adapter`).
+    :func:`lora_lightning.core.hotswap.hotswap_adapter`).
 
     Returns:
         The qualified names of the adapted modules (of the named adapter with ``name``).

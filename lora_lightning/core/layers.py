@@ -229,7 +229,7 @@ def _lora_forward_hook(
     """``W x`` -> ``W x + s · B A dropout(x)``; a merged layer already holds the term in W.
     A layer with a variant (DoRA) computes through it instead."""
     layer = layer_state(module)
-    if layer.disabled:  # core.multi runs the base model (mixed batches' "__base__" rows)
+    if layer.disabled:  # core.mixed runs the base model (mixed batches' "__base__" rows)
         return output
     if layer.merged:
         if module.training and torch.is_grad_enabled() and module.lora_A.weight.requires_grad:

@@ -4,8 +4,8 @@ first and second halves of ``load_adapter`` (:func:`read_adapter`, :func:`instal
 Owns: :class:`CheckedAdapter` (what loading a directory will do), every check of a file's
 tensors against a model or a plan (names, shapes, dtypes, finite values; shared with saving
 through :func:`tensor_problems`), and the comparison with adapters already in a model. Used by
-``core.adapter`` (``load_adapter``) and ``core.multi`` (named adapters), so neither imports the
-other's half. Must not import: ``core.adapter``, ``core.multi``, Lightning, Hydra, W&B,
+``core.adapter`` (``load_adapter``) and ``core.bank`` (named adapters), so neither imports the
+other's half. Must not import: ``core.adapter``, ``core.bank``, Lightning, Hydra, W&B,
 transformers. Nothing is ever unpickled.
 """
 

@@ -45,7 +45,8 @@ from lora_lightning.core.errors import AdapterFileError
 from lora_lightning.core.files import CONFIG_FILE, WEIGHTS_FILE  # noqa: E402 - re-exported
 from lora_lightning.core.inits import find_init
 from lora_lightning.core.layers import EMBEDDING, GPT2_CONV1D
-from lora_lightning.core.state import LoRALayer, parameter_aliases
+from lora_lightning.core.model_checks import check_model_features, tied_elsewhere
+from lora_lightning.core.state import LoRALayer
 
 PREFIX = "base_model.model."
 _ADAPTER_KEY = re.compile(
@@ -243,7 +244,7 @@ def config_from_peft(
     Raises:
         AdapterFileError: modules the model lacks; mixed or non-float dtypes; ranks that
             disagree with the config; a model feature PEFT computes differently
-            (:func:`check_model_features`); ``ensure_weight_tying`` on tied modules; a
+            (``core.model_checks``); ``ensure_weight_tying`` on tied modules; a
             variant's tensors without its flag (DoRA magnitudes without ``use_dora: true``),
             or the flag without them.
     """
@@ -319,14 +320,14 @@ def _modules_to_save(
     directory: Path,
 ) -> list[str]:
     """The modules trained in full, once the model's adapted and saved modules are checked
-    (:func:`check_model_features`) and ``ensure_weight_tying`` is refused on tied ones."""
+    (``core.model_checks``) and ``ensure_weight_tying`` is refused on tied ones."""
     # PEFT lists its task's usual heads (``classifier``, ``score``) whether the model has them
     # or not: entries naming no module here select nothing; the tensors decide the rest.
     saved = peft_modules_to_save(peft.get("modules_to_save") or [], names)
     _check_saved_entries_exist(peft.get("modules_to_save") or [], names, directory)
     check_model_features(model, list(file_modules), saved, f"adapter {directory}")
     if peft.get("ensure_weight_tying") is True:
-        tied = [n for n in [*file_modules, *saved] if _tied_elsewhere(model, n)]
+        tied = [n for n in [*file_modules, *saved] if tied_elsewhere(model, n)]
         if tied:
             raise AdapterFileError(
                 f"{directory / CONFIG_FILE}: ensure_weight_tying=true with tied modules {tied[:4]} "
@@ -463,52 +464,6 @@ def without_saved_base_weights(
     return kept
 
 
-def check_model_features(model: nn.Module, adapted: list[str], saved: list[str], what: str) -> None:
-    """Refuse an adapter file (to write or to read) whose layers PEFT computes differently.
-
-    ``adapted``: names of the LoRA layers; ``saved``: ``modules_to_save`` names; ``what``
-    starts the message. Refused: a ``modules_to_save`` module whose weights are tied to a
-    module outside it (PEFT trains a copy and leaves the other as it was; here the shared
-    tensor changes both); an adapted embedding with an ``embed_scale`` other than 1 (PEFT
-    scales the LoRA term by it, this project does not); an adapted convolution with a
-    dilation other than 1 (PEFT's ``lora_A`` ignores the dilation).
-
-    Raises:
-        AdapterFileError: naming the module and the difference.
-    """
-    modules = dict(model.named_modules())
-    problems = []
-    for name in saved:
-        tied = _tied_elsewhere(model, name)
-        if tied:
-            problems.append(
-                f"modules_to_save module {name!r} shares its weights with {tied[:3]} (tied "
-                "weights): PEFT trains a copy of it and leaves the others as they were, here "
-                "the shared tensor would change both; untie them first (give "
-                f"{name!r} its own nn.Parameter clone) or adapt it with LoRA instead"
-            )
-    for name in adapted:
-        module = modules.get(name)
-        scale = getattr(module, "embed_scale", None)
-        if isinstance(module, nn.Embedding) and scale is not None and _not_one(scale):
-            problems.append(
-                f"{name!r} is a scaled embedding ({type(module).__name__}, embed_scale="
-                f"{float(torch.as_tensor(scale).reshape(-1)[0]):g}): PEFT multiplies its LoRA "
-                "term by embed_scale, this project does not; leave it out of the targets"
-            )
-        dilation = getattr(module, "dilation", None)
-        if isinstance(module, nn.modules.conv._ConvNd) and any(d != 1 for d in dilation):
-            problems.append(
-                f"{name!r} is a convolution with dilation={tuple(dilation)}: PEFT builds its "
-                "lora_A without the dilation, so its outputs differ from this project's; "
-                "leave it out of the targets"
-            )
-    if problems:
-        raise AdapterFileError(
-            f"{what}: PEFT would compute something else for this model: " + "; ".join(problems)
-        )
-
-
 def check_supported_features(config: dict[str, Any], path: Path) -> None:
     """Refuse, by name, every feature set in a PEFT ``adapter_config.json`` (read from
     ``path``) whose maths this project does not implement.
@@ -633,19 +588,6 @@ def _exact(name: str) -> str:
 
 def _is_set(value: Any) -> bool:
     return not (value is None or value is False or value in ([], {}, ""))
-
-
-def _not_one(scale: Any) -> bool:
-    values = torch.as_tensor(scale, dtype=torch.float64).reshape(-1)
-    return bool((values != 1).any())
-
-
-def _tied_elsewhere(model: nn.Module, name: str) -> list[str]:
-    """Names of parameters outside module ``name`` that are the same tensor as one inside."""
-    prefix = f"{name}."
-    aliases = parameter_aliases(model)
-    outside = {o for n, others in aliases.items() if n.startswith(prefix) for o in others}
-    return [n for n in aliases if n in outside and not n.startswith(prefix)]
 
 
 def _embedding_names(model: nn.Module) -> list[str]:

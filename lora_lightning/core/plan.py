@@ -144,7 +144,7 @@ def plan_lora(
     ``modules_to_save`` module, minus those whose ``rank_pattern`` rank is 0.
 
     With ``alongside`` the plan is made as if the model held no adapters (the adapters
-    already there are neither compared nor counted): how ``core.multi`` checks an inactive,
+    already there are neither compared nor counted): how ``core.bank`` checks an inactive,
     named adapter while another is installed. Such a plan is applied only once those are
     removed (``apply_plan`` refuses it before).
 

@@ -6,8 +6,8 @@ the config the model was adapted with (:class:`AdapterSet`, stored once and refe
 mark of one injection), which modules train in full, which biases train, what is trainable,
 and the parameter counts and state dicts that follow, plus the bank of named adapters
 (:class:`AdapterBank` on the root: the active name, the inactive adapters, the base's own values
-of what they train in full; used by ``core.multi`` only, cleared with the marks). No other
-module reads or writes a mark.
+of what they train in full; used by ``core.bank`` and its operation modules only, cleared with
+the marks). No other module reads or writes a mark.
 Must not import: ``core.layers``/``core.inject`` (they build on this), Lightning, Hydra.
 
 ::
@@ -75,7 +75,7 @@ class LoRALayer:
     # (A0, B0) of an init that changed the base weight to W - s·B0 A0 (PiSSA, OLoRA): what
     # conversion to plain LoRA and unload subtract/restore. None for every other init.
     initial: Any = None
-    # True while core.multi runs the base model (a mixed batch's "__base__" rows): the
+    # True while core.mixed runs the base model (a mixed batch's "__base__" rows): the
     # forward hook then adds nothing.
     disabled: bool = False
 
@@ -96,7 +96,7 @@ class StoredAdapter:
 
 @dataclass(eq=False)
 class AdapterBank:
-    """The named adapters of one model (used by ``core.multi`` only).
+    """The named adapters of one model (used by ``core.bank`` and its operation modules only).
 
     The active adapter lives in the layers (its values are the model's ``lora_A``/``lora_B``
     parameters, its config the :class:`AdapterSet`'s); ``stored`` holds the inactive ones.
@@ -179,7 +179,7 @@ def set_adapter_bank(model: nn.Module, bank: AdapterBank | None) -> None:
 
 def rebind_config(model: nn.Module, config: LoRAConfig) -> None:
     """Make ``config`` the config of ``model``'s one injection (every mark sees it at once).
-    For ``core.multi``'s in-place switch, whose adapters have the same layers, ranks and
+    For ``core.switch``'s in-place switch, whose adapters have the same layers, ranks and
     scalings."""
     owner = owner_of(model)
     if owner is None:
@@ -250,7 +250,7 @@ def owner_of(model: nn.Module) -> AdapterSet | None:
 
 
 def adapter_bank(model: nn.Module) -> AdapterBank | None:
-    """The named-adapter bank of ``model`` (see ``core.multi``), or None."""
+    """The named-adapter bank of ``model`` (see ``core.bank``), or None."""
     return model.__dict__.get(_BANK)
 
 

@@ -4,7 +4,8 @@
 module             owns
 =================  ===============================================================
 ``callback``       ``LoRACallback``: hooks only, calling the core
-``checkpoint``     trimming, validating and fingerprinting checkpoint dicts (pure)
+``checkpoint``     trimming and validating checkpoint dicts (pure)
+``fingerprint``    ``base_fingerprint``: a checksum of every frozen base value
 ``checkpoint_io``  the atomic, adapter-exporting ``CheckpointIO`` wrapper
 ``rng``            ``RNGStateCallback``: every rank's RNG states in the checkpoint
 ``sharded``        FSDP2: ``shard_model``, ``FSDP2Strategy``, adapter-only sharded checkpoints
@@ -17,10 +18,10 @@ from lora_lightning.lightning.callback import LoRACallback
 from lora_lightning.lightning.checkpoint import (
     CHECKPOINT_KEY,
     adapter_dir_for,
-    base_fingerprint,
     trim_checkpoint,
     validate_checkpoint,
 )
+from lora_lightning.lightning.fingerprint import base_fingerprint
 from lora_lightning.lightning.rng import RNGStateCallback
 from lora_lightning.lightning.sharded import FSDP2Strategy, shard_model
 

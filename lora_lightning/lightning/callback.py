@@ -1,9 +1,9 @@
 """`LoRACallback`: LoRA for any LightningModule, as a Lightning Callback with hooks only.
 
 Owns: when things happen. What happens is the core's (plan, inject, counts, export root,
-merged state dict, save) and ``lightning.checkpoint``'s (trim, validate, fingerprint); the
-callback holds its options, the module it set up and the resolved export root. Must not
-import: ``app/``, Hydra, W&B.
+merged state dict, save), ``lightning.checkpoint``'s (trim, validate) and
+``lightning.fingerprint``'s; the callback holds its options, the module it set up and the
+resolved export root. Must not import: ``app/``, Hydra, W&B.
 
 Hook placement (Lightning 2.x, see PITFALLS.md):
 
@@ -39,8 +39,11 @@ Hook placement (Lightning 2.x, see PITFALLS.md):
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import inspect
 import itertools
 import os
+import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -77,12 +80,11 @@ from lora_lightning.core.errors import AdapterFileError, CheckpointMismatchError
 from lora_lightning.core.files import atomic_write_file
 from lora_lightning.core.inits import find_init
 from lora_lightning.core.inject import Forward
-from lora_lightning.core.peft_format import check_model_features
+from lora_lightning.core.model_checks import check_model_features
 from lora_lightning.core.plan import LoRAPlan, TargetFn
 from lora_lightning.lightning.checkpoint import (
     CHECKPOINT_KEY,
     adapter_dir_for,
-    base_fingerprint,
     check_checkpoint_form,
     check_optimizer_states,
     clean_name,
@@ -92,6 +94,7 @@ from lora_lightning.lightning.checkpoint import (
     without_compile_wrappers,
 )
 from lora_lightning.lightning.checkpoint_io import AdapterExportingIO
+from lora_lightning.lightning.fingerprint import base_fingerprint
 from lora_lightning.lightning.rng import RNGStateCallback
 from lora_lightning.lightning.sharded import (
     LoRACheckpointing,
@@ -140,14 +143,12 @@ class LoRACallback(RNGStateCallback):
             LoRA (rank 2r, ``save_adapter(..., convert_to_plain_lora=True)``), which loads on
             the stock base; False writes the unconverted form, which PEFT and this project
             load only onto the PiSSA/OLoRA-modified base. No effect for other inits.
-        r, alpha, dropout, seed, dtype, target_modules, exclude_modules, rank_pattern,
-            alpha_pattern, use_rslora, init, bias, modules_to_save, group_shared_input,
-            dropout_masks, use_dora, loraplus_lr_ratio, loraplus_lr_embedding,
-            quantize_base, quantize_scope, eva_config, lora_ga_config, fuse_shared_input:
-            :class:`LoRAConfig` fields overriding ``config`` (``LoRACallback(r=4)``; flat ``init_args`` in ``LightningCLI`` YAML).
-            ``loraplus_lr_ratio`` splits every param group of the optimizers
-            ``configure_optimizers`` returns (see :func:`lora_lightning.apply_loraplus`),
-            and the schedulers it returns with them.
+        **fields: any :class:`LoRAConfig` field, overriding ``config`` (``LoRACallback(r=4)``;
+            flat ``init_args`` in ``LightningCLI`` YAML). The signature lists each one (built
+            from the dataclass, so ``inspect.signature``, ``help()`` and LightningCLI see them
+            all) and ``__init__``'s docstring is the config's. ``loraplus_lr_ratio`` splits
+            every param group of the optimizers ``configure_optimizers`` returns (see
+            :func:`lora_lightning.apply_loraplus`), and the schedulers it returns with them.
 
     Raises:
         LoRAConfigError: an invalid config or option (at construction); at setup, before
@@ -169,33 +170,21 @@ class LoRACallback(RNGStateCallback):
         export_converted: bool = True,
         init_batches: int = 16,
         init_forward: Forward | None = None,
-        r: int | None = None,
-        alpha: float | None = None,
-        dropout: float | None = None,
-        seed: int | None = None,
-        dtype: str | None = None,
-        target_modules: list[str] | None = None,
-        exclude_modules: list[str] | None = None,
-        rank_pattern: dict[str, int] | None = None,
-        alpha_pattern: dict[str, float] | None = None,
-        use_rslora: bool | None = None,
-        init: str | None = None,
-        bias: str | None = None,
-        modules_to_save: list[str] | None = None,
-        group_shared_input: bool | None = None,
-        dropout_masks: str | None = None,
-        use_dora: bool | None = None,
-        loraplus_lr_ratio: float | None = None,
-        loraplus_lr_embedding: float | None = None,
-        quantize_base: str | None = None,
-        quantize_scope: str | None = None,
-        eva_config: Mapping[str, Any] | None = None,
-        lora_ga_config: Mapping[str, Any] | None = None,
-        fuse_shared_input: bool | None = None,
+        **fields: Any,
     ) -> None:
         super().__init__()
-        given = {k: v for k, v in locals().items() if k in _CONFIG_FIELDS and v is not None}
-        self.config = _build_config(config, given)
+        unknown = sorted(set(fields) - set(_CONFIG_FIELDS))
+        if unknown:
+            valid = list(inspect.signature(LoRACallback).parameters)
+            close = {u: difflib.get_close_matches(u, valid, n=1) for u in unknown}
+            hint = "; ".join(f"{u!r}: did you mean {c[0]!r}?" for u, c in close.items() if c)
+            raise LoRAConfigError(
+                f"LoRACallback got unknown keyword argument(s) {unknown}"
+                + (f" ({hint})" if hint else "")
+                + f"; valid: the callback's options and LoRAConfig's fields, {valid}"
+            )
+        # None means "as config says" (every field's default is the config's).
+        self.config = _build_config(config, {k: v for k, v in fields.items() if v is not None})
         for option, value in (
             ("export_on_checkpoint", export_on_checkpoint),
             ("export_on_train_end", export_on_train_end),
@@ -659,6 +648,38 @@ class LoRACallback(RNGStateCallback):
         if self._module is None or self._root is None:
             raise RuntimeError("LoRACallback was used before setup() attached it to a module")
         return self._module
+
+
+def _with_config_fields(init: Callable[..., None]) -> None:
+    """Give ``init`` (whose last parameter is ``**fields``) the signature with one keyword per
+    :class:`LoRAConfig` field instead (typed ``Optional[<field type>]``, default None: "as
+    ``config`` says"), and the config's field docs as its docstring.
+
+    ``inspect.signature`` honours ``__signature__``: LightningCLI (jsonargparse reads the
+    signature, and the ``Args:`` of ``__init__``'s docstring for ``--help``), ``help()`` and
+    IPython's ``LoRACallback?`` list every field, and a new field reaches them without an edit here. Static
+    analysers do not run this: to them the keywords are ``**fields``.
+    """
+    own = inspect.signature(init, eval_str=True)
+    types = typing.get_type_hints(LoRAConfig)
+    keywords = [
+        inspect.Parameter(
+            name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=types[name] | None
+        )
+        for name in _CONFIG_FIELDS
+    ]
+    kept = [p for p in own.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    init.__signature__ = own.replace(parameters=[*kept, *keywords])  # type: ignore[attr-defined]
+    docs = inspect.cleandoc(LoRAConfig.__doc__ or "")
+    if "Args:" in docs:
+        fields = docs.split("Args:", 1)[1].split("\nRaises:", 1)[0]
+        init.__doc__ = (
+            "Build the callback; every :class:`LoRAConfig` field is a keyword overriding "
+            f"``config`` (None: as ``config`` says).\n\nArgs:{fields.rstrip()}\n"
+        )
+
+
+_with_config_fields(LoRACallback.__init__)
 
 
 def _build_config(config: LoRAConfig | Mapping[str, Any] | None, overrides: dict) -> LoRAConfig:
