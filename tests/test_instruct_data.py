@@ -308,3 +308,22 @@ def test_task_set_answers_are_right():
             assert answer.split() == sorted(words)
         elif row["family"] == "json_object":
             assert set(json.loads(answer)) == {"name", "age"}
+
+
+def test_eval_subsets_do_not_depend_on_the_training_seed():
+    """Runs with different training seeds are scored on the same val and test rows."""
+
+    def module(seed, eval_seed=0):
+        built = InstructDataModule(
+            tokenizer=char_tokenizer(), max_length=400, train_limit=5, val_limit=3, test_limit=4,
+            seed=seed, eval_seed=eval_seed,
+        )  # fmt: skip
+        built.setup("fit")
+        return built
+
+    one, two, other_eval = module(seed=1), module(seed=2), module(seed=1, eval_seed=5)
+    assert one.examples["train"] != two.examples["train"]
+    assert one.examples["val"] == two.examples["val"]
+    assert one.examples["test"] == two.examples["test"]
+    assert one.examples["val"] != other_eval.examples["val"]
+    assert one.examples["test"] != other_eval.examples["test"]

@@ -177,6 +177,20 @@ def test_train_limit_keeps_a_seeded_subset_of_that_size(
     assert subset(0) != subset(5)
 
 
+def test_val_limit_subset_does_not_depend_on_the_training_seed(
+    tiny_model_dir: Path, data_files: dict[str, Path]
+) -> None:
+    """Runs with different training seeds are scored on the same sentences; `eval_seed` picks
+    them (with 3 of 6 validation sentences, seeds 0 and 5 draw different subsets)."""
+
+    def val(**seeds: int) -> list[list[int]]:
+        datamodule = make_datamodule(tiny_model_dir, data_files, val_limit=3, **seeds)
+        return [item["input_ids"] for item in datamodule.datasets["val"]]
+
+    assert val(seed=0) == val(seed=5)
+    assert val(seed=0, eval_seed=5) != val(seed=0)
+
+
 def test_non_positive_limit_is_rejected_when_the_datamodule_is_built(
     tiny_model_dir: Path, data_files: dict[str, Path]
 ) -> None:

@@ -98,7 +98,9 @@ class InstructDataModule(LightningDataModule):
         padding_side: `right` or `left`, for unpacked training and validation batches.
         batch_size: training batch size (rows). eval_batch_size: validation and test.
         train_limit, val_limit, test_limit: keep a seeded random subset of this many rows.
-        seed: seeds the subsets and the training order.
+        seed: seeds the training subset and the training order.
+        eval_seed: seeds the validation and test subsets, apart from `seed`, so that runs with
+            different training seeds are scored on the same rows.
         chat_template: a Jinja template replacing the tokenizer's.
         num_workers: DataLoader worker processes.
 
@@ -123,6 +125,7 @@ class InstructDataModule(LightningDataModule):
         val_limit: int | None = None,
         test_limit: int | None = None,
         seed: int = 0,
+        eval_seed: int = 0,
         chat_template: str | None = None,
         num_workers: int = 0,
     ) -> None:
@@ -166,6 +169,7 @@ class InstructDataModule(LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.seed = seed
+        self.subset_seeds = {"train": seed, "val": eval_seed, "test": eval_seed}
         self.num_workers = num_workers
         self.tokenizer = load_tokenizer(tokenizer, chat_template)
         check_chat_template(self.tokenizer, "InstructDataModule")
@@ -185,7 +189,7 @@ class InstructDataModule(LightningDataModule):
             if split in self.datasets:
                 continue
             examples = read_rows(self.files[split])
-            examples = random_subset(examples, self.limits[split], self.seed)
+            examples = random_subset(examples, self.limits[split], self.subset_seeds[split])
             self.examples[split] = examples
             self.datasets[split] = _Items(self._encode(split, examples))
 

@@ -138,9 +138,11 @@ class SST2DataModule(LightningDataModule):
         max_length: tokens per sentence after truncation (special tokens included).
         batch_size: training batch size. eval_batch_size: validation/test/predict batch size.
         num_workers: DataLoader worker processes (kept alive across epochs when > 0).
-        train_limit, val_limit: use a random subset of this many examples (seeded by `seed`);
-            None uses all. The test set is never subsampled.
-        seed: seeds the subsets and the training shuffle order.
+        train_limit, val_limit: use a random subset of this many examples (seeded by `seed`
+            and `eval_seed`); None uses all. The test set is never subsampled.
+        seed: seeds the training subset and the training shuffle order.
+        eval_seed: seeds the validation subset, apart from `seed`, so that runs with different
+            training seeds are scored on the same sentences.
         group_by_length: draw training batches of similar sentence length
             (`LengthGroupedSampler`), which pads far less; evaluation batches always go
             longest first.
@@ -164,6 +166,7 @@ class SST2DataModule(LightningDataModule):
         val_limit: int | None = None,
         seed: int = 0,
         group_by_length: bool = True,
+        eval_seed: int = 0,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -187,6 +190,7 @@ class SST2DataModule(LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.seed = seed
+        self.subset_seeds = {"train": seed, "val": eval_seed, "test": eval_seed}
         self.group_by_length = group_by_length
         transformers = import_transformers()
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(
@@ -216,7 +220,7 @@ class SST2DataModule(LightningDataModule):
         examples = read_labelled_tsv(self.files[split])
         if not examples:
             raise ValueError(f"{self.files[split]}: the {split} file has no examples")
-        examples = random_subset(examples, self.limits[split], self.seed)
+        examples = random_subset(examples, self.limits[split], self.subset_seeds[split])
         # No token_type_ids: they are all zeros for single sentences, and some encoders
         # (DistilBERT, RoBERTa variants) reject or mishandle them.
         encoded = self.tokenizer(
