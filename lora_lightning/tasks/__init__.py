@@ -13,7 +13,7 @@ from lora_lightning.tasks.instruct import InstructDataModule
 from lora_lightning.tasks.instruct_set import instruct_path
 from lora_lightning.tasks.minilm import minilm_path
 from lora_lightning.tasks.schedule import WarmupDecaySchedule, linear_warmup_decay
-from lora_lightning.tasks.smollm2 import smollm2_path
+from lora_lightning.tasks.smollm2 import smollm2_config, smollm2_path
 from lora_lightning.tasks.sst2 import (
     SST2_SPLITS,
     SST2DataModule,
@@ -36,6 +36,7 @@ __all__ = [
     "minilm_path",
     "random_subset",
     "read_labelled_tsv",
+    "smollm2_config",
     "smollm2_path",
     "sst2_path",
 ]

