@@ -12,6 +12,13 @@ exists is not run again, and an interrupted one continues from its newest checkp
 (``resume=auto``), so the study can be spread over several sittings of a small machine. After
 every variant it rewrites ``results.md``, ``results.csv``, ``results.json`` and
 ``exact_match.png`` in ``OUT`` from whatever has finished.
+
+Every row is scored on the same validation and test rows (``data.eval_seed``, 0, draws them).
+A run made before that option existed drew them with its training seed; for a seed other
+than 0 the runner scores its final checkpoint again on the study's rows, in
+``OUT/runs/<name>/rescored`` (``ckpt_path=`` to the run's ``last.ckpt``: no training step
+runs), and the row takes its test numbers from there and shows no val loss (that was measured
+on other rows).
 """
 
 from __future__ import annotations
@@ -101,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     extra = [*(QUICK if args.quick else ()), *args.extra]
     for variant in chosen:
         run_variant(variant, args.out / "runs" / variant.name, extra)
+        rescore(variant, args.out / "runs" / variant.name, extra)
         write_reports(collect(args.out), args.out, quick=args.quick)
 
 
@@ -109,6 +117,36 @@ def run_variant(variant: Variant, run_dir: Path, extra: list[str]) -> None:
     if (run_dir / "results.json").is_file():
         print(f"= {variant.name}: done ({run_dir / 'results.json'})", flush=True)
         return
+    load_before = os.getloadavg()[0]
+    _job(variant, ["resume=auto", f"hydra.run.dir={run_dir}", *extra])
+    (run_dir / "study.json").write_text(
+        json.dumps({"load_before": load_before, "load_after": os.getloadavg()[0]})
+    )
+
+
+def scored_on_other_rows(run_dir: Path) -> bool:
+    """True for a run whose validation and test rows were drawn with its training seed (made
+    before ``data.eval_seed`` existed) and differ from the study's (seed 0's)."""
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    return "eval_seed" not in config.data and int(config.seed) != 0
+
+
+def rescore(variant: Variant, run_dir: Path, extra: list[str]) -> None:
+    """Score a finished run scored on other rows (:func:`scored_on_other_rows`) again on the
+    study's: its final checkpoint, no training step, in ``run_dir/rescored``."""
+    target = run_dir / "rescored"
+    if not (run_dir / "results.json").is_file() or (target / "results.json").is_file():
+        return
+    if not scored_on_other_rows(run_dir):
+        return
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    _job(variant, [f"ckpt_path={checkpoint}", f"hydra.run.dir={target}", *extra])
+
+
+def _job(variant: Variant, more: list[str]) -> None:
+    """Run the variant's job (``train.py``, or the PEFT baseline) with ``more`` overrides."""
     entry = ["-m", "experiments.llm_sft.peft_baseline"] if variant.peft else ["train.py"]
     command = [
         sys.executable,
@@ -118,17 +156,11 @@ def run_variant(variant: Variant, run_dir: Path, extra: list[str]) -> None:
         f"model.lr={variant.lr}",
         f"model.eval_base={str(variant.eval_base).lower()}",
         "logger=csv",
-        "resume=auto",
-        f"hydra.run.dir={run_dir}",
-        *extra,
+        *more,
     ]
     env = dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     print("+", " ".join(command[1:]), flush=True)
-    load_before = os.getloadavg()[0]
     subprocess.run(command, cwd=ROOT, env=env, check=True)
-    (run_dir / "study.json").write_text(
-        json.dumps({"load_before": load_before, "load_after": os.getloadavg()[0]})
-    )
 
 
 def collect(out: Path) -> list[dict]:
@@ -145,6 +177,9 @@ def row(variant: Variant, run_dir: Path) -> dict:
     """The study's numbers for one finished run folder."""
     results = json.loads((run_dir / "results.json").read_text())
     metrics = results["metrics"]
+    rescored = run_dir / "rescored" / "results.json"
+    if rescored.is_file():  # the test numbers on the study's rows; its val loss was on others
+        metrics = json.loads(rescored.read_text())["metrics"]
     study = run_dir / "study.json"
     load = json.loads(study.read_text()) if study.is_file() else {}
     out = {
@@ -157,6 +192,7 @@ def row(variant: Variant, run_dir: Path) -> dict:
         "val_loss": _round(metrics.get("val/loss")),
         "trainable_params": results["parameters"]["trainable"],
         "wall_time_s": results["wall_time_s"],
+        "rescored": rescored.is_file(),
         "load_before": load.get("load_before"),
         "load_after": load.get("load_after"),
     }
@@ -183,13 +219,20 @@ def markdown(rows: list[dict], machine_info: dict) -> str:
     head = ["variant", "lr", "seed", "exact match", *FAMILIES, "val loss", "trainable", "wall"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["method"], f"{r['lr']:g}", r["seed"], _fmt(r["exact_match"])]
+        star = "*" if r.get("rescored") else ""
+        cells = [r["method"] + star, f"{r['lr']:g}", r["seed"], _fmt(r["exact_match"])]
         cells += [_fmt(r[f"em/{f}"]) for f in FAMILIES]
         cells += [_fmt(r["val_loss"]), f"{r['trainable_params']:,}", f"{r['wall_time_s']:.0f} s"]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     bases = [r for r in rows if r["base_exact_match"] is not None]
     notes = [f"- base (untuned) exact match, {r['method']}: {_fmt(r['base_exact_match'])}"
              for r in bases]  # fmt: skip
+    if any(r.get("rescored") for r in rows):
+        notes.append(
+            "- *: rescored: made before `data.eval_seed`, the run drew its test rows with its "
+            "own seed; its final checkpoint was scored again on the study's rows (val loss, "
+            "measured on other rows, not shown)"
+        )
     lora = [r["exact_match"] for r in rows if r["name"].startswith("lora_s")]
     if len(lora) >= 2:
         notes.append(

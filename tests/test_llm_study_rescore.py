@@ -1,0 +1,72 @@
+"""The causal-LM study scores every row on the same test rows: a run made before
+``data.eval_seed`` existed, with a training seed other than 0, is scored again from its final
+checkpoint (experiments/llm_sft/run.py: rescore, row)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from experiments.llm_sft import run as study
+
+SEED_1 = study.VARIANTS[[v.name for v in study.VARIANTS].index("lora_s1")]
+
+
+def finished_run(run_dir: Path, seed: int, eval_seed: int | None) -> Path:
+    data = {"seed": "${seed}", **({} if eval_seed is None else {"eval_seed": eval_seed})}
+    (run_dir / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create({"seed": seed, "data": data}), run_dir / ".hydra/config.yaml")
+    metrics = {"test/exact_match": 0.52, "val/loss": 0.33}
+    metrics |= {f"test/exact_match/{family}": 0.5 for family in study.FAMILIES}
+    results = {
+        "metrics": metrics,
+        "parameters": {"trainable": 10},
+        "wall_time_s": 700.0,
+        "overrides": [f"seed={seed}", "model.lr=0.002"],
+    }
+    (run_dir / "results.json").write_text(json.dumps(results))
+    return run_dir
+
+
+@pytest.mark.parametrize(
+    ("seed", "eval_seed", "other_rows"), [(1, None, True), (0, None, False), (1, 0, False)]
+)
+def test_only_a_run_whose_seed_drew_other_rows_is_rescored(
+    tmp_path, monkeypatch, seed, eval_seed, other_rows
+):
+    run_dir = finished_run(tmp_path / "lora_s1", seed, eval_seed)
+    jobs: list[list[str]] = []
+    monkeypatch.setattr(study, "_job", lambda variant, more: jobs.append(more))
+    study.rescore(SEED_1, run_dir, ["data.max_length=400"])
+    assert study.scored_on_other_rows(run_dir) is other_rows
+    expected = [
+        f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+        f"hydra.run.dir={run_dir / 'rescored'}",
+        "data.max_length=400",
+    ]
+    assert jobs == ([expected] if other_rows else [])
+
+
+def test_a_rescored_run_is_not_scored_again(tmp_path, monkeypatch):
+    run_dir = finished_run(tmp_path / "lora_s1", 1, None)
+    (run_dir / "rescored").mkdir()
+    (run_dir / "rescored/results.json").write_text(json.dumps({"metrics": {}}))
+    monkeypatch.setattr(study, "_job", lambda variant, more: pytest.fail("ran a job"))
+    study.rescore(SEED_1, run_dir, [])
+
+
+def test_a_rescored_row_takes_the_new_test_numbers_and_shows_no_val_loss(tmp_path):
+    run_dir = finished_run(tmp_path / "lora_s1", 1, None)
+    (run_dir / "rescored").mkdir()
+    rescored = {"test/exact_match": 0.49, **{f"test/exact_match/{f}": 0.4 for f in study.FAMILIES}}
+    (run_dir / "rescored/results.json").write_text(json.dumps({"metrics": rescored}))
+    row = study.row(SEED_1, run_dir)
+    assert row["exact_match"] == 0.49 and row["em/arithmetic"] == 0.4
+    assert row["val_loss"] is None and row["rescored"] is True
+    assert row["wall_time_s"] == 700.0  # the training run's
+    machine = {"quick": False, "cpu": "cpu", "cores": 2, "threads": "1", "date_utc": "now"}
+    report = study.markdown([row], machine)
+    assert "| LoRA r=8* | 0.002 | 1 | 0.490 |" in report and "*: rescored" in report
