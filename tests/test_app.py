@@ -223,12 +223,19 @@ def test_train_py_writes_adapter_results_and_offline_wandb_run(tiny_model_dir, t
         assert key in logged, key
 
 
-def test_exported_adapter_loads_onto_the_stock_hf_model_in_peft(tiny_model_dir, tmp_path):
+@pytest.fixture(scope="module")
+def plain_run(tiny_model_dir, tmp_path_factory) -> Path:
+    """The output folder of one short job without a logger (shared: each job is a process)."""
+    out = tmp_path_factory.mktemp("plain") / "run"
+    train_py([*tiny_args(tiny_model_dir), "logger=none", f"hydra.run.dir={out}"])
+    return out
+
+
+def test_exported_adapter_loads_onto_the_stock_hf_model_in_peft(tiny_model_dir, plain_run):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    out = tmp_path / "run"
-    train_py([*tiny_args(tiny_model_dir), "logger=none", f"hydra.run.dir={out}"])
+    out = plain_run
     ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
 
     def stock():
@@ -240,9 +247,8 @@ def test_exported_adapter_loads_onto_the_stock_hf_model_in_peft(tiny_model_dir, 
     torch.testing.assert_close(peft_model.eval()(ids).logits, ours.eval()(ids).logits)
 
 
-def test_evaluate_command_scores_a_saved_adapter_on_a_tsv(tiny_model_dir, tmp_path):
-    out = tmp_path / "run"
-    train_py([*tiny_args(tiny_model_dir), "logger=none", f"hydra.run.dir={out}"])
+def test_evaluate_command_scores_a_saved_adapter_on_a_tsv(tiny_model_dir, plain_run, tmp_path):
+    out = plain_run
     data = tmp_path / "split.tsv"
     data.write_text("label\tsentence\n1\ta great film\n0\ta dull mess\n1\tlovely\n")
     result = subprocess.run(
@@ -282,19 +288,6 @@ def test_multirun_gives_each_job_its_folder_adapter_and_wandb_run(tiny_model_dir
         assert f"sst2-lora-{sweep.parent.name}-{sweep.name}".encode() in logged  # sweep group
     assert runs[0] != runs[1]
     assert {"summary.csv", "summary.md", "summary.png"} <= {p.name for p in sweep.iterdir()}
-
-
-@pytest.mark.slow
-def test_two_process_cpu_ddp_through_train_py(tiny_model_dir, tmp_path):
-    out = tmp_path / "run"
-    result = train_py(
-        [*tiny_args(tiny_model_dir), "trainer.devices=2", "trainer.strategy=ddp",
-         "logger=csv", f"hydra.run.dir={out}"]
-    )  # fmt: skip
-    assert "GLOBAL_RANK: 1" in result.stdout + result.stderr
-    assert (out / "adapter" / "adapter_model.safetensors").is_file()
-    # Only rank zero writes: one results file, no second Hydra config folder.
-    assert json.loads((out / "results.json").read_text())["adapter_dir"]
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ continued ends with an adapter bit-identical to an uninterrupted run's.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import stat
@@ -123,11 +124,22 @@ DDP = ["trainer=ddp", "trainer.accelerator=cpu"]  # 2 processes
 
 
 @pytest.fixture(scope="module")
-def uninterrupted_ddp(tiny_model_dir, tmp_path_factory) -> dict:
-    """The adapter of the budget's job run straight through by 2 DDP processes."""
+def uninterrupted_ddp(tiny_model_dir, tmp_path_factory) -> tuple[Path, str]:
+    """The budget's job run straight through by 2 DDP processes, logging to CSV: its folder and
+    its console output. (One job serves two tests: each job costs two interpreter starts.)"""
     out = tmp_path_factory.mktemp("straight-ddp")
-    train_py([*_budget(tiny_model_dir), *DDP, f"hydra.run.dir={out}"], timeout=400)
-    return load_file(out / "adapter" / "adapter_model.safetensors")
+    budget = [a for a in _budget(tiny_model_dir) if a != "logger=none"]
+    result = train_py([*budget, *DDP, "logger=csv", f"hydra.run.dir={out}"], timeout=400)
+    return out, result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_two_process_cpu_ddp_through_train_py(uninterrupted_ddp):
+    out, output = uninterrupted_ddp
+    assert "GLOBAL_RANK: 1" in output
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    # Only rank zero writes: one results file, no second Hydra config folder.
+    assert json.loads((out / "results.json").read_text())["adapter_dir"]
 
 
 @pytest.mark.slow
@@ -136,7 +148,8 @@ def test_sigterm_to_the_launching_process_of_a_ddp_job_stops_both_ranks_then_res
 ):
     run_dir = tmp_path / "interrupted"
     preempt_then_resume([*_budget(tiny_model_dir), *DDP], run_dir, ranks="[0]")
-    _assert_same_adapter(uninterrupted_ddp, run_dir)
+    straight, _ = uninterrupted_ddp
+    _assert_same_adapter(load_file(straight / "adapter" / "adapter_model.safetensors"), run_dir)
 
 
 def _fake_slurm(tmp_path: Path) -> dict[str, str]:
