@@ -15,7 +15,10 @@ import json
 import os
 import signal
 import stat
+import subprocess
+import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -25,7 +28,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning_models import MLPModule
 from safetensors.torch import load_file
-from test_app import compose_train, tiny_args, train_py
+from test_app import ROOT, compose_train, subprocess_env, tiny_args, train_py
 from torch.utils.data import DataLoader, RandomSampler
 
 from lora_lightning.app.signals import SUBMITIT, Preemption, resume_checkpoint
@@ -65,11 +68,27 @@ def _killer(signal_name: str, ranks: str = "null") -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_model_dir, tmp_path_factory) -> dict:
-    """The adapter of the budget's job run straight through."""
+def uninterrupted(tiny_model_dir, tmp_path_factory) -> Iterator[Callable[[], dict]]:
+    """The adapter of the budget's job run straight through, as a function that waits for it.
+
+    The job starts when a test first asks for the fixture and runs beside that test's own
+    jobs: every job here is one single-threaded interpreter start, and CI has 2 cores."""
     out = tmp_path_factory.mktemp("straight")
-    train_py([*_budget(tiny_model_dir), f"hydra.run.dir={out}"])
-    return load_file(out / "adapter" / "adapter_model.safetensors")
+    log = out.parent / f"{out.name}.log"
+    with log.open("w") as output:
+        job = subprocess.Popen(
+            [sys.executable, str(ROOT / "train.py"), *_budget(tiny_model_dir),
+             f"hydra.run.dir={out}"],
+            cwd=ROOT, env=subprocess_env(), stdout=output, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+    def adapter() -> dict:
+        assert job.wait(timeout=300) == 0, log.read_text()[-5000:]
+        return load_file(out / "adapter" / "adapter_model.safetensors")
+
+    yield adapter
+    job.kill()  # a test failed before it waited: the job must not outlive the module
+    job.wait()
 
 
 def _assert_same_adapter(expected: dict, folder: Path) -> None:
@@ -99,7 +118,7 @@ def test_sigterm_mid_epoch_then_rerun_gives_the_uninterrupted_adapter(
     resumed = train_py([*_budget(tiny_model_dir), "resume=auto", f"hydra.run.dir={interrupted}"])
     assert f"Resuming from {interrupted / 'checkpoints' / 'preempted.ckpt'}" in resumed.stdout
     assert "not resumable" not in resumed.stdout + resumed.stderr
-    _assert_same_adapter(uninterrupted, interrupted)
+    _assert_same_adapter(uninterrupted(), interrupted)
 
 
 def preempt_then_resume(args: list[str], run_dir: Path, ranks: str) -> None:
@@ -181,7 +200,7 @@ def test_slurm_requeue_signal_writes_hpc_checkpoint_requeues_and_the_requeued_jo
     train_py(args, env=slurm)
     restored = f"Restoring states from the checkpoint path at {run_dir / 'hpc_ckpt_1.ckpt'}"
     assert restored in (run_dir / "train.log").read_text()
-    _assert_same_adapter(uninterrupted, run_dir)
+    _assert_same_adapter(uninterrupted(), run_dir)
     assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"  # no second requeue
 
 
@@ -207,7 +226,7 @@ def test_submitit_signal_checkpoints_then_submitit_requeues_and_the_job_continue
     requeued = text.index("Requeued job", caught)
     assert text.count("Starting with JobEnvironment") == 2
     assert f"Resuming from {job / 'checkpoints' / 'preempted.ckpt'}" in text[requeued:]
-    _assert_same_adapter(uninterrupted, job)
+    _assert_same_adapter(uninterrupted(), job)
 
 
 def test_slurm_launcher_config_requeues_jobs_that_reach_the_time_limit():
