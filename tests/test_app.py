@@ -208,9 +208,17 @@ def wandb_runs(directory: Path) -> list[Path]:
     return sorted(directory.glob("wandb/offline-run-*/run-*.wandb"))
 
 
-def test_train_py_writes_adapter_results_and_offline_wandb_run(tiny_model_dir, tmp_path):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def short_run(tiny_model_dir, tmp_path_factory) -> Path:
+    """The output folder of one short job with a test pass, logging to W&B offline. (One job
+    serves the three tests below: each job is an interpreter start.)"""
+    out = tmp_path_factory.mktemp("short") / "run"
     train_py([*tiny_args(tiny_model_dir), "test=true", f"hydra.run.dir={out}"])
+    return out
+
+
+def test_train_py_writes_adapter_results_and_offline_wandb_run(short_run):
+    out = short_run
     results = json.loads((out / "results.json").read_text())
     assert results["adapter_dir"] == str(out / "adapter")
     assert {"val/acc", "test/acc", "test/f1"} <= set(results["metrics"])
@@ -223,12 +231,11 @@ def test_train_py_writes_adapter_results_and_offline_wandb_run(tiny_model_dir, t
         assert key in logged, key
 
 
-def test_exported_adapter_loads_onto_the_stock_hf_model_in_peft(tiny_model_dir, tmp_path):
+def test_exported_adapter_loads_onto_the_stock_hf_model_in_peft(tiny_model_dir, short_run):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    out = tmp_path / "run"
-    train_py([*tiny_args(tiny_model_dir), "logger=none", f"hydra.run.dir={out}"])
+    out = short_run
     ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
 
     def stock():
@@ -240,9 +247,8 @@ def test_exported_adapter_loads_onto_the_stock_hf_model_in_peft(tiny_model_dir, 
     torch.testing.assert_close(peft_model.eval()(ids).logits, ours.eval()(ids).logits)
 
 
-def test_evaluate_command_scores_a_saved_adapter_on_a_tsv(tiny_model_dir, tmp_path):
-    out = tmp_path / "run"
-    train_py([*tiny_args(tiny_model_dir), "logger=none", f"hydra.run.dir={out}"])
+def test_evaluate_command_scores_a_saved_adapter_on_a_tsv(tiny_model_dir, short_run, tmp_path):
+    out = short_run
     data = tmp_path / "split.tsv"
     data.write_text("label\tsentence\n1\ta great film\n0\ta dull mess\n1\tlovely\n")
     result = subprocess.run(
@@ -267,10 +273,23 @@ def test_full_fine_tuning_runs_without_the_lora_group(tiny_model_dir, tmp_path):
     assert results["parameters"]["trainable"] == results["parameters"]["total"]
 
 
+@pytest.fixture(scope="module")
+def ddp_sweep(tiny_model_dir, tmp_path_factory) -> tuple[Path, str]:
+    """A multirun of two jobs (``lora.r=1,2``) of 2 DDP processes each, logging to W&B: the
+    sweep folder and the console output. (One sweep serves the multirun tests: each job is
+    interpreter starts.)"""
+    sweep = tmp_path_factory.mktemp("ddp-sweep") / "sweep"
+    result = train_py(
+        ["-m", "lora.r=1,2", *tiny_args(tiny_model_dir), "trainer.devices=2",
+         "trainer.strategy=ddp", f"hydra.sweep.dir={sweep}"],
+        timeout=600,
+    )  # fmt: skip
+    return sweep, result.stdout + result.stderr
+
+
 @pytest.mark.slow
-def test_multirun_gives_each_job_its_folder_adapter_and_wandb_run(tiny_model_dir, tmp_path):
-    sweep = tmp_path / "sweep"
-    train_py(["-m", "lora.r=1,2", *tiny_args(tiny_model_dir), f"hydra.sweep.dir={sweep}"])
+def test_multirun_gives_each_job_its_folder_adapter_and_wandb_run(ddp_sweep):
+    sweep, _ = ddp_sweep
     runs = []
     for job, rank in (("0", 1), ("1", 2)):
         config = json.loads((sweep / job / "adapter" / "adapter_config.json").read_text())
@@ -285,27 +304,8 @@ def test_multirun_gives_each_job_its_folder_adapter_and_wandb_run(tiny_model_dir
 
 
 @pytest.mark.slow
-def test_two_process_cpu_ddp_through_train_py(tiny_model_dir, tmp_path):
-    out = tmp_path / "run"
-    result = train_py(
-        [*tiny_args(tiny_model_dir), "trainer.devices=2", "trainer.strategy=ddp",
-         "logger=csv", f"hydra.run.dir={out}"]
-    )  # fmt: skip
-    assert "GLOBAL_RANK: 1" in result.stdout + result.stderr
-    assert (out / "adapter" / "adapter_model.safetensors").is_file()
-    # Only rank zero writes: one results file, no second Hydra config folder.
-    assert json.loads((out / "results.json").read_text())["adapter_dir"]
-
-
-@pytest.mark.slow
-def test_multirun_with_two_ddp_processes_per_job(tiny_model_dir, tmp_path):
-    sweep = tmp_path / "sweep"
-    result = train_py(
-        ["-m", "lora.r=1,2", *tiny_args(tiny_model_dir), "trainer.devices=2",
-         "trainer.strategy=ddp", f"hydra.sweep.dir={sweep}"],
-        timeout=600,
-    )  # fmt: skip
-    output = result.stdout + result.stderr
+def test_multirun_with_two_ddp_processes_per_job(ddp_sweep):
+    sweep, output = ddp_sweep
     assert output.count("Launching 2 jobs") == 1  # the extra ranks did not start sweeps
     for job, rank in (("0", 1), ("1", 2)):
         config = json.loads((sweep / job / "adapter" / "adapter_config.json").read_text())

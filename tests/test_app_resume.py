@@ -11,10 +11,14 @@ continued ends with an adapter bit-identical to an uninterrupted run's.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import stat
+import subprocess
+import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -24,7 +28,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning_models import MLPModule
 from safetensors.torch import load_file
-from test_app import compose_train, tiny_args, train_py
+from test_app import ROOT, compose_train, subprocess_env, tiny_args, train_py
 from torch.utils.data import DataLoader, RandomSampler
 
 from lora_lightning.app.signals import SUBMITIT, Preemption, resume_checkpoint
@@ -64,11 +68,27 @@ def _killer(signal_name: str, ranks: str = "null") -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_model_dir, tmp_path_factory) -> dict:
-    """The adapter of the budget's job run straight through."""
+def uninterrupted(tiny_model_dir, tmp_path_factory) -> Iterator[Callable[[], dict]]:
+    """The adapter of the budget's job run straight through, as a function that waits for it.
+
+    The job starts when a test first asks for the fixture and runs beside that test's own
+    jobs: every job here is one single-threaded interpreter start, and CI has 2 cores."""
     out = tmp_path_factory.mktemp("straight")
-    train_py([*_budget(tiny_model_dir), f"hydra.run.dir={out}"])
-    return load_file(out / "adapter" / "adapter_model.safetensors")
+    log = out.parent / f"{out.name}.log"
+    with log.open("w") as output:
+        job = subprocess.Popen(
+            [sys.executable, str(ROOT / "train.py"), *_budget(tiny_model_dir),
+             f"hydra.run.dir={out}"],
+            cwd=ROOT, env=subprocess_env(), stdout=output, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+    def adapter() -> dict:
+        assert job.wait(timeout=300) == 0, log.read_text()[-5000:]
+        return load_file(out / "adapter" / "adapter_model.safetensors")
+
+    yield adapter
+    job.kill()  # a test failed before it waited: the job must not outlive the module
+    job.wait()
 
 
 def _assert_same_adapter(expected: dict, folder: Path) -> None:
@@ -98,7 +118,7 @@ def test_sigterm_mid_epoch_then_rerun_gives_the_uninterrupted_adapter(
     resumed = train_py([*_budget(tiny_model_dir), "resume=auto", f"hydra.run.dir={interrupted}"])
     assert f"Resuming from {interrupted / 'checkpoints' / 'preempted.ckpt'}" in resumed.stdout
     assert "not resumable" not in resumed.stdout + resumed.stderr
-    _assert_same_adapter(uninterrupted, interrupted)
+    _assert_same_adapter(uninterrupted(), interrupted)
 
 
 def preempt_then_resume(args: list[str], run_dir: Path, ranks: str) -> None:
@@ -123,11 +143,22 @@ DDP = ["trainer=ddp", "trainer.accelerator=cpu"]  # 2 processes
 
 
 @pytest.fixture(scope="module")
-def uninterrupted_ddp(tiny_model_dir, tmp_path_factory) -> dict:
-    """The adapter of the budget's job run straight through by 2 DDP processes."""
+def uninterrupted_ddp(tiny_model_dir, tmp_path_factory) -> tuple[Path, str]:
+    """The budget's job run straight through by 2 DDP processes, logging to CSV: its folder and
+    its console output. (One job serves two tests: each job costs two interpreter starts.)"""
     out = tmp_path_factory.mktemp("straight-ddp")
-    train_py([*_budget(tiny_model_dir), *DDP, f"hydra.run.dir={out}"], timeout=400)
-    return load_file(out / "adapter" / "adapter_model.safetensors")
+    budget = [a for a in _budget(tiny_model_dir) if a != "logger=none"]
+    result = train_py([*budget, *DDP, "logger=csv", f"hydra.run.dir={out}"], timeout=400)
+    return out, result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_two_process_cpu_ddp_through_train_py(uninterrupted_ddp):
+    out, output = uninterrupted_ddp
+    assert "GLOBAL_RANK: 1" in output
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    # Only rank zero writes: one results file, no second Hydra config folder.
+    assert json.loads((out / "results.json").read_text())["adapter_dir"]
 
 
 @pytest.mark.slow
@@ -136,7 +167,8 @@ def test_sigterm_to_the_launching_process_of_a_ddp_job_stops_both_ranks_then_res
 ):
     run_dir = tmp_path / "interrupted"
     preempt_then_resume([*_budget(tiny_model_dir), *DDP], run_dir, ranks="[0]")
-    _assert_same_adapter(uninterrupted_ddp, run_dir)
+    straight, _ = uninterrupted_ddp
+    _assert_same_adapter(load_file(straight / "adapter" / "adapter_model.safetensors"), run_dir)
 
 
 def _fake_slurm(tmp_path: Path) -> dict[str, str]:
@@ -168,7 +200,7 @@ def test_slurm_requeue_signal_writes_hpc_checkpoint_requeues_and_the_requeued_jo
     train_py(args, env=slurm)
     restored = f"Restoring states from the checkpoint path at {run_dir / 'hpc_ckpt_1.ckpt'}"
     assert restored in (run_dir / "train.log").read_text()
-    _assert_same_adapter(uninterrupted, run_dir)
+    _assert_same_adapter(uninterrupted(), run_dir)
     assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"  # no second requeue
 
 
@@ -194,7 +226,7 @@ def test_submitit_signal_checkpoints_then_submitit_requeues_and_the_job_continue
     requeued = text.index("Requeued job", caught)
     assert text.count("Starting with JobEnvironment") == 2
     assert f"Resuming from {job / 'checkpoints' / 'preempted.ckpt'}" in text[requeued:]
-    _assert_same_adapter(uninterrupted, job)
+    _assert_same_adapter(uninterrupted(), job)
 
 
 def test_slurm_launcher_config_requeues_jobs_that_reach_the_time_limit():

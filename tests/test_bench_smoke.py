@@ -2,7 +2,8 @@
 promise. ``python -m experiments.bench.run_all --quick`` runs every benchmark once with
 ``--quick`` (tiny sizes, two rounds; each script in its own process, exactly as from the command
 line) into a temporary directory, and then the summary; the numbers are not checked, only that
-each JSON carries the fields the README describes. About a minute on 2 cores.
+each JSON carries the fields the README describes. The standalone benchmarks run beside it
+(two single-threaded lanes on CI's 2 cores). About a minute and a half on 2 cores.
 """
 
 from __future__ import annotations
@@ -31,11 +32,40 @@ def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+STANDALONE = ("switch", "memory_qlora", "quant_libraries")
+
+
 @pytest.fixture(scope="module")
-def quick_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("bench")
-    done = run_module("run_all", "--quick", "--out", str(out))
-    assert done.returncode == 0, done.stderr[-3000:]
+def quick_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, str, Path]]:
+    """``run_all --quick`` and, beside it, the standalone benchmarks one after the other: each
+    benchmark runs on one thread (``--threads 1``, their default), so the two lanes keep both
+    of CI's 2 cores busy. Each module's exit status, stderr and output folder."""
+    root = tmp_path_factory.mktemp("bench")
+    for module in ("run_all", *STANDALONE):
+        (root / module).mkdir()
+    log = root / "run_all.stderr"  # a file, not a pipe: a full pipe would stall the lane
+    with log.open("w") as stderr:
+        run_all = subprocess.Popen(
+            [sys.executable, "-m", "experiments.bench.run_all", "--quick",
+             "--out", str(root / "run_all")],
+            cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=stderr,
+        )  # fmt: skip
+        try:
+            runs = {}
+            for module in STANDALONE:
+                done = run_module(module, "--quick", "--out", str(root / module))
+                runs[module] = (done.returncode, done.stderr, root / module)
+            run_all.wait(timeout=600)
+        finally:
+            run_all.kill()
+    runs["run_all"] = (run_all.returncode, log.read_text(), root / "run_all")
+    return runs
+
+
+@pytest.fixture(scope="module")
+def quick_out(quick_runs) -> Path:
+    returncode, stderr, out = quick_runs["run_all"]
+    assert returncode == 0, stderr[-3000:]
     return out
 
 
@@ -173,12 +203,12 @@ def test_summary_lists_every_goal_with_a_verdict_and_rebuilds(quick_out: Path) -
         ),
     ],
 )
-def test_standalone_benchmarks_run_quick_and_write_their_reports(module, check, tmp_path):
+def test_standalone_benchmarks_run_quick_and_write_their_reports(module, check, quick_runs):
     """The benchmarks outside ``run_all`` (adapter switching, QLoRA memory, quantization
     libraries) run end to end with ``--quick`` and write their JSON and markdown."""
-    done = run_module(module, "--quick", "--out", str(tmp_path))
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert (tmp_path / f"{module}.md").is_file()
-    result = json.loads((tmp_path / f"{module}.json").read_text())
+    returncode, stderr, out = quick_runs[module]
+    assert returncode == 0, stderr[-3000:]
+    assert (out / f"{module}.md").is_file()
+    result = json.loads((out / f"{module}.json").read_text())
     assert MACHINE_FIELDS <= set(result["machine"]), sorted(result["machine"])
     assert check(result)

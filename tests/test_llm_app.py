@@ -75,18 +75,34 @@ def test_the_llm_experiment_composes_with_llama_targets_and_no_classifier_head()
     assert cfg.callbacks.model_checkpoint.monitor == "val/loss"
 
 
+def _resumable_llm_job(model_dir: Path, out: Path) -> list[str]:
+    # 16 rows in batches of 4, 2 epochs: the signal at step 5 (_killer) lands mid-epoch; the
+    # LoRA dropout makes the RNG state matter.
+    job = [a for a in short_job(model_dir, out) if a != "trainer.max_steps=2"]
+    return [*job, "data.batch_size=4", "trainer.max_steps=-1", "trainer.max_epochs=2",
+            "logger=none"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def llm_job(tiny_llm_dir, tmp_path_factory) -> tuple[Path, str]:
+    """The short resumable LLM job run straight through: its folder and console output. (One
+    job serves the first test below and the SIGTERM test: each job is an interpreter start.)"""
+    out = tmp_path_factory.mktemp("llm") / "straight"
+    result = train_py(_resumable_llm_job(tiny_llm_dir, out), timeout=600)
+    return out, result.stdout + result.stderr
+
+
 def test_a_short_llm_job_writes_base_and_tuned_exact_match_and_a_peft_adapter(
-    tiny_llm_dir, tmp_path
+    tiny_llm_dir, llm_job
 ):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    out = tmp_path / "run"
-    result = train_py(short_job(tiny_llm_dir, out), timeout=600)
+    out, output = llm_job
     metrics = json.loads((out / "results.json").read_text())["metrics"]
     assert set(KEYS) <= set(metrics)
     assert any(k.startswith("test/exact_match/") for k in metrics)
-    assert "base/test/exact_match" in result.stdout + result.stderr  # the final block
+    assert "base/test/exact_match" in output  # the final block
     ids = torch.tensor([[3, 40, 41, 42, 43, 44, 45]])
     ours = AutoModelForCausalLM.from_pretrained(tiny_llm_dir)
     load_adapter(ours, out / "adapter")
@@ -185,13 +201,27 @@ def test_the_llm_job_trains_on_an_nf4_base(tiny_nf4_llm_dir, tmp_path):
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
 
+@pytest.fixture(scope="module")
+def dora_sweep(tiny_llm_dir, tmp_path_factory) -> tuple[Path, str]:
+    """A rank sweep (``-m lora.r=2,4``) of the short job with DoRA: the sweep folder and the
+    console output. (One sweep serves the DoRA test and the sweep test: each job started is an
+    interpreter start.)"""
+    root = tmp_path_factory.mktemp("llm")
+    sweep = root / "sweep"
+    job = [a for a in short_job(tiny_llm_dir, root) if not a.startswith("hydra.run.dir")]
+    result = train_py(["-m", "lora.r=2,4", *job, "lora.use_dora=true", "logger=none",
+                       f"hydra.sweep.dir={sweep}"], timeout=900)  # fmt: skip
+    return sweep, result.stdout
+
+
 @pytest.mark.slow
-def test_the_llm_job_with_dora_warns_that_vllm_refuses_it_and_peft_loads_it(tiny_llm_dir, tmp_path):
+def test_the_llm_job_with_dora_warns_that_vllm_refuses_it_and_peft_loads_it(
+    tiny_llm_dir, dora_sweep
+):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    out = tmp_path / "dora"
-    train_py([*short_job(tiny_llm_dir, out), "lora.use_dora=true", "logger=none"])
+    out = dora_sweep[0] / "0"
     log = (out / "train.log").read_text()
     assert f"{out / 'adapter'} loads in PEFT, but vLLM refuses adapters with DoRA" in log
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
@@ -206,11 +236,8 @@ def test_the_llm_job_with_dora_warns_that_vllm_refuses_it_and_peft_loads_it(tiny
 
 
 @pytest.mark.slow
-def test_a_rank_sweep_of_the_llm_job_writes_the_summary_table_and_plot(tiny_llm_dir, tmp_path):
-    sweep = tmp_path / "sweep"
-    job = [a for a in short_job(tiny_llm_dir, tmp_path) if not a.startswith("hydra.run.dir")]
-    result = train_py(["-m", "lora.r=2,4", *job, "logger=none", f"hydra.sweep.dir={sweep}"],
-                      timeout=900)  # fmt: skip
+def test_a_rank_sweep_of_the_llm_job_writes_the_summary_table_and_plot(dora_sweep):
+    sweep, output = dora_sweep
     for folder, rank in (("0", 2), ("1", 4)):
         config = json.loads((sweep / folder / "adapter" / "adapter_config.json").read_text())
         assert config["r"] == rank
@@ -219,21 +246,14 @@ def test_a_rank_sweep_of_the_llm_job_writes_the_summary_table_and_plot(tiny_llm_
     assert "base/test/exact_match" in header
     assert [row[1] for row in rows] == ["2", "4"]
     assert (sweep / "summary.png").stat().st_size > 0
-    assert "| job | lora.r | test/exact_match |" in result.stdout
-
-
-def _resumable_llm_job(model_dir: Path, out: Path) -> list[str]:
-    # 16 rows in batches of 4, 2 epochs: the signal at step 5 (_killer) lands mid-epoch; the
-    # LoRA dropout makes the RNG state matter.
-    job = [a for a in short_job(model_dir, out) if a != "trainer.max_steps=2"]
-    return [*job, "data.batch_size=4", "trainer.max_steps=-1", "trainer.max_epochs=2",
-            "logger=none"]  # fmt: skip
+    assert "| job | lora.r | test/exact_match |" in output
 
 
 @pytest.mark.slow
-def test_sigterm_then_resume_auto_gives_the_llm_jobs_uninterrupted_adapter(tiny_llm_dir, tmp_path):
-    straight = tmp_path / "straight"
-    train_py(_resumable_llm_job(tiny_llm_dir, straight))
+def test_sigterm_then_resume_auto_gives_the_llm_jobs_uninterrupted_adapter(
+    tiny_llm_dir, llm_job, tmp_path
+):
+    straight, _ = llm_job
     interrupted = tmp_path / "interrupted"
     stopped = train_py(
         [*_resumable_llm_job(tiny_llm_dir, interrupted), *_killer("SIGTERM")],
@@ -300,7 +320,7 @@ def test_smollm2_job_exports_an_adapter_peft_and_a_merged_model_generate_alike(t
     torch.testing.assert_close(logits_theirs, logits_ours, rtol=1e-4, atol=1e-4)
     assert answer(theirs).tolist() == answer(ours).tolist()
 
-    merged = smollm2()
+    merged = base  # its logits are taken; the merged file replaces every tensor (asserted below)
     state = load_file(out / "adapter" / "merged_model.safetensors")
     missing, unexpected = merged.load_state_dict(
         {k.removeprefix("model."): v for k, v in state.items()}
