@@ -70,3 +70,17 @@ def test_a_rescored_row_takes_the_new_test_numbers_and_shows_no_val_loss(tmp_pat
     machine = {"quick": False, "cpu": "cpu", "cores": 2, "threads": "1", "date_utc": "now"}
     report = study.markdown([row], machine)
     assert "| LoRA r=8* | 0.002 | 1 | 0.490 |" in report and "*: rescored" in report
+
+
+def test_the_report_keeps_recorded_rows_whose_run_folders_are_not_here(tmp_path):
+    """The run folders are git-ignored: a study continued in a fresh clone rewrites its report
+    from the rows results.json recorded plus the runs it has, in the study's order."""
+    names = [v.name for v in study.VARIANTS]
+    recorded = [{"name": "full_ft", "exact_match": 0.53}, {"name": "lora_s1", "exact_match": 0.1}]
+    (tmp_path / "results.json").write_text(json.dumps({"machine": {}, "rows": recorded}))
+    finished_run(tmp_path / "runs" / "lora_s1", 1, 0)
+    rows = study.collect(tmp_path)
+    assert [r["name"] for r in rows] == sorted(["full_ft", "lora_s1"], key=names.index)
+    assert rows[0] == recorded[0]  # kept as recorded
+    assert rows[1]["exact_match"] == 0.52  # the run folder wins over the recorded row
+    assert study.collect(tmp_path / "elsewhere") == []

@@ -11,7 +11,8 @@ schedule, 120 steps, evaluations) with a few overrides, in its own run folder un
 exists is not run again, and an interrupted one continues from its newest checkpoint
 (``resume=auto``), so the study can be spread over several sittings of a small machine. After
 every variant it rewrites ``results.md``, ``results.csv``, ``results.json`` and
-``exact_match.png`` in ``OUT`` from whatever has finished.
+``exact_match.png`` in ``OUT`` from whatever has finished: a variant whose run folder is not
+on this machine keeps the row ``OUT/results.json`` recorded for it.
 
 Every row is scored on the same validation and test rows (``data.eval_seed``, 0, draws them).
 A run made before that option existed drew them with its training seed; for a seed other
@@ -164,13 +165,26 @@ def _job(variant: Variant, more: list[str]) -> None:
 
 
 def collect(out: Path) -> list[dict]:
-    """One row per finished variant, in the study's order."""
+    """One row per finished variant, in the study's order: from its run folder where this
+    machine has it, else the row recorded in ``OUT/results.json`` (the run folders are
+    git-ignored; the committed table is the record of runs made elsewhere or earlier)."""
+    recorded = recorded_rows(out)
     rows = []
     for variant in VARIANTS:
         run_dir = out / "runs" / variant.name
         if (run_dir / "results.json").is_file():
             rows.append(row(variant, run_dir))
+        elif variant.name in recorded:
+            rows.append(recorded[variant.name])
     return rows
+
+
+def recorded_rows(out: Path) -> dict[str, dict]:
+    """The rows of ``OUT/results.json`` by variant name (none if there is no such file)."""
+    path = out / "results.json"
+    if not path.is_file():
+        return {}
+    return {r["name"]: r for r in json.loads(path.read_text())["rows"]}
 
 
 def row(variant: Variant, run_dir: Path) -> dict:
