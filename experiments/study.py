@@ -31,7 +31,10 @@ def write_rows(rows: list[dict], machine_info: dict[str, Any], out: Path) -> Non
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"machine": machine_info, "rows": rows}, indent=2))
     with open(out / "results.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        # Every row's fields, in first-seen order: rows recorded by an older runner may lack
+        # a field a newer one adds (left empty there).
+        fields = list(dict.fromkeys(key for row in rows for key in row))
+        writer = csv.DictWriter(handle, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(rows)
 

@@ -32,7 +32,13 @@ def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-STANDALONE = ("switch", "memory_qlora", "quant_libraries")
+STANDALONE = ("switch", "memory_qlora", "quant_libraries", "llm_train_step")
+#: Extra arguments of a standalone benchmark's quick run (the SmolLM2 step: eager only, no
+#: memory workers, a small packing set: compiling even 2 layers takes minutes on 2 cores).
+STANDALONE_ARGS = {
+    "llm_train_step": ("--no-compile", "--no-memory", "--batch", "2", "--pack-examples", "4",
+                       "--pack-length", "128", "--pack-rows", "1"),
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +59,8 @@ def quick_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int,
         try:
             runs = {}
             for module in STANDALONE:
-                done = run_module(module, "--quick", "--out", str(root / module))
+                args = STANDALONE_ARGS.get(module, ())
+                done = run_module(module, "--quick", *args, "--out", str(root / module))
                 runs[module] = (done.returncode, done.stderr, root / module)
             run_all.wait(timeout=600)
         finally:
@@ -196,6 +203,16 @@ def test_summary_lists_every_goal_with_a_verdict_and_rebuilds(quick_out: Path) -
             ),
         ),
         (
+            "llm_train_step",
+            lambda r: (
+                {"peft", "ours_hf_loss", "ours_task_loss"} == set(r["step"])
+                and {"ours_task_loss/peft", "ours_hf_loss/peft"} == set(r["ratios"])
+                and r["packing"]["real_tokens"] > 0
+                and r["packing"]["slot_ratio"] >= 1.0
+                and len(r["goals"]) == 2
+            ),
+        ),
+        (
             "quant_libraries",
             lambda r: (
                 {row["scheme"] for row in r["rows"]} >= {"float32", "torchao_nf4", "torchao_int8"}
@@ -208,7 +225,8 @@ def test_standalone_benchmarks_run_quick_and_write_their_reports(module, check, 
     libraries) run end to end with ``--quick`` and write their JSON and markdown."""
     returncode, stderr, out = quick_runs[module]
     assert returncode == 0, stderr[-3000:]
-    assert (out / f"{module}.md").is_file()
-    result = json.loads((out / f"{module}.json").read_text())
+    stem = f"{module}_quick" if module == "llm_train_step" else module  # it names quick runs
+    assert (out / f"{stem}.md").is_file()
+    result = json.loads((out / f"{stem}.json").read_text())
     assert MACHINE_FIELDS <= set(result["machine"]), sorted(result["machine"])
     assert check(result)

@@ -84,3 +84,28 @@ def test_the_report_keeps_recorded_rows_whose_run_folders_are_not_here(tmp_path)
     assert rows[0] == recorded[0]  # kept as recorded
     assert rows[1]["exact_match"] == 0.52  # the run folder wins over the recorded row
     assert study.collect(tmp_path / "elsewhere") == []
+    study.write_rows(rows, {}, tmp_path)  # the recorded row lacks fields the new one has
+    header, *lines = (tmp_path / "results.csv").read_text().splitlines()
+    assert "rescored" in header.split(",") and len(lines) == 2
+
+
+def test_the_report_gives_each_seed_groups_mean_and_the_gap_the_goal_is_about():
+    def fake(name: str, em: float) -> dict:
+        return {"name": name, "method": name, "lr": 1e-3, "seed": "0", "exact_match": em,
+                "base_exact_match": None, "val_loss": None, "trainable_params": 1,
+                "wall_time_s": 1.0, "load_before": None, "load_after": None,
+                **{f"em/{f}": None for f in study.FAMILIES}}  # fmt: skip
+
+    machine = {"quick": False, "cpu": "cpu", "cores": 2, "threads": "1", "date_utc": "now"}
+    rows = [
+        fake("lora_s0", 0.5),
+        fake("lora_s1", 0.46),
+        fake("lora_s2", 0.51),
+        fake("full_ft", 0.53),
+    ]
+    report = study.markdown(rows, machine)
+    assert "- LoRA r=8 over 3 seeds: mean 0.490, sd 0.026" in report
+    assert "full fine-tuning over" not in report and "points" not in report  # one seed: no mean
+    report = study.markdown([*rows, fake("full_ft_s1", 0.49)], machine)
+    assert "- full fine-tuning over 2 seeds: mean 0.510, sd 0.028" in report
+    assert "- LoRA mean - full fine-tuning mean: -2.0 points (the issue's goal: within 3)" in report

@@ -37,8 +37,11 @@ first step (gradients, AdamW state, activations; for compiled variants also the 
 Process RSS, not torch's allocator: it counts everything the process holds.
 
 Run: `python -m experiments.bench.llm_train_step [--repeats N] [--batch N] [--quick]
-[--no-compile] [--no-memory] [--memory-steps N]`; `--quick` keeps 2 of the 30 layers and one
-round (a smoke run: seconds to a minute, numbers meaningless).
+[--no-compile | --compiled-only] [--no-memory] [--memory-steps N]`; `--quick` keeps 2 of the 30
+layers and one round (a smoke run: seconds to a minute, numbers meaningless);
+`--compiled-only` times and measures the compiled variants alone (no eager rounds, no
+packing) into `llm_train_step_compiled.{json,md}`, for a machine where one run of everything
+would take too long.
 """
 
 from __future__ import annotations
@@ -226,45 +229,9 @@ def _mib(value: int | None) -> str:
     return "n/a" if value is None else f"{value / MIB:.0f} MiB"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = base_parser(__doc__.splitlines()[0], default_repeats=4)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--pack-examples", type=int, default=32)
-    parser.add_argument("--pack-length", type=int, default=256)
-    parser.add_argument("--pack-rows", type=int, default=2)
-    parser.add_argument("--no-compile", action="store_true", help="skip the compiled variants")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory workers")
-    parser.add_argument("--memory-steps", type=int, default=3)
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one variant's memory
-    args = parser.parse_args(argv)
-    apply_threads(args.threads)
-    if args.worker:
-        print(json.dumps(worker(args.worker, args.quick, args.batch, args.memory_steps)))
-        return
-    repeats = args.repeats or (1 if args.quick else 4)
-    machine = machine_info()
-    ours, theirs = _models(args.quick)
-    batch = _task_batch(args.batch)
-
-    with torch.no_grad():
-        a, b = _hf_loss(theirs)(batch), _hf_loss(ours)(batch)
-        task_loss = ours.answer_loss(batch)[0]
-    if not torch.allclose(a, b, atol=1e-5) or not torch.allclose(task_loss, b, atol=1e-5):
-        sys.exit(f"numerics differ: peft {float(a)}, ours {float(b)}, task loss {float(task_loss)}")
-    names = [*EAGER, *([] if args.no_compile else [f"{v}_compiled" for v in EAGER])]
-    built = {name: _variant(name, ours, theirs) for name in names}
-    for name in names:
-        if name.endswith("_compiled"):
-            # With gradients on (no backward): the graph compiled here is the training one.
-            got = built[name][1](batch).detach()
-            want = built[name.removesuffix("_compiled")][1](batch).detach()
-            if not torch.allclose(got, want, atol=1e-4):
-                sys.exit(f"{name}: compiled loss {float(got)} differs from eager {float(want)}")
-    variants = {name: _stepper(model, loss, batch) for name, (model, loss) in built.items()}
-    for step in variants.values():  # warm-up (and compilation), untimed
-        step()
-    times = interleave(variants, repeats)
-
+def _packing(ours, args, repeats: int) -> dict[str, Any]:
+    """The same examples as padded batches and as packed rows, one eager epoch each,
+    interleaved: real tokens per second of each (``ours_task_loss``)."""
     padded = _task_batch(args.batch, examples=args.pack_examples)
     packed = _task_batch(args.batch, True, args.pack_examples, args.pack_length, args.pack_rows)
     # Packed rows hold the same real tokens, plus a padding tail in their last batch.
@@ -289,25 +256,85 @@ def main(argv: list[str] | None = None) -> None:
     tokens_per_s = {k: real_tokens / statistics.median(v) for k, v in pack_times.items()}
     padded_slots = sum(b["input_ids"].numel() for b in padded)
     packed_slots = sum(b["input_ids"].numel() for b in packed)
+    ratio = tokens_per_s["packed"] / tokens_per_s["padded"]
+    return {
+        "examples": args.pack_examples,
+        "real_tokens": real_tokens,
+        "padded_token_slots": padded_slots,
+        "packed_token_slots": packed_slots,
+        # Packing saves at most the padding: if a step's time were proportional to its token
+        # slots, packed/padded tokens/s would be padded slots / packed slots.
+        "slot_ratio": padded_slots / packed_slots,
+        "epoch_s": {k: summary(v) for k, v in pack_times.items()},
+        "tokens_per_s": tokens_per_s,
+        "packed_over_padded": ratio,
+        "goal": "packed >= 1.5x padded tokens/s",
+        "met": ratio >= 1.5,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = base_parser(__doc__.splitlines()[0], default_repeats=4)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--pack-examples", type=int, default=32)
+    parser.add_argument("--pack-length", type=int, default=256)
+    parser.add_argument("--pack-rows", type=int, default=2)
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled variants")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory workers")
+    parser.add_argument(
+        "--compiled-only",
+        action="store_true",
+        help="time and measure only the compiled variants (no eager rounds, no packing)",
+    )
+    parser.add_argument("--memory-steps", type=int, default=3)
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one variant's memory
+    args = parser.parse_args(argv)
+    if args.compiled_only and args.no_compile:
+        parser.error("--compiled-only and --no-compile leave nothing to run")
+    apply_threads(args.threads)
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.quick, args.batch, args.memory_steps)))
+        return
+    repeats = args.repeats or (1 if args.quick else 4)
+    machine = machine_info()
+    ours, theirs = _models(args.quick)
+    batch = _task_batch(args.batch)
+
+    with torch.no_grad():
+        a, b = _hf_loss(theirs)(batch), _hf_loss(ours)(batch)
+        task_loss = ours.answer_loss(batch)[0]
+    if not torch.allclose(a, b, atol=1e-5) or not torch.allclose(task_loss, b, atol=1e-5):
+        sys.exit(f"numerics differ: peft {float(a)}, ours {float(b)}, task loss {float(task_loss)}")
+    compiled = [] if args.no_compile else [f"{v}_compiled" for v in EAGER]
+    names = compiled if args.compiled_only else [*EAGER, *compiled]
+    built = {name: _variant(name, ours, theirs) for name in names}
+    for name in names:
+        if name.endswith("_compiled"):
+            # With gradients on (no backward): the graph compiled here is the training one.
+            got = built[name][1](batch).detach()
+            want = _variant(name.removesuffix("_compiled"), ours, theirs)[1](batch).detach()
+            if not torch.allclose(got, want, atol=1e-4):
+                sys.exit(f"{name}: compiled loss {float(got)} differs from eager {float(want)}")
+    variants = {name: _stepper(model, loss, batch) for name, (model, loss) in built.items()}
+    for step in variants.values():  # warm-up (and compilation), untimed
+        step()
+    times = interleave(variants, repeats)
+
+    packing = None if args.compiled_only else _packing(ours, args, repeats)
 
     memory = {} if args.no_memory else {name: run_worker(name, args) for name in names}
 
-    ratios = {
-        "ours_hf_loss/peft": ratio_summary(times["ours_hf_loss"], times["peft"]),
-        "ours_task_loss/peft": ratio_summary(times["ours_task_loss"], times["peft"]),
-    }
-    goals = [
-        goal(
-            "SmolLM2 LoRA step, ours (task loss) / PEFT <= 0.95, eager",
-            ratios["ours_task_loss/peft"],
-            0.95,
-        ),
-        goal(
-            "SmolLM2 LoRA step, ours (same HF loss) / PEFT <= 0.95, eager",
-            ratios["ours_hf_loss/peft"],
-            0.95,
-        ),
-    ]
+    ratios, goals = {}, []
+    if not args.compiled_only:
+        for ours_name, label in (("ours_task_loss", "task loss"), ("ours_hf_loss", "same HF loss")):
+            ratios[f"{ours_name}/peft"] = ratio_summary(times[ours_name], times["peft"])
+            goals.append(
+                goal(
+                    f"SmolLM2 LoRA step, ours ({label}) / PEFT <= 0.95, eager",
+                    ratios[f"{ours_name}/peft"],
+                    0.95,
+                )  # fmt: skip
+            )
     if not args.no_compile:
         for ours_name in ("ours_task_loss", "ours_hf_loss"):
             key = f"{ours_name}_compiled/peft_compiled"
@@ -346,17 +373,7 @@ def main(argv: list[str] | None = None) -> None:
             "goals": memory_goals,
             "goal": "ours peak RSS <= PEFT's",
         },
-        "packing": {
-            "examples": args.pack_examples,
-            "real_tokens": real_tokens,
-            "padded_token_slots": padded_slots,
-            "packed_token_slots": packed_slots,
-            "epoch_s": {k: summary(v) for k, v in pack_times.items()},
-            "tokens_per_s": tokens_per_s,
-            "packed_over_padded": tokens_per_s["packed"] / tokens_per_s["padded"],
-            "goal": "packed >= 1.5x padded tokens/s",
-            "met": tokens_per_s["packed"] / tokens_per_s["padded"] >= 1.5,
-        },
+        "packing": packing,
     }
     rows = []
     for name, s in payload["step"].items():
@@ -387,18 +404,27 @@ def main(argv: list[str] | None = None) -> None:
         "",
         *[goal_line(g) for g in goals],
         *memory_lines,
-        "",
-        f"Packing ({args.pack_examples} examples, {real_tokens} real tokens; padded {padded_slots} "
-        f"token slots in batches of {args.batch}, packed {packed_slots} in rows of "
-        f"{args.pack_length} x {args.pack_rows}): padded {tokens_per_s['padded']:.1f} tokens/s, "
-        f"packed {tokens_per_s['packed']:.1f} tokens/s, ratio "
-        f"{payload['packing']['packed_over_padded']:.2f} (goal 1.5: "
-        f"{'met' if payload['packing']['met'] else 'NOT met'}).",
+        *([] if packing is None else [""]),
+        *([] if packing is None else [_packing_line(packing, args)]),
     ]
     name = "llm_train_step_quick" if args.quick else "llm_train_step"
+    name += "_compiled" if args.compiled_only else ""
     for path in write_results(args.out, name, payload, "\n".join(lines)):
         print(path)
     print("\n".join(lines))
+
+
+def _packing_line(packing: dict[str, Any], args) -> str:
+    tokens_per_s = packing["tokens_per_s"]
+    return (
+        f"Packing ({packing['examples']} examples, {packing['real_tokens']} real tokens; padded "
+        f"{packing['padded_token_slots']} token slots in batches of {args.batch}, packed "
+        f"{packing['packed_token_slots']} in rows of {args.pack_length} x {args.pack_rows}): "
+        f"padded {tokens_per_s['padded']:.1f} tokens/s, packed {tokens_per_s['packed']:.1f} "
+        f"tokens/s, ratio {packing['packed_over_padded']:.2f} (goal 1.5: "
+        f"{'met' if packing['met'] else 'NOT met'}; the padding it removes bounds it near "
+        f"{packing['slot_ratio']:.2f}, padded slots / packed slots)."
+    )
 
 
 if __name__ == "__main__":
