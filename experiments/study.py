@@ -5,6 +5,7 @@ machine a study ran on, its rows written as JSON and CSV, and the PEFT-baseline 
 from __future__ import annotations
 
 import csv
+import importlib.metadata
 import json
 import os
 import platform
@@ -21,9 +22,21 @@ def machine(quick: bool, **extra: Any) -> dict[str, Any]:
         "cores": os.cpu_count(),
         **extra,
         "python": platform.python_version(),
+        "versions": package_versions(),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "quick": quick,
     }
+
+
+def package_versions() -> dict[str, str]:
+    """The installed versions of what a study's numbers depend on (missing ones left out)."""
+    versions = {}
+    for name in ("torch", "transformers", "peft", "lightning", "tokenizers", "gguf"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
 
 
 def write_rows(rows: list[dict], machine_info: dict[str, Any], out: Path) -> None:

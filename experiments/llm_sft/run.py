@@ -276,11 +276,14 @@ def markdown(rows: list[dict], machine_info: dict) -> str:
         notes.append(f"- not run yet: {', '.join(missing)}")
     loads = [f"{r['name']} {r['load_before']:.1f}->{r['load_after']:.1f}"
              for r in rows if r["load_before"] is not None]  # fmt: skip
+    installed = machine_info.get("versions") or {}
+    versions = (" Versions when the report was written: "
+                + ", ".join(f"{k} {v}" for k, v in installed.items()) + ".") if installed else ""  # fmt: skip
     return (
         f"# SmolLM2-135M-Instruct instruction tuning ({title})\n\n"
         f"Machine: {machine_info['cpu']}, {machine_info['cores']} cores, OMP threads "
         f"{machine_info['threads']}, {machine_info['date_utc']}. Load average (1 min) before->after each "
-        f"run: {', '.join(loads) or 'not recorded'}.\n\n"
+        f"run: {', '.join(loads) or 'not recorded'}.{versions}\n\n"
         + "\n".join(lines)
         + "\n\n"
         + "\n".join(notes)
