@@ -300,7 +300,7 @@ def test_adapter_file_loads_in_peft_onto_the_full_precision_base(tmp_path):
     [
         ({"quantize_base": "fp4"}, r"quantize_base='fp4' is invalid: expected one of none, nf4, int8"),
         ({"quantize_base": True}, r"quantize_base=True is invalid"),
-        ({"quantize_base": "nf4", "use_dora": True}, r"use_dora=true with lora.quantize_base=.nf4."),
+        ({"quantize_base": "nf4", "use_dora": True}, r"quantize_base='nf4' with lora.use_dora"),
         ({"quantize_base": "int8", "init": "pissa"}, r"quantize_base='int8' with lora.init='pissa'"),
         ({"quantize_base": "nf4", "quantize_scope": "all"},
          r"quantize_scope='all' is invalid: expected one of adapted, all_linear"),

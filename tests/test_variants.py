@@ -75,7 +75,6 @@ def test_two_enabled_variants_are_refused(monkeypatch):
     twin = dataclasses.make_dataclass("Twin", [])()
     twin.name, twin.config_field = "twin", "use_rslora"
     twin.enabled = lambda config: config.use_rslora
-    twin.config_refusal = lambda config: None
     monkeypatch.setitem(variants.VARIANTS, "twin", twin)
     with pytest.raises(LoRAConfigError, match="use_dora=true, lora.use_rslora=true together"):
         plan_lora(_mlp(), dataclasses.replace(DORA, use_rslora=True))
@@ -103,23 +102,3 @@ def test_the_written_file_carries_every_variants_flag(tmp_path):
     save_adapter(model, tmp_path / "dora")
     written = json.loads((tmp_path / "dora" / "adapter_config.json").read_text())
     assert {field: written[field] for field in variants.peft_fields()} == {"use_dora": True}
-
-
-def test_the_config_asks_each_enabled_variant_what_it_refuses(monkeypatch):
-    """``LoRAConfig`` names no variant: it checks each registered flag and asks the variant it
-    switches on whether the rest of the config suits it (DoRA refuses a quantized base and a
-    base-rewriting init; a registered variant's own reason reaches the user the same way)."""
-    with pytest.raises(LoRAConfigError, match=r"use_dora=true with lora.quantize_base='nf4'"):
-        LoRAConfig(use_dora=True, quantize_base="nf4")
-    with pytest.raises(LoRAConfigError, match=r"use_dora=true with lora.init='pissa'"):
-        LoRAConfig(use_dora=True, init="pissa")
-    with pytest.raises(LoRAConfigError, match=r"use_dora=1 is invalid"):
-        LoRAConfig(use_dora=1)
-    picky = dataclasses.make_dataclass("Picky", [])()
-    picky.name, picky.config_field = "picky", "use_rslora"
-    picky.enabled = lambda config: config.use_rslora
-    picky.config_refusal = lambda c: None if c.r == 2 else f"r={c.r} is not supported: use r=2"
-    monkeypatch.setitem(variants.VARIANTS, "picky", picky)
-    with pytest.raises(LoRAConfigError, match=r"use_rslora=true with r=3 is not supported"):
-        LoRAConfig(r=3, use_rslora=True)
-    assert LoRAConfig(r=2, use_rslora=True).use_rslora is True

@@ -187,14 +187,20 @@ class LoRAConfig:
         _check_choice("dropout_masks", self.dropout_masks, DROPOUT_MASKS)
         self.use_rslora = _flag("use_rslora", self.use_rslora)
         self.group_shared_input = _flag("group_shared_input", self.group_shared_input)
-        _check_choice("quantize_base", self.quantize_base, QUANTIZE_BASE)
-        if self.quantize_base != "none" and self.changes_base:
+        self.use_dora = _flag("use_dora", self.use_dora)
+        if self.use_dora and self.changes_base:
             raise LoRAConfigError(
-                f"lora.quantize_base={self.quantize_base!r} with lora.init={self.init!r} is not "
-                "supported: PiSSA/OLoRA's base rewrite needs the float base; use "
-                "quantize_base=none, or a plain init (init=kaiming/gaussian)"
+                f"lora.init={self.init!r} with lora.use_dora=true is not supported: use one of "
+                "them (PiSSA/OLoRA initialisation of a DoRA adapter is not implemented)"
             )
-        _check_variants(self)
+        _check_choice("quantize_base", self.quantize_base, QUANTIZE_BASE)
+        if self.quantize_base != "none" and (self.use_dora or self.changes_base):
+            other = "lora.use_dora=true" if self.use_dora else f"lora.init={self.init!r}"
+            raise LoRAConfigError(
+                f"lora.quantize_base={self.quantize_base!r} with {other} is not supported: "
+                "DoRA's weight norm and PiSSA/OLoRA's base rewrite need the float base; use "
+                "quantize_base=none, or plain LoRA (use_dora=false, init=kaiming/gaussian)"
+            )
         _check_choice("quantize_scope", self.quantize_scope, QUANTIZE_SCOPES)
         if self.quantize_scope != "adapted" and self.quantize_base == "none":
             raise LoRAConfigError(
@@ -457,23 +463,6 @@ def _sub_config(name: str, value: Any, kind: type) -> Any:
     if unknown := sorted(map(str, set(values) - set(known))):
         raise LoRAConfigError(f"unknown lora.{name} field(s) {unknown}: valid fields are {known}")
     return kind(**values).validate()
-
-
-def _check_variants(config: LoRAConfig) -> None:
-    """Each registered variant's flag (``use_dora``...) is a bool, and the variant a flag
-    switches on accepts the rest of ``config`` (``core.variants``: the variant says why not)."""
-    from lora_lightning.core.variants import VARIANTS  # the variants import this module
-
-    for variant in VARIANTS.values():
-        setattr(
-            config,
-            variant.config_field,
-            _flag(variant.config_field, getattr(config, variant.config_field)),
-        )
-    for variant in VARIANTS.values():
-        reason = variant.config_refusal(config) if variant.enabled(config) else None
-        if reason is not None:
-            raise LoRAConfigError(f"lora.{variant.config_field}=true with {reason}")
 
 
 def _flag(name: str, value: Any) -> bool:

@@ -280,20 +280,6 @@ class _Variant:
     def enabled(self, config: LoRAConfig) -> bool:
         return config.use_dora
 
-    def config_refusal(self, config: LoRAConfig) -> str | None:
-        if config.changes_base:
-            return (
-                f"lora.init={config.init!r} is not supported: use one of them (PiSSA/OLoRA "
-                "initialisation of a DoRA adapter is not implemented)"
-            )
-        if config.quantize_base != "none":
-            return (
-                f"lora.quantize_base={config.quantize_base!r} is not supported: DoRA's weight "
-                "norm needs the float base; use quantize_base=none, or plain LoRA "
-                "(use_dora=false)"
-            )
-        return None
-
     def unsupported_reason(self, module: nn.Module, kind: str | None) -> str | None:
         return unsupported_reason(module, kind)
 

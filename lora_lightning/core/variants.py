@@ -15,8 +15,6 @@ A variant supplies, in its own module:
 ``combine_refusal``         why ``combine_adapters`` refuses it (no variant combines yet)
 ``vllm_refusal``            what vLLM refuses about it, or None
 ``enabled(config)``         whether a config switches it on
-``config_refusal(config)``  why the rest of a config that switches it on cannot take it
-                            (another field it does not compose with), or None
 ``unsupported_reason``      why a layer (module, kind) cannot take it, or None
 ``tensor_shapes``           ``(name, shape)`` of each added tensor for one layer
 ``attach``                  add its tensors to an adapted layer and set ``layer.variant``,
@@ -54,11 +52,6 @@ class Variant(Protocol):
 
     def enabled(self, config: LoRAConfig) -> bool:
         """True if ``config`` switches this variant on."""
-        ...
-
-    def config_refusal(self, config: LoRAConfig) -> str | None:
-        """Why the variant, switched on, cannot run with the rest of ``config`` (completing
-        ``"lora.<config_field>=true with ..."``), or None; asked by ``LoRAConfig.validate``."""
         ...
 
     def unsupported_reason(self, module: nn.Module, kind: str | None) -> str | None:
