@@ -30,13 +30,16 @@ def machine(quick: bool, **extra: Any) -> dict[str, Any]:
 
 def package_versions() -> dict[str, str]:
     """The installed versions of what a study's numbers depend on (missing ones left out)."""
-    versions = {}
-    for name in ("torch", "transformers", "peft", "lightning", "tokenizers", "gguf"):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return versions
+    names = ("torch", "transformers", "peft", "lightning", "tokenizers", "gguf")
+    return {name: version for name in names if (version := installed_version(name))}
+
+
+def installed_version(dist: str) -> str | None:
+    """The installed version of distribution `dist`, or None if it is not installed."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def write_rows(rows: list[dict], machine_info: dict[str, Any], out: Path) -> None:

@@ -21,11 +21,12 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from experiments.study import cpu_name, installed_version
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -209,7 +210,7 @@ def machine_info() -> dict[str, Any]:
     """CPU, cores, thread count, library versions, git revision and the date of this run."""
     return {
         "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_name(),
         "cpu_count": os.cpu_count(),
         "cpus_available": (
             len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
@@ -219,7 +220,8 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "versions": {
-            name: _version(name) for name in ("torch", "peft", "transformers", "lora-lightning")
+            name: installed_version(name)
+            for name in ("torch", "peft", "transformers", "lora-lightning")
         },
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
@@ -275,23 +277,6 @@ def minilm_dir() -> Path:
 def ms(seconds: float) -> str:
     """Seconds formatted as milliseconds with three significant-ish digits."""
     return f"{seconds * 1e3:.1f} ms" if seconds < 10 else f"{seconds:.2f} s"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def _git(*args: str) -> str | None:

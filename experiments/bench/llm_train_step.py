@@ -404,8 +404,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         *[goal_line(g) for g in goals],
         *memory_lines,
-        *([] if packing is None else [""]),
-        *([] if packing is None else [_packing_line(packing, args)]),
+        *([] if packing is None else ["", _packing_line(packing, args)]),
     ]
     name = "llm_train_step_quick" if args.quick else "llm_train_step"
     name += "_compiled" if args.compiled_only else ""
