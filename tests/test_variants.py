@@ -102,3 +102,38 @@ def test_the_written_file_carries_every_variants_flag(tmp_path):
     save_adapter(model, tmp_path / "dora")
     written = json.loads((tmp_path / "dora" / "adapter_config.json").read_text())
     assert {field: written[field] for field in variants.peft_fields()} == {"use_dora": True}
+
+
+def test_every_flag_the_config_marks_as_a_variant_is_a_registered_variants_and_back():
+    from lora_lightning.core.config import variant_flags
+
+    assert variant_flags() == ("use_dora",)
+    assert set(variant_flags()) == set(variants.config_fields())
+
+
+def test_a_variant_flag_no_registered_variant_claims_is_refused_not_dropped(monkeypatch):
+    model = _mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(variants, "VARIANTS", {})
+    with pytest.raises(LoRAConfigError, match=r"lora.use_dora=true names a LoRA variant that is"):
+        inject_lora(model, DORA)
+    assert set(model.state_dict()) == set(before)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"init": "pissa"}, r"lora.init='pissa' with lora.use_dora=true is not supported"),
+        ({"init": "olora"}, r"lora.init='olora' with lora.use_dora=true is not supported"),
+        ({"quantize_base": "int8"}, r"quantize_base='int8' with lora.use_dora=true is not"),
+    ],
+)
+def test_a_variant_flag_refuses_what_needs_another_base_by_name(fields, message):
+    with pytest.raises(LoRAConfigError, match=message):
+        LoRAConfig(target_modules=["0"], use_dora=True, **fields)
+    config = LoRAConfig(target_modules=["0"], use_dora=True)
+    for key, value in fields.items():
+        setattr(config, key, value)  # mutated after construction: caught on the next use
+    with pytest.raises(LoRAConfigError, match=message):
+        plan_lora(_mlp(), config)

@@ -47,6 +47,14 @@ QUANTIZE_BASE = ("none", "nf4", "int8")
 #: Values of ``quantize_scope``: which frozen ``nn.Linear`` weights ``quantize_base`` stores.
 QUANTIZE_SCOPES = ("adapted", "all_linear")
 
+#: ``dataclasses.field`` metadata of a forward variant's flag (``use_dora``): the variant
+#: itself (its tensors, forward, files) is ``core.variants``' business; the config knows only
+#: that such a flag is a boolean and that a forward variant computes on the float base weight
+#: it was given, so it refuses a base-changing ``init`` and ``quantize_base`` with one on.
+#: Every flag so marked must be some registered variant's ``config_field`` (``core.variants``
+#: refuses one that is not, never dropping it).
+VARIANT_FLAG = {"variant_flag": True}
+
 #: Attention query/key/value projections of BERT-, RoBERTa-, Llama- and Mistral-style models.
 DEFAULT_TARGETS = [r"(.*\.)?(query|key|value|q_proj|k_proj|v_proj)"]
 
@@ -149,7 +157,7 @@ class LoRAConfig:
     modules_to_save: list[str] = field(default_factory=list)
     group_shared_input: bool = True
     dropout_masks: str = "fast"
-    use_dora: bool = False
+    use_dora: bool = field(default=False, metadata=VARIANT_FLAG)
     loraplus_lr_ratio: Optional[float] = None  # noqa: UP045 - OmegaConf needs Optional
     loraplus_lr_embedding: float = 1e-6
     quantize_base: str = "none"
@@ -187,19 +195,23 @@ class LoRAConfig:
         _check_choice("dropout_masks", self.dropout_masks, DROPOUT_MASKS)
         self.use_rslora = _flag("use_rslora", self.use_rslora)
         self.group_shared_input = _flag("group_shared_input", self.group_shared_input)
-        self.use_dora = _flag("use_dora", self.use_dora)
-        if self.use_dora and self.changes_base:
+        for name in variant_flags():
+            setattr(self, name, _flag(name, getattr(self, name)))
+        variant = next((f"lora.{n}=true" for n in variant_flags() if getattr(self, n)), None)
+        if variant and self.changes_base:
             raise LoRAConfigError(
-                f"lora.init={self.init!r} with lora.use_dora=true is not supported: use one of "
-                "them (PiSSA/OLoRA initialisation of a DoRA adapter is not implemented)"
+                f"lora.init={self.init!r} with {variant} is not supported: use one of them "
+                f"(init={self.init!r} rewrites the base weight the variant's forward reads; "
+                "that combination is not implemented)"
             )
         _check_choice("quantize_base", self.quantize_base, QUANTIZE_BASE)
-        if self.quantize_base != "none" and (self.use_dora or self.changes_base):
-            other = "lora.use_dora=true" if self.use_dora else f"lora.init={self.init!r}"
+        if self.quantize_base != "none" and (variant or self.changes_base):
+            other = variant or f"lora.init={self.init!r}"
             raise LoRAConfigError(
                 f"lora.quantize_base={self.quantize_base!r} with {other} is not supported: "
-                "DoRA's weight norm and PiSSA/OLoRA's base rewrite need the float base; use "
-                "quantize_base=none, or plain LoRA (use_dora=false, init=kaiming/gaussian)"
+                "a forward variant (its weight norm) and a base-rewriting init (PiSSA/OLoRA) "
+                "need the float base; use quantize_base=none, or plain LoRA (every variant "
+                "flag false, init=kaiming/gaussian)"
             )
         _check_choice("quantize_scope", self.quantize_scope, QUANTIZE_SCOPES)
         if self.quantize_scope != "adapted" and self.quantize_base == "none":
@@ -279,6 +291,11 @@ class LoRAConfig:
                 f"unknown LoRA config field(s) {unknown}: valid fields are {sorted(known)}"
             )
         return cls(**values)
+
+
+def variant_flags() -> tuple[str, ...]:
+    """The ``LoRAConfig`` fields marked :data:`VARIANT_FLAG` (``use_dora``...), in order."""
+    return tuple(f.name for f in dataclasses.fields(LoRAConfig) if f.metadata.get("variant_flag"))
 
 
 def config_diff(

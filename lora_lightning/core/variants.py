@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from lora_lightning.core import dora
-from lora_lightning.core.config import LoRAConfig
+from lora_lightning.core.config import LoRAConfig, variant_flags
 from lora_lightning.core.errors import LoRAConfigError, LoRAStateError
 from lora_lightning.core.state import LORA_PARTS, LoRALayer
 
@@ -78,8 +78,20 @@ def enabled_variant(config: LoRAConfig) -> Variant | None:
     """The variant ``config`` switches on, or None for plain LoRA.
 
     Raises:
-        LoRAConfigError: more than one variant switched on (they do not compose).
+        LoRAConfigError: more than one variant switched on (they do not compose), or a flag
+            the config marks as a variant's (``config.VARIANT_FLAG``) switched on that no
+            registered variant claims (it would otherwise be dropped: plain LoRA computed).
     """
+    unclaimed = [
+        name
+        for name in variant_flags()
+        if getattr(config, name) and name not in config_fields()
+    ]
+    if unclaimed:
+        raise LoRAConfigError(
+            f"lora.{unclaimed[0]}=true names a LoRA variant that is not registered; "
+            f"registered variants and their flags: {dict(zip(VARIANTS, config_fields()))}"
+        )
     found = [v for v in VARIANTS.values() if v.enabled(config)]
     if len(found) > 1:
         flags = ", ".join(f"lora.{v.config_field}=true" for v in found)
