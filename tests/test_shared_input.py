@@ -135,3 +135,45 @@ def test_a_deep_copy_of_a_fused_model_computes_like_the_original():
     torch.testing.assert_close(twin(x), plain(x), rtol=1e-6, atol=1e-6)
     twin(x).sum().backward()
     assert twin.key.lora_A.weight.grad is not None and fused.key.lora_A.weight.grad is None
+
+
+def test_a_group_compiles_to_one_graph_with_the_per_module_outputs_and_gradients():
+    """Without dropout, the compiled group computes each member's own product: no rows cache
+    for dynamo to break the graph on (it did at every layer, and recompiled in later steps)."""
+    import torch._dynamo
+
+    fused, plain = _pair()
+    fused.train()
+    x = torch.randn(4, 5, 8)
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)  # a break raises
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(2):  # the second call must reuse the first call's graph
+            got = compiled(x)
+            got.square().sum().backward()
+    for _ in range(2):  # gradients accumulated over the same two calls
+        want = plain(x)
+        want.square().sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for (name, p_fused), (_, p_plain) in zip(
+        fused.named_parameters(), plain.named_parameters(), strict=True
+    ):
+        if p_fused.requires_grad:
+            torch.testing.assert_close(p_fused.grad, p_plain.grad, rtol=1e-5, atol=1e-6, msg=name)
+    torch._dynamo.reset()
+
+
+def test_with_dropout_a_compiled_group_still_shares_one_mask():
+    import torch._dynamo
+
+    fused, _ = _pair(dropout=0.5)
+    fused.train()
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, backend="eager")
+    x = torch.randn(3, 4, 8)
+    torch.manual_seed(5)
+    got = compiled(x)
+    torch.manual_seed(5)
+    want = fused(x)  # eager: the shared mask, drawn from the same generator state
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch._dynamo.reset()

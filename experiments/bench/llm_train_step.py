@@ -34,10 +34,14 @@ state), then the kernel's peak-RSS mark is reset (`5` into `/proc/self/clear_ref
 starts at its parent's RSS, here two SmolLM2 copies, which hid every difference (measured: 1151
 MiB for every variant). Reported: RSS after that first step, the peak, and the peak minus the RSS before the
 first step (gradients, AdamW state, activations; for compiled variants also the compiled code).
-Process RSS, not torch's allocator: it counts everything the process holds.
+Process RSS, not torch's allocator: it counts everything the process holds. The workers run
+with glibc malloc returning freed blocks to the system (:data:`ALLOCATOR_ENV`): otherwise RSS
+records the allocator's retention history, which differed by 300 MiB between runs of one
+variant while the live tensors were the same. `--memory-only` measures memory alone (every
+variant, eager and compiled unless `--no-compile`) into `llm_train_step_memory.{json,md}`.
 
 Run: `python -m experiments.bench.llm_train_step [--repeats N] [--batch N] [--quick]
-[--no-compile | --compiled-only] [--no-memory] [--memory-steps N]`; `--quick` keeps 2 of the 30
+[--no-compile | --compiled-only] [--no-memory | --memory-only] [--memory-steps N]`; `--quick` keeps 2 of the 30
 layers and one round (a smoke run: seconds to a minute, numbers meaningless);
 `--compiled-only` times and measures the compiled variants alone (no eager rounds, no
 packing) into `llm_train_step_compiled.{json,md}`, for a machine where one run of everything
@@ -48,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -77,6 +82,18 @@ from experiments.bench.memory import _reset_peak_rss, _status_kib
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 EAGER = ("peft", "ours_hf_loss", "ours_task_loss")
 MIB = 1024**2
+#: glibc malloc settings of the memory workers: every block of 128 KiB or more is its own
+#: mapping, unmapped when freed, and freed heap is trimmed above 128 KiB. Without them a
+#: process's RSS keeps what the allocator happened to retain: measured 2026-12-04, PEFT and
+#: ours held the same live tensors after a step (541 MiB, by ``gc``) while their RSS differed
+#: by 300 MiB, in either direction from one run to the next. With them RSS follows what is
+#: allocated, the same for every variant.
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+MEMORY_MEASURE = (
+    "process peak RSS (VmHWM) over --memory-steps steps after one untimed step, the peak mark "
+    "reset after it (clear_refs); one fresh process per variant, glibc malloc returning freed "
+    "blocks (ALLOCATOR_ENV); ru_maxrss is floored by the parent's RSS and only recorded"
+)
 
 
 def _task_batch(
@@ -219,10 +236,85 @@ def run_worker(variant: str, args) -> dict[str, Any]:
     command = [sys.executable, "-m", "experiments.bench.llm_train_step", "--worker", variant,
                "--batch", str(args.batch), "--memory-steps", str(args.memory_steps),
                "--threads", str(args.threads), *(["--quick"] if args.quick else [])]  # fmt: skip
-    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=3600)
+    done = subprocess.run(
+        command, cwd=REPO_ROOT, env=os.environ | ALLOCATOR_ENV, capture_output=True, text=True,
+        timeout=3600,
+    )  # fmt: skip
     if done.returncode != 0:
         raise SystemExit(f"memory worker {variant} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _memory_goals(memory: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Ours vs PEFT's peak RSS, eager and compiled, for each variant pair measured."""
+    goals = {}
+    for ours_name in ("ours_task_loss", "ours_hf_loss"):
+        for suffix in ("", "_compiled"):
+            mine, peft = memory.get(ours_name + suffix), memory.get("peft" + suffix)
+            if mine and peft:
+                goals[f"{ours_name}{suffix}/peft{suffix}"] = {
+                    "ours_peak_rss_bytes": mine["peak_rss_bytes"],
+                    "peft_peak_rss_bytes": peft["peak_rss_bytes"],
+                    "ratio": mine["peak_rss_bytes"] / peft["peak_rss_bytes"],
+                    "met": mine["peak_rss_bytes"] <= peft["peak_rss_bytes"],
+                }
+    return goals
+
+
+def _memory_lines(goals: dict[str, dict[str, Any]]) -> list[str]:
+    return [
+        f"**Peak memory** ({name}): ours {_mib(g['ours_peak_rss_bytes'])}, PEFT "
+        f"{_mib(g['peft_peak_rss_bytes'])}, ratio {g['ratio']:.3f} (goal <= 1: "
+        f"{'met' if g['met'] else 'NOT met'})."
+        for name, g in goals.items()
+    ]
+
+
+def _memory_note(args) -> str:
+    return (
+        "- Peak RSS: one fresh process per variant, glibc malloc returning freed blocks "
+        f"({' '.join(f'{k}={v}' for k, v in ALLOCATOR_ENV.items())}); the kernel's peak mark "
+        f"reset after one untimed step, then {args.memory_steps} steps; increase = peak - RSS "
+        "before the first step (gradients, AdamW state, activations, compiled code)"
+    )
+
+
+def memory_only(args) -> None:
+    """``--memory-only``: every variant's peak RSS (eager, and compiled unless
+    ``--no-compile``), each in its own process; no timing, no packing."""
+    names = [*EAGER, *([] if args.no_compile else [f"{v}_compiled" for v in EAGER])]
+    memory = {name: run_worker(name, args) for name in names}
+    goals = _memory_goals(memory)
+    machine = machine_info()
+    payload = {
+        "machine": machine,
+        "settings": vars(args) | {"out": str(args.out)},
+        "measure": MEMORY_MEASURE,
+        "allocator_env": ALLOCATOR_ENV,
+        "variants": memory,
+        "goals": goals,
+        "goal": "ours peak RSS <= PEFT's",
+    }
+    rows = [
+        [name, _mib(r["rss_after_first_step_bytes"]), _mib(r["peak_rss_bytes"]),
+         _mib(r["peak_increase_bytes"])]
+        for name, r in memory.items()
+    ]  # fmt: skip
+    lines = [
+        "# SmolLM2-135M LoRA train step: peak memory, lora_lightning vs PEFT",
+        "",
+        *machine_lines(machine),
+        f"- Batch ({args.batch}, task-set rows, right-padded)",
+        _memory_note(args),
+        "",
+        markdown_table(["variant", "RSS after step 1", "peak RSS", "peak increase"], rows),
+        "",
+        *_memory_lines(goals),
+    ]
+    name = "llm_train_step_memory" + ("_quick" if args.quick else "")
+    for path in write_results(args.out, name, payload, "\n".join(lines)):
+        print(path)
+    print("\n".join(lines))
 
 
 def _mib(value: int | None) -> str:
@@ -286,6 +378,12 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="time and measure only the compiled variants (no eager rounds, no packing)",
     )
+    parser.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="measure only the peak memory of every variant (eager, and compiled unless "
+        "--no-compile) into llm_train_step_memory.*",
+    )
     parser.add_argument("--memory-steps", type=int, default=3)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one variant's memory
     args = parser.parse_args(argv)
@@ -294,6 +392,11 @@ def main(argv: list[str] | None = None) -> None:
     apply_threads(args.threads)
     if args.worker:
         print(json.dumps(worker(args.worker, args.quick, args.batch, args.memory_steps)))
+        return
+    if args.memory_only:
+        if args.compiled_only or args.no_memory:
+            parser.error("--memory-only goes with neither --compiled-only nor --no-memory")
+        memory_only(args)
         return
     repeats = args.repeats or (1 if args.quick else 4)
     machine = machine_info()
@@ -347,17 +450,7 @@ def main(argv: list[str] | None = None) -> None:
                     1.0,
                 )  # fmt: skip
             )
-    memory_goals = {}
-    for ours_name in ("ours_task_loss", "ours_hf_loss"):
-        for suffix in ("", "_compiled"):
-            mine, peft = memory.get(ours_name + suffix), memory.get("peft" + suffix)
-            if mine and peft:
-                memory_goals[f"{ours_name}{suffix}/peft{suffix}"] = {
-                    "ours_peak_rss_bytes": mine["peak_rss_bytes"],
-                    "peft_peak_rss_bytes": peft["peak_rss_bytes"],
-                    "ratio": mine["peak_rss_bytes"] / peft["peak_rss_bytes"],
-                    "met": mine["peak_rss_bytes"] <= peft["peak_rss_bytes"],
-                }
+    memory_goals = _memory_goals(memory)
     payload = {
         "machine": machine,
         "settings": vars(args) | {"out": str(args.out), "repeats": repeats},
@@ -366,9 +459,7 @@ def main(argv: list[str] | None = None) -> None:
         "ratios": ratios,
         "goals": goals,
         "memory": {
-            "measure": "process peak RSS (VmHWM) over --memory-steps steps after one untimed "
-            "step, the peak mark reset after it (clear_refs); one fresh process per variant; "
-            "ru_maxrss is floored by the parent's RSS and only recorded",
+            "measure": MEMORY_MEASURE,
             "variants": memory,
             "goals": memory_goals,
             "goal": "ours peak RSS <= PEFT's",
@@ -382,12 +473,7 @@ def main(argv: list[str] | None = None) -> None:
             name, ms(s["median_s"]), ms(s["min_s"]), ms(s["max_s"]),
             _mib(record.get("peak_rss_bytes")), _mib(record.get("peak_increase_bytes")),
         ])  # fmt: skip
-    memory_lines = [
-        f"**Peak memory** ({name}): ours {_mib(g['ours_peak_rss_bytes'])}, PEFT "
-        f"{_mib(g['peft_peak_rss_bytes'])}, ratio {g['ratio']:.3f} (goal <= 1: "
-        f"{'met' if g['met'] else 'NOT met'})."
-        for name, g in memory_goals.items()
-    ]
+    memory_lines = _memory_lines(memory_goals)
     lines = [
         "# SmolLM2-135M LoRA train step: lora_lightning vs PEFT, eager and compiled; packing vs "
         "padding",
@@ -396,9 +482,7 @@ def main(argv: list[str] | None = None) -> None:
         f"- Batch {tuple(batch['input_ids'].shape)} (task-set rows, right-padded); {repeats} "
         "interleaved rounds"
         + ("" if args.no_compile else " (eager and compiled variants in the same rounds)"),
-        "- Peak RSS: one fresh process per variant; the kernel's peak mark reset after one "
-        f"untimed step, then {args.memory_steps} steps; increase = peak - RSS before the "
-        "first step (gradients, AdamW state, activations, compiled code)",
+        _memory_note(args),
         "",
         markdown_table(["variant", "median", "min", "max", "peak RSS", "peak increase"], rows),
         "",

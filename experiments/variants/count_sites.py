@@ -116,8 +116,7 @@ def main(root: Path = Path(".")) -> None:
     for variant, (anywhere, in_code, lines, sites) in counts.items():
         outside = [f for f in in_code if f not in OWN[variant]]
         print(
-            f"| {variant} | {len(anywhere)} | {len(in_code)} | {lines} "
-            f"| {len(outside)} / {sites} |"
+            f"| {variant} | {len(anywhere)} | {len(in_code)} | {lines} | {len(outside)} / {sites} |"
         )
     for variant, (_, in_code, _, _) in counts.items():
         print(

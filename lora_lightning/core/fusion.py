@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lora_lightning.core import kernels
 from lora_lightning.core.errors import LoRAStateError
 from lora_lightning.core.state import layer_state
 
@@ -43,13 +44,18 @@ class SharedInput:
         self._handles: list[Any] = []
         if parent is not None:
             self._handles = [
-                parent.register_forward_pre_hook(self._scope_edge),
-                parent.register_forward_hook(self._scope_edge, always_call=True),
+                parent.register_forward_pre_hook(self._scope_start),
+                parent.register_forward_hook(self._scope_end, always_call=True),
             ]
         self._clear()
 
-    def _scope_edge(self, *_: Any) -> None:
-        """The parent's forward starts or ends: rows computed before are not served after."""
+    # The parent's forward starts or ends: rows computed before are not served after. (Two
+    # methods of fixed arity, not one ``*args`` hook: under torch.compile each call shape
+    # would be a recompile of one function.)
+    def _scope_start(self, module: nn.Module, args: Any) -> None:
+        self._clear()
+
+    def _scope_end(self, module: nn.Module, args: Any, output: Any) -> None:
         self._clear()
 
     def _rows(self, module: nn.Module) -> tuple[int, int]:
@@ -69,7 +75,15 @@ class SharedInput:
         self._pending: set[int] = set()
 
     def hidden(self, module: nn.Module, x: torch.Tensor, project: Project) -> torch.Tensor:
-        """``A dropout(x)`` of ``module`` (``(..., r)``), from the group's one ``A`` product."""
+        """``A dropout(x)`` of ``module`` (``(..., r)``), from the group's one ``A`` product.
+
+        Under ``torch.compile`` with no dropout in effect each member computes its own
+        product: the same maths (no mask to share), and no rows cache, whose keys (storage
+        addresses, version counters) dynamo cannot trace: it broke the graph at every
+        adapted layer and recompiled in later steps. With dropout the group's shared mask is
+        kept under compile too (correct, at the cost of those graph breaks)."""
+        if kernels.compiling() and not (module.training and layer_state(module).dropout > 0):
+            return project(module, x, module.lora_A.weight)
         places = [_place(x), *(_place(m.lora_A.weight) for m in self.members)]
         # No storage to key on (torch.func transforms): recompute, never serve.
         key = None if None in places else (*places, torch.is_grad_enabled(), module.training)

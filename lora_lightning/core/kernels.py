@@ -37,12 +37,17 @@ def project_down(x: torch.Tensor, a: torch.Tensor, p: float, fast_masks: bool) -
     return _ProjectDown.forward(None, x, a, p, fast_masks)
 
 
+def compiling() -> bool:
+    """True while ``torch.compile`` (dynamo) traces the code calling it."""
+    is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
+    return bool(is_compiling is not None and is_compiling())
+
+
 def functorch_active() -> bool:
     """True inside ``torch.func`` transforms (grad, vmap, jacrev, ...), which need autograd
     functions written in the ``setup_context`` style with vmap rules; there the adapters
     compute with plain differentiable ops instead (same maths, autograd's speed)."""
-    is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
-    if is_compiling is not None and is_compiling():
+    if compiling():
         return False
     active = getattr(torch._C, "_are_functorch_transforms_active", None)
     return bool(active is not None and active())

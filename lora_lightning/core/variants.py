@@ -83,14 +83,13 @@ def enabled_variant(config: LoRAConfig) -> Variant | None:
             registered variant claims (it would otherwise be dropped: plain LoRA computed).
     """
     unclaimed = [
-        name
-        for name in variant_flags()
-        if getattr(config, name) and name not in config_fields()
+        name for name in variant_flags() if getattr(config, name) and name not in config_fields()
     ]
     if unclaimed:
+        known = {name: variant.config_field for name, variant in VARIANTS.items()}
         raise LoRAConfigError(
             f"lora.{unclaimed[0]}=true names a LoRA variant that is not registered; "
-            f"registered variants and their flags: {dict(zip(VARIANTS, config_fields()))}"
+            f"registered variants and their flags: {known}"
         )
     found = [v for v in VARIANTS.values() if v.enabled(config)]
     if len(found) > 1:
