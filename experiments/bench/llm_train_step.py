@@ -77,18 +77,11 @@ from experiments.bench.common import (
     timed,
     write_results,
 )
-from experiments.bench.memory import _reset_peak_rss, _status_kib
+from experiments.bench.memory import ALLOCATOR_ENV, _reset_peak_rss, _status_kib
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 EAGER = ("peft", "ours_hf_loss", "ours_task_loss")
 MIB = 1024**2
-#: glibc malloc settings of the memory workers: every block of 128 KiB or more is its own
-#: mapping, unmapped when freed, and freed heap is trimmed above 128 KiB. Without them a
-#: process's RSS keeps what the allocator happened to retain: measured 2026-12-04, PEFT and
-#: ours held the same live tensors after a step (541 MiB, by ``gc``) while their RSS differed
-#: by 300 MiB, in either direction from one run to the next. With them RSS follows what is
-#: allocated, the same for every variant.
-ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 MEMORY_MEASURE = (
     "process peak RSS (VmHWM) over --memory-steps steps after one untimed step, the peak mark "
     "reset after it (clear_refs); one fresh process per variant, glibc malloc returning freed "

@@ -12,7 +12,9 @@ records its resident set size (``VmRSS``), resets the kernel's peak-RSS mark (wr
 ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (``VmHWM`` is recorded too). The headline number
 is **peak RSS during training minus RSS after load**: activations, gradients, optimizer state
 and temporaries. Where the reset is not allowed, the peak is over the whole process (load
-included) and the report says so. Exact tensor byte counts (parameters, trainable parameters,
+included) and the report says so. Workers run with glibc malloc returning freed blocks
+(:data:`ALLOCATOR_ENV`, since 2026-12-04), so RSS follows what is allocated rather than what
+the allocator kept. Exact tensor byte counts (parameters, trainable parameters,
 optimizer state) are given alongside.
 
 **Checkpoint bytes.** Lightning (``Trainer(max_steps=2)``) trains
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -178,6 +181,15 @@ def worker(variant: str, batch: int, seq_len: int, steps: int) -> dict[str, Any]
     }
 
 
+#: glibc malloc settings of every memory worker (this benchmark's and ``llm_train_step``'s):
+#: every block of 128 KiB or more is its own mapping, unmapped when freed, and freed heap is
+#: trimmed above 128 KiB. Without them a process's RSS keeps what the allocator happened to
+#: retain: measured 2026-12-04 on SmolLM2, PEFT and ours held the same live tensors after a step
+#: (541 MiB, by ``gc``) while their RSS differed by 300 MiB, in either direction from one run to
+#: the next. With them RSS follows what is allocated.
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
 # ------------------------------------------------------------------------------ parent side
 def run_worker(variant: str, batch: int, seq_len: int, steps: int, threads: int) -> dict:
     """Run one variant in a fresh interpreter; return the JSON it prints last."""
@@ -198,6 +210,7 @@ def run_worker(variant: str, batch: int, seq_len: int, steps: int, threads: int)
             str(threads),
         ],
         cwd=REPO_ROOT,
+        env=os.environ | ALLOCATOR_ENV,
         capture_output=True,
         text=True,
         timeout=600,
@@ -368,7 +381,9 @@ def run(variants: Sequence[str], batch: int, seq_len: int, steps: int, threads: 
             "targets": ["query", "key", "value"],
             "optimizer": f"AdamW(lr={LR}) over trainable parameters",
             "measure": "peak RSS during training (ru_maxrss after resetting the peak mark once "
-            "loaded) minus RSS after load; each variant in its own process",
+            "loaded) minus RSS after load; each variant in its own process, glibc malloc "
+            "returning freed blocks (allocator_env)",
+            "allocator_env": ALLOCATOR_ENV,
         },
         "peak_memory": runs,
         "peak_increase_ratios": ratios,
@@ -412,7 +427,10 @@ def render(result: dict[str, Any]) -> str:
         f"{setup['steps']} steps, LoRA r={setup['r']} alpha={setup['alpha']} on "
         f"query/key/value, {setup['optimizer']}. Each variant runs in its own fresh process; "
         "**peak increase** = peak RSS while training minus RSS once model, adapters, "
-        "optimizer and batch are loaded (the peak mark is reset after loading).",
+        "optimizer and batch are loaded (the peak mark is reset after loading). glibc malloc "
+        "returns freed blocks ("
+        + " ".join(f"{k}={v}" for k, v in setup.get("allocator_env", {}).items())
+        + "), so RSS follows what is allocated.",
         "",
         markdown_table(
             [
