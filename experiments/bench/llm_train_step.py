@@ -41,8 +41,8 @@ variant while the live tensors were the same. `--memory-only` measures memory al
 variant, eager and compiled unless `--no-compile`) into `llm_train_step_memory.{json,md}`.
 
 Run: `python -m experiments.bench.llm_train_step [--repeats N] [--batch N] [--quick]
-[--no-compile | --compiled-only] [--no-memory | --memory-only] [--memory-steps N]`; `--quick` keeps 2 of the 30
-layers and one round (a smoke run: seconds to a minute, numbers meaningless);
+[--no-compile | --compiled-only] [--no-memory | --memory-only] [--memory-steps N]`; `--quick`
+keeps 2 of the 30 layers and one round (a smoke run: seconds to a minute, numbers meaningless);
 `--compiled-only` times and measures the compiled variants alone (no eager rounds, no
 packing) into `llm_train_step_compiled.{json,md}`, for a machine where one run of everything
 would take too long.
@@ -77,7 +77,12 @@ from experiments.bench.common import (
     timed,
     write_results,
 )
-from experiments.bench.memory import ALLOCATOR_ENV, _reset_peak_rss, _status_kib
+from experiments.bench.memory import (
+    ALLOCATOR_ENV,
+    _reset_peak_rss,
+    _status_kib,
+    allocator_text,
+)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 EAGER = ("peft", "ours_hf_loss", "ours_task_loss")
@@ -266,7 +271,7 @@ def _memory_lines(goals: dict[str, dict[str, Any]]) -> list[str]:
 def _memory_note(args) -> str:
     return (
         "- Peak RSS: one fresh process per variant, glibc malloc returning freed blocks "
-        f"({' '.join(f'{k}={v}' for k, v in ALLOCATOR_ENV.items())}); the kernel's peak mark "
+        f"({allocator_text(ALLOCATOR_ENV)}); the kernel's peak mark "
         f"reset after one untimed step, then {args.memory_steps} steps; increase = peak - RSS "
         "before the first step (gradients, AdamW state, activations, compiled code)"
     )

@@ -190,6 +190,11 @@ def worker(variant: str, batch: int, seq_len: int, steps: int) -> dict[str, Any]
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
+def allocator_text(env: dict[str, str]) -> str:
+    """``env`` (:data:`ALLOCATOR_ENV` as a run recorded it) as the shell would set it."""
+    return " ".join(f"{key}={value}" for key, value in env.items())
+
+
 # ------------------------------------------------------------------------------ parent side
 def run_worker(variant: str, batch: int, seq_len: int, steps: int, threads: int) -> dict:
     """Run one variant in a fresh interpreter; return the JSON it prints last."""
@@ -427,10 +432,13 @@ def render(result: dict[str, Any]) -> str:
         f"{setup['steps']} steps, LoRA r={setup['r']} alpha={setup['alpha']} on "
         f"query/key/value, {setup['optimizer']}. Each variant runs in its own fresh process; "
         "**peak increase** = peak RSS while training minus RSS once model, adapters, "
-        "optimizer and batch are loaded (the peak mark is reset after loading). glibc malloc "
-        "returns freed blocks ("
-        + " ".join(f"{k}={v}" for k, v in setup.get("allocator_env", {}).items())
-        + "), so RSS follows what is allocated.",
+        "optimizer and batch are loaded (the peak mark is reset after loading)."
+        + (
+            f" glibc malloc returns freed blocks ({allocator_text(setup['allocator_env'])}), so "
+            "RSS follows what is allocated."
+            if "allocator_env" in setup  # runs before 2026-12-04 did not set it
+            else ""
+        ),
         "",
         markdown_table(
             [

@@ -11,8 +11,8 @@ Two counts per variant:
   docstrings; every non-comment line of a YAML file), the edit sites a change of the variant
   would touch. The ``code`` column also gives the number of such lines, and the ``outside``
   column the ``code`` files other than the variant's own modules (:data:`OWN`), with the
-number of code lines in them (issue 23's "edit sites outside its own module": at most 4 sites
-in 3 files for a forward variant).
+  number of code lines in them (issue 23's "edit sites outside its own module": at most 4
+  sites in 3 files for a forward variant).
 
 Run: ``python -m experiments.variants.count_sites`` from the repository root.
 """

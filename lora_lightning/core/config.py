@@ -195,9 +195,10 @@ class LoRAConfig:
         _check_choice("dropout_masks", self.dropout_masks, DROPOUT_MASKS)
         self.use_rslora = _flag("use_rslora", self.use_rslora)
         self.group_shared_input = _flag("group_shared_input", self.group_shared_input)
-        for name in variant_flags():
+        flags = variant_flags()
+        for name in flags:
             setattr(self, name, _flag(name, getattr(self, name)))
-        variant = next((f"lora.{n}=true" for n in variant_flags() if getattr(self, n)), None)
+        variant = next((f"lora.{n}=true" for n in flags if getattr(self, n)), None)
         if variant and self.changes_base:
             raise LoRAConfigError(
                 f"lora.init={self.init!r} with {variant} is not supported: use one of them "

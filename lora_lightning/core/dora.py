@@ -44,8 +44,8 @@ from torch import nn
 
 from lora_lightning.core import kernels
 from lora_lightning.core.config import LoRAConfig
-from lora_lightning.core.layers import GPT2_CONV1D, LINEAR, active_dropout
-from lora_lightning.core.state import LoRALayer
+from lora_lightning.core.layers import GPT2_CONV1D, LINEAR
+from lora_lightning.core.state import LoRALayer, active_dropout
 
 __all__ = ["DoRA", "KINDS", "MAGNITUDE", "VARIANT", "attach", "naive_weight_norm", "weight_norm"]
 #: DoRA's magnitude: a parameter of the adapted layer itself, so its state-dict key is

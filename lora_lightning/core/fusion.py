@@ -15,7 +15,7 @@ from torch import nn
 
 from lora_lightning.core import kernels
 from lora_lightning.core.errors import LoRAStateError
-from lora_lightning.core.state import layer_state
+from lora_lightning.core.state import active_dropout, layer_state
 
 #: ``project(module, x, a) -> A dropout(x)``: the layer's own down-projection, given stacked A.
 Project = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -82,7 +82,7 @@ class SharedInput:
         addresses, version counters) dynamo cannot trace: it broke the graph at every
         adapted layer and recompiled in later steps. With dropout the group's shared mask is
         kept under compile too (correct, at the cost of those graph breaks)."""
-        if kernels.compiling() and not (module.training and layer_state(module).dropout > 0):
+        if kernels.compiling() and not active_dropout(module, layer_state(module)):
             return project(module, x, module.lora_A.weight)
         places = [_place(x), *(_place(m.lora_A.weight) for m in self.members)]
         # No storage to key on (torch.func transforms): recompute, never serve.

@@ -43,7 +43,14 @@ from lora_lightning.core import kernels
 from lora_lightning.core.errors import LoRAStateError, UnsupportedModuleError
 from lora_lightning.core.inits import InitRequest, find_init, module_seed
 from lora_lightning.core.kinds import CONV, EMBEDDING, GPT2_CONV1D, LINEAR, MATMUL_KINDS
-from lora_lightning.core.state import AdapterSet, LoRALayer, layer_state, pop_layer, set_layer
+from lora_lightning.core.state import (
+    AdapterSet,
+    LoRALayer,
+    active_dropout,
+    layer_state,
+    pop_layer,
+    set_layer,
+)
 
 SUPPORTED = "nn.Linear, nn.Conv1d/2d/3d, nn.Embedding or GPT-2-style Conv1D"
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -202,11 +209,6 @@ def initial_delta(module: nn.Module) -> torch.Tensor | None:
     a, b = (t.to(torch.float32) for t in layer.initial)
     delta = (b @ a).t() if layer.kind == GPT2_CONV1D else b @ a
     return delta * layer.scaling
-
-
-def active_dropout(module: nn.Module, layer: LoRALayer) -> float:
-    """The LoRA dropout probability ``module`` applies now: the config's in train mode, else 0."""
-    return layer.dropout if module.training else 0.0
 
 
 def _project(module: nn.Module, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

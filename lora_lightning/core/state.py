@@ -85,6 +85,11 @@ class LoRALayer:
         return self.owner.config.dropout
 
 
+def active_dropout(module: nn.Module, layer: LoRALayer) -> float:
+    """The LoRA dropout probability ``module`` applies now: the config's in train mode, else 0."""
+    return layer.dropout if module.training else 0.0
+
+
 @dataclass(eq=False)
 class StoredAdapter:
     """An inactive named adapter: its config and its tensors, keyed as :func:`lora_state_dict`

@@ -82,9 +82,8 @@ def enabled_variant(config: LoRAConfig) -> Variant | None:
             the config marks as a variant's (``config.VARIANT_FLAG``) switched on that no
             registered variant claims (it would otherwise be dropped: plain LoRA computed).
     """
-    unclaimed = [
-        name for name in variant_flags() if getattr(config, name) and name not in config_fields()
-    ]
+    claimed = config_fields()
+    unclaimed = [name for name in variant_flags() if getattr(config, name) and name not in claimed]
     if unclaimed:
         known = {name: variant.config_field for name, variant in VARIANTS.items()}
         raise LoRAConfigError(
