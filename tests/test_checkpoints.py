@@ -34,7 +34,7 @@ from lora_lightning.lightning.checkpoint import (
     lora_metadata,
     trim_checkpoint,
     validate_checkpoint,
-    without_compile_wrappers,
+    without_wrappers,
 )
 from lora_lightning.lightning.checkpoint_io import AdapterExportingIO
 from lora_lightning.lightning.fingerprint import base_fingerprint
@@ -250,12 +250,12 @@ def test_trim_checkpoint_keeps_listed_tensors_under_clean_names():
     )
 
 
-def test_without_compile_wrappers_shows_the_uncompiled_names_and_puts_the_wrappers_back():
+def test_without_wrappers_shows_the_uncompiled_names_and_puts_the_wrappers_back():
     module = MLPModule()
     inner = module.net
     module.net = torch.compile(inner, backend="eager")
     wrapper = module.net
-    with pytest.raises(KeyError), without_compile_wrappers(module):
+    with pytest.raises(KeyError), without_wrappers(module):
         assert module.net is inner
         assert [n for n, _ in module.named_modules()][:3] == ["", "net", "net.layers"]
         raise KeyError("inside")

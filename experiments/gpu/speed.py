@@ -316,12 +316,15 @@ def inference(ctx: Context, key: str) -> dict[str, Any]:
     del exact_model
     errors = {name: rel_err(forward(m, batch), exact) for name, m in models.items()}
     # Merged and PEFT may be off by the dtype's rounding: within its floor or within
-    # REF_FACTOR x ours unmerged's own error; the bare base must be far off.
+    # REF_FACTOR x ours unmerged's own error. The adapters must move the output far more than
+    # rounding does: the bare base is off by over 10x ours unmerged's own error. (Until
+    # 2026-12-04 this asked 10x the tolerance, i.e. 40x the rounding error, which the first
+    # GPU run showed real adapters missing on both models: MiniLM 0.20 against 0.011.)
     allowed = max(REL_FLOOR[low_precision(ctx)], REF_FACTOR * errors["lora_lightning"])
     outputs_ok = (
         errors["lora_lightning_merged"] <= allowed
         and errors["peft"] <= allowed
-        and errors["base"] > 10 * allowed
+        and errors["base"] > 10 * errors["lora_lightning"]
     )
     del exact
 

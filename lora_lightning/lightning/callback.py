@@ -32,6 +32,11 @@ Hook placement (Lightning 2.x, see PITFALLS.md):
   ``from_compiled``); a compiled submodule (``self.net = torch.compile(net)``) is looked
   through while planning and injecting, so module names, adapter init seeds, checkpoint and
   adapter keys carry no ``_orig_mod.`` and equal the uncompiled model's.
+- FSDP1 (``strategy=fsdp``) and activation checkpointing wrap blocks after ``setup``
+  (``_fsdp_wrapped_module.``, ``_checkpoint_wrapped_module.`` in every name below them): every
+  name the callback reads from the model is cleaned the same way (``checkpoint.clean_name``,
+  ``without_wrappers``), so trimmed checkpoints, resume checks and exported adapters carry the
+  unwrapped model's names, those of the full state dict the strategy gathers.
 - The global RNG states of every rank go into the callback's own checkpoint state and are
   restored at ``on_train_start`` (inherited from ``lightning.rng.RNGStateCallback``).
 """
@@ -91,7 +96,7 @@ from lora_lightning.lightning.checkpoint import (
     lora_metadata,
     trim_checkpoint,
     validate_checkpoint,
-    without_compile_wrappers,
+    without_wrappers,
 )
 from lora_lightning.lightning.checkpoint_io import AdapterExportingIO
 from lora_lightning.lightning.fingerprint import base_fingerprint
@@ -107,6 +112,8 @@ from lora_lightning.lightning.sharded import (
 _WRAPPED = "_lora_callback_wrapped"
 #: Key of a data-dependent init's result in the checkpoint's LoRA entry.
 _INIT_KEY = "init"
+#: Marks an FSDPStrategy (FSDP1) whose ``load_checkpoint`` validates first; holds the callback.
+_FSDP1_ATTACHED = "_lora_fsdp1_attached"
 _CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(LoRAConfig))
 
 
@@ -252,10 +259,12 @@ class LoRACallback(RNGStateCallback):
             )
         if isinstance(trainer.strategy, ModelParallelStrategy):
             check_shardable(self.config)
+        if isinstance(trainer.strategy, FSDPStrategy):
+            _check_fsdp1(trainer.strategy)
         self._fit_started = False
         self._resumed_states = None
         self._gradients_checked = False
-        with without_compile_wrappers(pl_module):  # names (and init seeds) as uncompiled
+        with without_wrappers(pl_module):  # names (and init seeds) as unwrapped
             try:
                 plan = plan_lora(pl_module, self.config, target_fn=self.target_fn)
             except LoRAConfigError as err:
@@ -302,6 +311,8 @@ class LoRACallback(RNGStateCallback):
                     adapter_dir_for,
                 ),
             )
+        if isinstance(trainer.strategy, FSDPStrategy):  # FSDP1: validate before it loads
+            self._attach_to_fsdp1(trainer.strategy)
         self._log_counts(trainer, pl_module)
         launcher = getattr(trainer.strategy, "launcher", None)
         if getattr(launcher, "_start_method", None) in ("spawn", "fork", "forkserver"):
@@ -404,7 +415,7 @@ class LoRACallback(RNGStateCallback):
                 "exist, so the adapters cannot be rebuilt from it; feed the init the same "
                 "batches (init_batches, an unshuffled loader) or resume with another strategy"
             )
-        with without_compile_wrappers(module):
+        with without_wrappers(module):
             unload_lora(module, merge=False)
             plan = plan_lora(module, resolved, target_fn=self.target_fn)
             self.adapted = apply_plan(module, plan, values)
@@ -467,6 +478,35 @@ class LoRACallback(RNGStateCallback):
                 self._check_resumed_states(trainer)
         return output
 
+    def _attach_to_fsdp1(self, strategy: FSDPStrategy) -> None:
+        """Lightning's ``FSDPStrategy`` loads a single-file checkpoint's model and optimizer
+        states inside its ``load_checkpoint``, before any hook sees the checkpoint, and pops
+        its ``state_dict``: wrap that method (once per strategy; a later setup updates the
+        callback it reports to) so the checkpoint is validated before anything is loaded, and
+        hand the hook the ``state_dict`` back (it validates again, on the same dict)."""
+        attached = getattr(strategy, _FSDP1_ATTACHED, None)
+        if attached is not None:
+            attached["callback"] = self
+            return
+        attached = {"callback": self}
+        object.__setattr__(strategy, _FSDP1_ATTACHED, attached)
+        load = strategy.load_checkpoint
+
+        def load_checkpoint(checkpoint_path: Any, weights_only: bool | None = None) -> dict:
+            from lightning.fabric.utilities.cloud_io import _load
+
+            callback = attached["callback"]
+            checkpoint = _load(checkpoint_path, map_location="cpu", weights_only=weights_only)
+            check_checkpoint_form(checkpoint, f"checkpoint {checkpoint_path}")
+            callback._validate_checkpoint(lambda _: None, checkpoint)
+            callback._check_resumed_states(strategy.lightning_module.trainer)  # optimizers exist
+            # Everything checked: from here on the strategy changes the model and optimizers.
+            loaded = load(checkpoint_path, weights_only)
+            loaded["state_dict"] = checkpoint["state_dict"]
+            return loaded
+
+        object.__setattr__(strategy, "load_checkpoint", load_checkpoint)
+
     def _fingerprint(self) -> str:
         # A stage that setup did not expect to touch checkpoints (e.g. a save in validate):
         # computed now, on every rank, as the checkpoint hooks run on every rank.
@@ -477,6 +517,8 @@ class LoRACallback(RNGStateCallback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Compare a resumed checkpoint's optimizer states with the optimizers just built
         (Lightning restores them after this hook, pairing them up with ``zip``)."""
+        if isinstance(trainer.strategy, FSDPStrategy):
+            _check_fsdp1_root(trainer.strategy.model)
         self._fit_started = True
         self._check_resumed_states(trainer)
 
@@ -561,7 +603,7 @@ class LoRACallback(RNGStateCallback):
         prefix = f"{prefix}." if prefix else ""
         clean = ((clean_name(k), v) for k, v in state_dict.items())
         relative = {k[len(prefix) :]: v for k, v in clean if k.startswith(prefix)}
-        with without_compile_wrappers(root):  # the adapter's names: the uncompiled model's
+        with without_wrappers(root):  # the adapter's names: the unwrapped model's
             return save_adapter(
                 getattr(root, "_orig_mod", root), directory, state_dict=relative,
                 convert_to_plain_lora=self.export_converted,
@@ -696,6 +738,60 @@ def _build_config(config: LoRAConfig | Mapping[str, Any] | None, overrides: dict
         )
     values.update(overrides)
     return LoRAConfig.from_dict(values)
+
+
+def _check_fsdp1(strategy: FSDPStrategy) -> None:
+    """Under FSDP1 the callback writes and validates single-file, full-state-dict
+    checkpoints; the sharded form (a folder that ``torch.distributed.checkpoint`` writes and
+    reads for every parameter, frozen base included) is refused before the model changes, and
+    so are flat parameters that would mix frozen and trainable tensors."""
+    kind = getattr(strategy, "_state_dict_type", "full")
+    if kind != "full":
+        raise LoRAConfigError(
+            f"LoRACallback under FSDPStrategy(state_dict_type={kind!r}) is not supported: "
+            "LoRA checkpoints are adapter-only single files; use "
+            "FSDPStrategy(state_dict_type='full'), or lora_lightning.lightning.FSDP2Strategy "
+            "for sharded checkpoints"
+        )
+    if strategy.kwargs.get("use_orig_params") is False:
+        raise LoRAConfigError(
+            "LoRACallback under FSDPStrategy(use_orig_params=False) is not supported: FSDP1 "
+            "then flattens frozen base weights and trainable adapters into one parameter, "
+            "which it cannot train in part; use FSDPStrategy(use_orig_params=True) (Lightning's "
+            "default)"
+        )
+
+
+def _check_fsdp1_root(root: nn.Module | None) -> None:
+    """Refuse, before the first step, the FSDP1 setup whose checkpoints cannot be written: a
+    root unit that does not shard (``NO_SHARD``: one device, or asked for) and holds only
+    frozen parameters of its own (under LoRA: a causal LM's embeddings, final norm and
+    ``lm_head`` when the blocks are the wrapped units). After a backward, torch's catch-all
+    reshard skips such a unit (its flat parameter already "is" its shard), its parameters stay
+    plain tensors, and every full state dict then fails inside torch (``FSDP assumes ... is in
+    the state_dict``; seen with torch 2.11 on an H200 and 2.13 on the CPU, without LoRA too)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+
+    if not isinstance(root, FullyShardedDataParallel):
+        return
+    if getattr(root, "sharding_strategy", None) != ShardingStrategy.NO_SHARD:
+        return
+    own = [
+        (name, param)
+        for name, param in root.named_parameters()
+        if name.split(".").count("_fsdp_wrapped_module") == 1
+    ]
+    if not own or any(param.requires_grad for _, param in own):
+        return
+    modules = sorted({clean_name(name).rsplit(".", 1)[0] for name, _ in own})
+    raise LoRAConfigError(
+        f"LoRACallback under strategy=fsdp (FSDP1) without sharding (NO_SHARD: one device, or "
+        f"asked for): the root FSDP unit holds only frozen parameters ({', '.join(modules[:6])}"
+        f"{', ...' if len(modules) > 6 else ''}), and torch cannot write a full state dict of "
+        "such a unit after a backward, so no checkpoint or adapter could be saved. Use "
+        "strategy='ddp' or one device, lora_lightning.lightning.FSDP2Strategy, or an "
+        "auto_wrap_policy that puts those modules in units of their own"
+    )
 
 
 def _wrap_once(module: nn.Module, hook: str, wrapper: Callable[..., Any]) -> None:

@@ -9,11 +9,15 @@ against the optimizers built for the resumed run: every malformed, tampered or f
 carries is ``lightning.fingerprint``'s. Must not import: Lightning (these are plain dict
 functions), Hydra, ``app/``.
 
-Names are clean: ``torch.compile`` wraps a module in one holding it as ``_orig_mod``, which
-adds ``_orig_mod.`` to every name below it; :func:`clean_name` drops it, so checkpoints,
-fingerprints and adapter keys are the same for a compiled and an uncompiled model, and
-:func:`without_compile_wrappers` shows a model as uncompiled while it is planned, injected
-(adapter init is seeded by module name) or exported.
+Names are clean: a wrapper module adds its own component to every name below it
+(``torch.compile``: ``_orig_mod``; FSDP1's ``FullyShardedDataParallel``, which Lightning's
+``strategy=fsdp`` puts around each wrapped block: ``_fsdp_wrapped_module``; activation
+checkpointing's ``CheckpointWrapper``: ``_checkpoint_wrapped_module``). :func:`clean_name`
+drops every such component (:data:`WRAPPER_COMPONENTS`), so checkpoints, fingerprints and
+adapter keys are the same for a wrapped and an unwrapped model (and the same as the full state
+dicts the strategies gather, which carry clean names), and :func:`without_wrappers` shows a
+model unwrapped while it is planned, injected (adapter init is seeded by module name) or
+exported.
 """
 
 from __future__ import annotations
@@ -40,7 +44,11 @@ from lora_lightning.core.tensor_checks import (
 CHECKPOINT_KEY = "lora"
 #: 2: clean names, and a base fingerprint over every value (1 sampled 64 values per tensor).
 FORMAT = 2
-_COMPILED = "_orig_mod"
+#: Module-path components that wrappers insert (their wrapped module's attribute name):
+#: ``torch.compile``'s ``OptimizedModule``, FSDP1's ``FullyShardedDataParallel``
+#: (``torch.distributed.fsdp._common_utils.FSDP_WRAPPED_MODULE``), ``CheckpointWrapper``
+#: (``torch.distributed.algorithms._checkpoint.checkpoint_wrapper._CHECKPOINT_WRAPPED_MODULE``).
+WRAPPER_COMPONENTS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 _METADATA_TYPES = {
     "config": (Mapping, "a mapping of LoRA config fields"),
     "base_fingerprint": (str, "a string"),
@@ -51,19 +59,29 @@ _METADATA_TYPES = {
 
 
 def clean_name(name: str) -> str:
-    """``name`` without ``torch.compile``'s ``_orig_mod`` components."""
-    if _COMPILED not in name:
+    """``name`` without the components wrappers insert (:data:`WRAPPER_COMPONENTS`)."""
+    if not any(component in name for component in WRAPPER_COMPONENTS):
         return name
-    return ".".join(part for part in name.split(".") if part != _COMPILED)
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_COMPONENTS)
+
+
+def _wrapped(module: nn.Module) -> nn.Module | None:
+    """The module a wrapper holds, or None when ``module`` is no wrapper."""
+    for component in WRAPPER_COMPONENTS:
+        inner = module._modules.get(component)
+        if inner is not None:
+            return inner
+    return None
 
 
 @contextlib.contextmanager
-def without_compile_wrappers(module: nn.Module) -> Iterator[None]:
-    """Within the block, every ``torch.compile`` wrapper below ``module`` is replaced by the
-    module it wraps (``_orig_mod``), so every name is the uncompiled model's (the names LoRA
-    seeds adapter init with, and the keys adapter files carry); the wrappers are put back
-    after. The wrapped modules are the same objects either way: what is attached to them
-    inside the block stays."""
+def without_wrappers(module: nn.Module) -> Iterator[None]:
+    """Within the block, every wrapper below ``module`` (``torch.compile``, FSDP1, activation
+    checkpointing: :data:`WRAPPER_COMPONENTS`) is replaced by the module it wraps, so every
+    name is the unwrapped model's (the names LoRA seeds adapter init with, and the keys adapter
+    files carry); the wrappers are put back after. The wrapped modules are the same objects
+    either way: what is attached to them inside the block stays. Nothing may run the model
+    inside the block (an FSDP1 unit's hooks are on its wrapper)."""
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
     seen: set[int] = set()
     stack = [module]
@@ -75,8 +93,8 @@ def without_compile_wrappers(module: nn.Module) -> Iterator[None]:
             seen.add(id(parent))
             for key, child in list(parent._modules.items()):
                 inner = child
-                while inner is not None and "_orig_mod" in inner._modules:
-                    inner = inner._modules["_orig_mod"]
+                while inner is not None and _wrapped(inner) is not None:
+                    inner = _wrapped(inner)
                 if inner is not child:
                     swapped.append((parent, key, child))
                     parent._modules[key] = inner
@@ -115,10 +133,10 @@ def lora_metadata(
 def trim_checkpoint(checkpoint: dict[str, Any], keep: Iterable[str], metadata: dict) -> None:
     """Keep only the ``keep`` tensors in ``checkpoint["state_dict"]``, under clean names, and
     add the LoRA entry (in place; the state dict keeps its mapping type)."""
-    keep = set(keep)
+    keep = {clean_name(k) for k in keep}  # a wrapped model's names: the state dict's may be clean
     state = checkpoint["state_dict"]
     checkpoint["state_dict"] = type(state)(
-        (clean_name(k), v) for k, v in state.items() if k in keep
+        (clean_name(k), v) for k, v in state.items() if clean_name(k) in keep
     )
     checkpoint[CHECKPOINT_KEY] = metadata
 
