@@ -32,7 +32,7 @@ def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-STANDALONE = ("switch", "memory_qlora", "quant_libraries", "llm_train_step")
+STANDALONE = ("switch", "memory_qlora", "quant_libraries", "llm_train_step", "overhead")
 #: Extra arguments of a standalone benchmark's quick run (the SmolLM2 step: eager only, no
 #: memory workers, a small packing set: compiling even 2 layers takes minutes on 2 cores).
 STANDALONE_ARGS = {
@@ -210,6 +210,18 @@ def test_summary_lists_every_goal_with_a_verdict_and_rebuilds(quick_out: Path) -
                 and r["packing"]["real_tokens"] > 0
                 and r["packing"]["slot_ratio"] >= 1.0
                 and len(r["goals"]) == 2
+            ),
+        ),
+        (
+            "overhead",
+            lambda r: (
+                set(r["models"]) == {"bert", "llama"}
+                and all(
+                    set(m["ratios"])
+                    == {"lora_lightning_functions/peft", "lora_lightning_plain/peft"}
+                    and m["adapted_layers"] > 30
+                    for m in r["models"].values()
+                )
             ),
         ),
         (

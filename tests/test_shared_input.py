@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
-from models import randomize_adapters, tiny_bert
+from models import randomize_adapters, tiny_bert, tiny_llama
 from torch import nn
 
 from lora_lightning import LoRAConfig, inject_lora, unload_lora
@@ -109,14 +110,14 @@ def test_group_holds_no_activation_after_every_sibling_ran():
     fused, _ = _pair()
     fused(torch.randn(2, 8))
     group = layer_state(fused.query).group
-    assert group._hidden is None and group._input is None
+    assert group._parts == () and group._input is None
 
 
 def test_unload_disbands_the_group():
     fused, _ = _pair()
     group = layer_state(fused.query).group
     unload_lora(fused)
-    assert group._hidden is None and layer_state(fused.query) is None
+    assert group._parts == () and layer_state(fused.query) is None
 
 
 def test_fused_siblings_work_under_inference_mode():
@@ -177,3 +178,80 @@ def test_with_dropout_a_compiled_group_still_shares_one_mask():
     want = fused(x)  # eager: the shared mask, drawn from the same generator state
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     torch._dynamo.reset()
+
+
+def _groups(model: nn.Module) -> list[list[str]]:
+    """The shared-input groups of ``model`` as lists of member names (members alone left out)."""
+    names = {id(module): name for name, module in model.named_modules()}
+    found: dict[int, list[str]] = {}
+    for module in model.modules():
+        layer = layer_state(module)
+        if layer is not None and layer.group is not None:
+            found.setdefault(id(layer.group), []).append(names[id(module)])
+    return sorted(found.values())
+
+
+def test_the_first_call_splits_a_group_by_the_input_each_member_read():
+    fused, plain = _pair()
+    x, memory = torch.randn(3, 8), torch.randn(3, 8)
+    assert _groups(fused) == [["query", "key", "value"]]
+    torch.testing.assert_close(fused(x, memory), plain(x, memory), rtol=1e-6, atol=1e-6)
+    assert _groups(fused) == [["key", "value"]]  # query read x alone
+    assert layer_state(fused.query).group is None
+    out = fused(x, memory)
+    torch.testing.assert_close(out, plain(x, memory), rtol=1e-6, atol=1e-6)
+    out.square().sum().backward()
+    plain(x, memory).square().sum().backward()
+    for (name, ours), (_, theirs) in zip(
+        fused.named_parameters(), plain.named_parameters(), strict=True
+    ):
+        if ours.requires_grad:
+            torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_group_whose_members_read_one_input_stays_whole():
+    fused, _ = _pair()
+    fused(torch.randn(3, 8))
+    assert _groups(fused) == [["query", "key", "value"]]
+    assert not layer_state(fused.query).group._learning
+
+
+def test_llama_o_proj_and_down_proj_leave_their_groups_after_the_first_forward():
+    model = tiny_llama()
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    inject_lora(model, LoRAConfig(target_modules=targets, r=2))
+    model(input_ids=torch.randint(0, 64, (2, 8)))
+    short = [[name.rsplit(".", 1)[-1] for name in group] for group in _groups(model)]
+    blocks = len(model.model.layers)
+    assert sorted(short) == sorted(
+        [["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"]] * blocks
+    )
+
+
+def test_splitting_changes_neither_the_maths_nor_the_dropout_draws():
+    fresh, _ = _pair(dropout=0.5)
+    learnt = copy.deepcopy(fresh)
+    x, memory = torch.randn(16, 8), torch.randn(16, 8)
+    learnt(x, memory)  # learns and splits; `fresh` splits during the call below
+    torch.manual_seed(7)
+    first = fresh(x, memory)
+    torch.manual_seed(7)
+    again = learnt(x, memory)
+    assert _groups(fresh) == _groups(learnt) == [["key", "value"]]
+    assert torch.equal(first, again)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_sees_the_same_grouping_when_it_recomputes(reentrant):
+    from torch.utils.checkpoint import checkpoint
+
+    fused, plain = _pair()
+    x = torch.randn(3, 8, requires_grad=True)
+    memory = torch.randn(3, 8, requires_grad=True)
+    for _ in range(2):  # the first call could learn; the second runs whatever it learnt
+        out = checkpoint(fused, x, memory, use_reentrant=reentrant)
+        out.square().sum().backward()
+    expected = plain(x, memory)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    if not reentrant:  # under saved-tensor hooks nothing is learnt: the grouping stays
+        assert _groups(fused) == [["query", "key", "value"]]

@@ -29,7 +29,15 @@ class SharedInput:
     same tensor (same object, same version). With dropout 0 this is the per-module maths
     regrouped; with dropout > 0 the siblings share a mask where PEFT draws one per module
     (``LoRAConfig.group_shared_input=False`` gives PEFT's behaviour). A member called with
-    another input (cross-attention keys, say) simply recomputes.
+    another input (cross-attention keys, say) recomputes, correctly but at the cost of a
+    product of the whole stack; so the group learns which members really share an input from
+    the first call of ``parent`` (the grouping is by parent and input size, which cannot see
+    that a Llama attention's ``o_proj`` reads the attention output, not the hidden states):
+    it computes as before and records each member's input, then, at that call's end, splits
+    into groups of the members that read one tensor (members alone compute alone). The maths
+    and the random draws are unchanged by the split (a dropout mask is drawn over the input,
+    shared or not), so a run split at its first call and a resumed run that splits at its own
+    first call stay the same.
 
     The rows are a copy of state, so they are dropped whenever what they were computed from
     may have changed: they are keyed on the input (object, version, storage) and on every
@@ -39,14 +47,21 @@ class SharedInput:
     ``lora_A.data`` between steps) cannot be served rows of the old values across calls.
     """
 
-    def __init__(self, members: list[nn.Module], parent: nn.Module | None = None) -> None:
+    def __init__(
+        self, members: list[nn.Module], parent: nn.Module | None = None, *, learnt: bool = False
+    ) -> None:
         self.members = members
+        self._parent = parent
         self._handles: list[Any] = []
         if parent is not None:
             self._handles = [
                 parent.register_forward_pre_hook(self._scope_start),
                 parent.register_forward_hook(self._scope_end, always_call=True),
             ]
+        # Until the first call of ``parent`` ends: (member, input) of every member call.
+        self._learning = parent is not None and not learnt
+        self._seen: list[tuple[nn.Module, torch.Tensor]] = []
+        self._tainted = False
         self._clear()
 
     # The parent's forward starts or ends: rows computed before are not served after. (Two
@@ -57,21 +72,44 @@ class SharedInput:
 
     def _scope_end(self, module: nn.Module, args: Any, output: Any) -> None:
         self._clear()
+        if self._learning and self._tainted:
+            # A call whose graph may be run again (non-reentrant activation checkpointing,
+            # whose recompute must save tensors of the very same shapes; torch.compile's
+            # tracing): the grouping must not change after it, so learn from a later call.
+            self._seen, self._tainted = [], False
+        elif self._learning and self._seen:
+            self._split_by_input()
 
-    def _rows(self, module: nn.Module) -> tuple[int, int]:
-        """``module``'s rows in the stacked ``A`` (found by identity, so deep copies work)."""
-        start = 0
+    def _split_by_input(self) -> None:
+        """Regroup the members by the input each read in the first call of the parent."""
+        seen, self._seen, self._learning = self._seen, [], False
+        read: dict[int, list[int]] = {}  # member -> ids of its inputs (alive in ``seen``)
+        for member, x in seen:
+            read.setdefault(id(member), []).append(id(x))
+        parts: dict[tuple[int, ...], list[nn.Module]] = {}
         for member in self.members:
-            stop = start + member.lora_A.weight.shape[0]
+            parts.setdefault(tuple(read.get(id(member), ())), []).append(member)
+        if len(parts) == 1 and () not in parts:
+            return  # they all read one input: the group stays
+        parent = self._parent
+        self.disband()
+        for inputs, part in parts.items():
+            if inputs and len(part) > 1:  # never called: alone, like a member read alone
+                group = SharedInput(part, parent, learnt=True)
+                for member in part:
+                    layer_state(member).group = group
+
+    def _index(self, module: nn.Module) -> int:
+        """``module``'s place among the members (found by identity, so deep copies work)."""
+        for index, member in enumerate(self.members):
             if member is module:
-                return start, stop
-            start = stop
+                return index
         raise LoRAStateError(f"{type(module).__name__} is not a member of this LoRA group")
 
     def _clear(self) -> None:
         self._key: tuple[Any, ...] | None = None
         self._input: torch.Tensor | None = None
-        self._hidden: torch.Tensor | None = None
+        self._parts: tuple[torch.Tensor, ...] = ()
         self._pending: set[int] = set()
 
     def hidden(self, module: nn.Module, x: torch.Tensor, project: Project) -> torch.Tensor:
@@ -84,6 +122,11 @@ class SharedInput:
         kept under compile too (correct, at the cost of those graph breaks)."""
         if kernels.compiling() and not active_dropout(module, layer_state(module)):
             return project(module, x, module.lora_A.weight)
+        if self._learning:
+            if kernels.compiling() or _saved_tensors_hooked():
+                self._tainted = True  # see _scope_end
+            else:
+                self._seen.append((module, x))
         places = [_place(x), *(_place(m.lora_A.weight) for m in self.members)]
         # No storage to key on (torch.func transforms): recompute, never serve.
         key = None if None in places else (*places, torch.is_grad_enabled(), module.training)
@@ -93,12 +136,12 @@ class SharedInput:
             or self._key != key
             or id(module) not in self._pending
         ):
-            a = torch.cat([member.lora_A.weight for member in self.members])
-            self._hidden = project(module, x, a)
+            weights = [member.lora_A.weight for member in self.members]
+            stacked = project(module, x, torch.cat(weights))
+            self._parts = stacked.split([w.shape[0] for w in weights], dim=-1)
             self._input, self._key = x, key
             self._pending = {id(member) for member in self.members}
-        start, stop = self._rows(module)
-        hidden = self._hidden[..., start:stop]
+        hidden = self._parts[self._index(module)]
         self._pending.discard(id(module))
         if not self._pending:  # every sibling served: hold no activation past this point
             self._clear()
@@ -113,7 +156,18 @@ class SharedInput:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._seen, self._learning = [], False
         self._clear()
+
+
+def _saved_tensors_hooked() -> bool:
+    """Whether saved-tensor hooks are active (non-reentrant activation checkpointing,
+    activation offloading): a graph built now may be recomputed later. True when torch does
+    not say (the safe answer: the group then never changes)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None:
+        return True
+    return top(False) is not None
 
 
 def _place(tensor: torch.Tensor) -> tuple[int, int] | None:
