@@ -103,6 +103,7 @@ from lora_lightning.lightning.fingerprint import base_fingerprint
 from lora_lightning.lightning.rng import RNGStateCallback
 from lora_lightning.lightning.sharded import (
     LoRACheckpointing,
+    attach_once,
     attach_to_strategy,
     check_shardable,
     full_tensors,
@@ -484,12 +485,9 @@ class LoRACallback(RNGStateCallback):
         its ``state_dict``: wrap that method (once per strategy; a later setup updates the
         callback it reports to) so the checkpoint is validated before anything is loaded, and
         hand the hook the ``state_dict`` back (it validates again, on the same dict)."""
-        attached = getattr(strategy, _FSDP1_ATTACHED, None)
-        if attached is not None:
-            attached["callback"] = self
+        attached = attach_once(strategy, _FSDP1_ATTACHED, "callback", self)
+        if attached is None:
             return
-        attached = {"callback": self}
-        object.__setattr__(strategy, _FSDP1_ATTACHED, attached)
         load = strategy.load_checkpoint
 
         def load_checkpoint(checkpoint_path: Any, weights_only: bool | None = None) -> dict:

@@ -351,6 +351,20 @@ class LoRACheckpointing:
         self.adapter_dir_for = adapter_dir_for
 
 
+def attach_once(strategy: Any, mark: str, key: str, value: Any) -> dict[str, Any] | None:
+    """The state a wrapper of ``strategy``'s methods reads at call time, kept on the strategy
+    under ``mark``: the first call creates it (``{key: value}``) and returns it, to wrap the
+    methods once; a later call only updates ``key`` (a new fit, another callback) and returns
+    None, so methods are never wrapped twice."""
+    state = getattr(strategy, mark, None)
+    if state is not None:
+        state[key] = value
+        return None
+    state = {key: value}
+    object.__setattr__(strategy, mark, state)
+    return state
+
+
 def attach_to_strategy(strategy: ModelParallelStrategy, lora: LoRACheckpointing) -> None:
     """Make ``strategy`` save and load adapter-only checkpoints (once per strategy; a later
     call updates ``lora``):
@@ -366,12 +380,9 @@ def attach_to_strategy(strategy: ModelParallelStrategy, lora: LoRACheckpointing)
       tensors and optimizer states only, and accepts a single file written by a
       single-process run (optimizer states keyed by position).
     """
-    state = getattr(strategy, _MARK, None)
-    if state is not None:
-        state["lora"] = lora
+    state = attach_once(strategy, _MARK, "lora", lora)
+    if state is None:
         return
-    state = {"lora": lora}
-    object.__setattr__(strategy, _MARK, state)
     save = strategy.save_checkpoint
 
     def lightning_module_state_dict() -> dict[str, Any]:
