@@ -12,6 +12,7 @@ hook sees it. Each test here fails on that code.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,20 @@ def reference_keys() -> set[str]:
     module = LlamaModule()
     inject_lora(module, LoRACallback(target_modules=TARGETS, r=2, modules_to_save=SAVED).config)
     return set(lora_state_dict(module))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def own_process_group():
+    """The Trainer initialises a one-process gloo group in this pytest process and exports
+    its rendezvous (MASTER_PORT, ...) to the environment: end the group and restore the
+    environment after this module, or every later test that launches processes inherits a
+    port this process still listens on."""
+    saved = dict(os.environ)
+    yield
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="module")
