@@ -98,3 +98,30 @@ def test_plain_ops_draw_pefts_dropout_masks(policy):
     torch.manual_seed(11)
     theirs_out = theirs(input_ids=ids).logits
     torch.testing.assert_close(ours_out, theirs_out, rtol=1e-5, atol=1e-6)
+
+
+def test_under_torch_compile_the_adapters_trace_as_plain_ops():
+    """Dynamo traces an autograd function as a higher-order op with subgraphs of its own,
+    which kept the compiled SmolLM2 step's peak memory 13-16% above PEFT's; plain ops do not
+    (at dropout 0; with dropout the function and its masks stay, as in eager:
+    test_shared_input's compiled-dropout test)."""
+    import torch._dynamo
+
+    graphs = []
+
+    def backend(gm: torch.fx.GraphModule, inputs: list) -> object:
+        graphs.append(gm)
+        return gm.forward
+
+    model = tiny_bert().train()
+    inject_lora(model, LoRAConfig(target_modules=TARGETS, r=4, dropout=0.0))
+    randomize_adapters(model)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, backend=backend)
+        compiled(input_ids=torch.randint(0, 50, (2, 5))).logits.sum().backward()
+    finally:
+        torch._dynamo.reset()
+    targets = [str(node.target) for gm in graphs for node in gm.graph.nodes]
+    assert sum("addmm" in target for target in targets) >= 12  # every adapted layer traced
+    assert not any("autograd_function_apply" in target for target in targets)

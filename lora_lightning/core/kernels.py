@@ -19,6 +19,14 @@ thread: the regime a GPU step of MiniLM or SmolLM2 is in), ours / PEFT per train
 ``LORA_LIGHTNING_KERNELS=functions|plain`` forces one (benchmarks; the default ``auto`` picks
 by device).
 
+Under ``torch.compile`` the adapters compute with plain ops on every device (the
+down-projection only at dropout 0: with dropout the function and its mask generator stay, so
+a compiled model draws the masks its eager twin draws). Dynamo traced each call of an autograd
+function as a higher-order op with subgraphs of its own, which kept twice PEFT's FX nodes,
+FakeTensors and shape metadata alive for the life of the compiled model: the compiled SmolLM2
+step's peak RSS was 1.13-1.15x PEFT's, and is 0.95-1.00x with plain ops (2026-12-04,
+``experiments/bench/README.md``).
+
 Reference maths, which ``tests/test_lora_autograd.py`` checks these functions against (finite
 differences and plain autograd)::
 
@@ -75,7 +83,7 @@ def project_down(x: torch.Tensor, a: torch.Tensor, p: float, fast_masks: bool) -
     """
     if x.dtype != a.dtype:
         x = x.to(a.dtype)
-    if plain_ops(x):
+    if plain_ops(x) or (p == 0 and compiling()):  # compiled: see the module docstring
         return F.linear(F.dropout(x, p, training=True) if p > 0 else x, a)
     if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad):
         return _ProjectDown.apply(x, a, p, fast_masks)
@@ -209,7 +217,7 @@ def add_low_rank(
     one ``addmm``, with a backward that keeps the skinny products in the layouts BLAS runs
     fastest (``(B^T G^T)^T`` rather than ``G B``; ``(H^T G)^T`` rather than ``G^T H``: 3-5x
     faster on CPU at r=8)."""
-    if plain_ops(output):
+    if plain_ops(output) or compiling():
         out2 = output.reshape(-1, output.shape[-1])
         hidden2 = hidden.reshape(-1, hidden.shape[-1])
         return torch.addmm(out2, hidden2, b.t(), alpha=scaling).view(output.shape)
