@@ -64,11 +64,15 @@ def _read_policy() -> str:
 _POLICY = _read_policy()
 
 
-def plain_ops(x: torch.Tensor) -> bool:
-    """Whether the adapters of a layer fed ``x`` compute with plain differentiable ops
-    (always inside ``torch.func`` transforms, which need them) rather than the autograd
-    functions: by default on every device but the CPU."""
-    if functorch_active():
+def plain_ops(x: torch.Tensor, *, when_compiled: bool = True) -> bool:
+    """Whether the adapters of a layer fed ``x`` compute with plain differentiable ops rather
+    than the autograd functions: under ``torch.compile`` when ``when_compiled`` (see the
+    module docstring), always inside ``torch.func`` transforms (which need them), otherwise
+    by the policy: by default on every device but the CPU."""
+    if compiling():
+        if when_compiled:
+            return True
+    elif _transforms_active():
         return True
     if _POLICY == "auto":
         return x.device.type != "cpu"
@@ -83,7 +87,7 @@ def project_down(x: torch.Tensor, a: torch.Tensor, p: float, fast_masks: bool) -
     """
     if x.dtype != a.dtype:
         x = x.to(a.dtype)
-    if plain_ops(x) or (p == 0 and compiling()):  # compiled: see the module docstring
+    if plain_ops(x, when_compiled=p == 0):  # compiled with dropout: eager's masks
         return F.linear(F.dropout(x, p, training=True) if p > 0 else x, a)
     if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad):
         return _ProjectDown.apply(x, a, p, fast_masks)
@@ -100,8 +104,10 @@ def functorch_active() -> bool:
     """True inside ``torch.func`` transforms (grad, vmap, jacrev, ...), which need autograd
     functions written in the ``setup_context`` style with vmap rules; there the adapters
     compute with plain differentiable ops instead (same maths, autograd's speed)."""
-    if compiling():
-        return False
+    return not compiling() and _transforms_active()
+
+
+def _transforms_active() -> bool:
     active = getattr(torch._C, "_are_functorch_transforms_active", None)
     return bool(active is not None and active())
 
@@ -217,7 +223,7 @@ def add_low_rank(
     one ``addmm``, with a backward that keeps the skinny products in the layouts BLAS runs
     fastest (``(B^T G^T)^T`` rather than ``G B``; ``(H^T G)^T`` rather than ``G^T H``: 3-5x
     faster on CPU at r=8)."""
-    if plain_ops(output) or compiling():
+    if plain_ops(output):
         out2 = output.reshape(-1, output.shape[-1])
         hidden2 = hidden.reshape(-1, hidden.shape[-1])
         return torch.addmm(out2, hidden2, b.t(), alpha=scaling).view(output.shape)

@@ -89,6 +89,7 @@ from lora_lightning.core.model_checks import check_model_features
 from lora_lightning.core.plan import LoRAPlan, TargetFn
 from lora_lightning.lightning.checkpoint import (
     CHECKPOINT_KEY,
+    FSDP_WRAPPED,
     adapter_dir_for,
     check_checkpoint_form,
     check_optimizer_states,
@@ -777,7 +778,7 @@ def _check_fsdp1_root(root: nn.Module | None) -> None:
     own = [
         (name, param)
         for name, param in root.named_parameters()
-        if name.split(".").count("_fsdp_wrapped_module") == 1
+        if name.split(".").count(FSDP_WRAPPED) == 1  # the root's own, in no inner unit
     ]
     if not own or any(param.requires_grad for _, param in own):
         return

@@ -48,7 +48,8 @@ FORMAT = 2
 #: ``torch.compile``'s ``OptimizedModule``, FSDP1's ``FullyShardedDataParallel``
 #: (``torch.distributed.fsdp._common_utils.FSDP_WRAPPED_MODULE``), ``CheckpointWrapper``
 #: (``torch.distributed.algorithms._checkpoint.checkpoint_wrapper._CHECKPOINT_WRAPPED_MODULE``).
-WRAPPER_COMPONENTS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+FSDP_WRAPPED = "_fsdp_wrapped_module"
+WRAPPER_COMPONENTS = ("_orig_mod", FSDP_WRAPPED, "_checkpoint_wrapped_module")
 _METADATA_TYPES = {
     "config": (Mapping, "a mapping of LoRA config fields"),
     "base_fingerprint": (str, "a string"),
@@ -93,8 +94,8 @@ def without_wrappers(module: nn.Module) -> Iterator[None]:
             seen.add(id(parent))
             for key, child in list(parent._modules.items()):
                 inner = child
-                while inner is not None and _wrapped(inner) is not None:
-                    inner = _wrapped(inner)
+                while inner is not None and (held := _wrapped(inner)) is not None:
+                    inner = held
                 if inner is not child:
                     swapped.append((parent, key, child))
                     parent._modules[key] = inner
