@@ -125,3 +125,30 @@ def test_under_torch_compile_the_adapters_trace_as_plain_ops():
     targets = [str(node.target) for gm in graphs for node in gm.graph.nodes]
     assert sum("addmm" in target for target in targets) >= 12  # every adapted layer traced
     assert not any("autograd_function_apply" in target for target in targets)
+
+
+@pytest.mark.parametrize("no_autograd", [torch.no_grad, torch.inference_mode])
+def test_without_autograd_the_functions_policy_computes_with_plain_ops(
+    policy, monkeypatch, no_autograd
+):
+    """Without a backward and without dropout the functions have nothing to add but Python
+    per layer (eval forwards and generation steps ran 2-7% behind PEFT's in the launch-bound
+    regime, experiments/bench/results/overhead.md): plain ops compute there, same outputs."""
+    policy("functions")
+    model = tiny_bert().eval()
+    inject_lora(model, LoRAConfig(target_modules=TARGETS, r=4))
+    randomize_adapters(model)
+    ids = torch.randint(0, 50, (3, 7))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits  # the functions' forwards, called directly
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an autograd function ran without autograd")
+
+    monkeypatch.setattr(kernels._ProjectDown, "forward", staticmethod(refuse))
+    monkeypatch.setattr(kernels._AddLowRank, "forward", staticmethod(refuse))
+    with no_autograd():
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(AssertionError, match="autograd function ran"):  # they do with grads
+        model(input_ids=ids)

@@ -255,3 +255,25 @@ def test_activation_checkpointing_sees_the_same_grouping_when_it_recomputes(reen
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
     if not reentrant:  # under saved-tensor hooks nothing is learnt: the grouping stays
         assert _groups(fused) == [["query", "key", "value"]]
+
+
+def test_without_autograd_each_member_computes_alone_and_the_group_holds_nothing():
+    """No backward to share and no mask to share (eval): the group's one product saves a
+    forward nothing and its bookkeeping costs Python per member, so each member computes its
+    own (the same maths); with dropout in effect the shared mask is kept."""
+    fused, plain = _pair()
+    group = layer_state(fused.query).group
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        fused.query(x)  # called directly: a grouped product would leave key's rows pending
+        assert group._input is None and group._parts == ()
+        torch.testing.assert_close(fused(x), plain(x), rtol=1e-6, atol=1e-6)
+    fused.train()
+    with torch.no_grad():
+        fused.query(x)  # gradients off but no dropout configured: alone too
+        assert group._input is None
+    dropping, _ = _pair(dropout=0.5)
+    dropping_group = layer_state(dropping.query).group
+    with torch.no_grad():
+        dropping.query(x)  # dropout in effect: one mask for the siblings, rows kept for them
+    assert dropping_group._input is x and len(dropping_group._parts) == 3

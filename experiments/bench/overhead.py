@@ -1,4 +1,4 @@
-"""Per-layer overhead of a LoRA train step against PEFT, with the arithmetic made negligible.
+"""Per-layer overhead of a LoRA train step and an eval forward against PEFT, arithmetic negligible.
 
 ``python -m experiments.bench.overhead`` (~1 min; ``--quick``: seconds). A train step
 (forward, loss, backward) of a BERT-shaped and a Llama-shaped model whose every matrix is tiny
@@ -10,13 +10,16 @@ model there, while the CPU benchmarks at real sizes had ours faster; this reprod
 without a GPU, and compares the two implementations of ``core.kernels`` (``functions``: the
 custom autograd functions, the CPU default; ``plain``: plain differentiable ops, the default on
 every other device) in one process, interleaved. Every model: LoRA r=8 on all attention and
-MLP projections, dropout 0, the default shared-input groups. Results:
-``results/overhead.{json,md}``.
+MLP projections, dropout 0, the default shared-input groups. Two modes: ``train`` (forward,
+loss, backward) and ``eval`` (a forward under ``torch.no_grad``, the unmerged-inference path:
+an evaluation loop, a generation step; the first GPU check had ours at 1.07-1.12x PEFT there).
+Results: ``results/overhead.{json,md}``.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -47,6 +50,7 @@ TARGETS = {
 }
 STEPS_PER_ROUND = 30
 IMPLEMENTATIONS = ("functions", "plain")
+MODES = ("train", "eval")
 
 
 def build(kind: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
@@ -69,8 +73,11 @@ def build(kind: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     return LlamaForCausalLM(config).eval(), {"input_ids": ids, "labels": ids}
 
 
-def variants(kind: str, steps: int) -> tuple[dict[str, Callable[[], float]], int]:
+def variants(kind: str, mode: str, steps: int) -> tuple[dict[str, Callable[[], float]], int]:
+    """The timed callables of ``kind`` in ``mode``: seconds per step of each variant."""
     base, batch = build(kind)
+    if mode == "eval":
+        batch = {"input_ids": batch["input_ids"]}
     ours = copy.deepcopy(base)
     inject_lora(ours, LoRAConfig(target_modules=TARGETS[kind], r=8, alpha=16))
     theirs = get_peft_model(
@@ -79,16 +86,23 @@ def variants(kind: str, steps: int) -> tuple[dict[str, Callable[[], float]], int
     adapted = sum(1 for name, _ in ours.named_parameters() if name.endswith("lora_A.weight"))
 
     def run(model: torch.nn.Module, implementation: str | None) -> Callable[[], float]:
+        def step() -> None:
+            if mode == "train":
+                model(**batch).loss.backward()
+            else:
+                with torch.no_grad():
+                    model(**batch)
+
         def call() -> float:
             previous = kernels._POLICY
             kernels._POLICY = implementation or previous  # benchmark only: both in one process
             try:
                 for _ in range(3):  # untimed: warm caches, the shared-input groups' first call
-                    model(**batch).loss.backward()
+                    step()
 
                 def steps_() -> None:
                     for _ in range(steps):
-                        model(**batch).loss.backward()
+                        step()
 
                 return timed(steps_)[0] / steps
             finally:
@@ -121,10 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         },
         "models": {},
     }
-    for kind in ("bert", "llama"):
-        found, adapted = variants(kind, steps)
+    for kind, mode in itertools.product(("bert", "llama"), MODES):
+        found, adapted = variants(kind, mode, steps)
         times = interleave(found, rounds)
-        result["models"][kind] = {
+        result["models"][f"{kind} {mode}"] = {
             "adapted_layers": adapted,
             "times": {name: summary(values) for name, values in times.items()},
             "ratios": {
@@ -142,18 +156,20 @@ def main(argv: list[str] | None = None) -> int:
 def render(result: dict[str, Any]) -> str:
     setup = result["setup"]
     lines = [
-        "# Per-layer overhead of a train step: ours vs PEFT, arithmetic negligible",
+        "# Per-layer overhead of a train step and an eval forward: ours vs PEFT, arithmetic "
+        "negligible",
         "",
         f"{setup['models']}; batch {setup['batch'][0]} x {setup['batch'][1]}; LoRA "
         f"{setup['lora']}; {setup['rounds']} interleaved rounds of {setup['steps_per_round']} "
-        f"steps (forward, loss, backward); {setup['threads']} thread(s). "
+        f"steps (train: forward, loss, backward; eval: a forward under no_grad); "
+        f"{setup['threads']} thread(s). "
         "`python -m experiments.bench.overhead`.",
         "",
         *machine_lines(result["machine"]),
         "",
     ]
     for kind, block in result["models"].items():
-        lines += [f"## {kind} ({block['adapted_layers']} adapted layers)", ""]
+        lines += [f"## {kind} ({block['adapted_layers']} adapted layers)", ""]  # "llama eval"
         lines.append(
             markdown_table(
                 ["variant", "median per step", "min", "max"],

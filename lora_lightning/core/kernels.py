@@ -17,7 +17,9 @@ thread: the regime a GPU step of MiniLM or SmolLM2 is in), ours / PEFT per train
 (BERT-shaped) and 1.20 (Llama-shaped) with the functions, 0.99 and 1.00 with plain ops
 (``experiments/bench/overhead.py``; on an H200, MiniLM 1.12 -> 0.98).
 ``LORA_LIGHTNING_KERNELS=functions|plain`` forces one (benchmarks; the default ``auto`` picks
-by device).
+by device). Without autograd (``torch.no_grad``, inference mode: evaluation, generation) and
+without dropout every device computes with plain ops: the functions differ only in their
+backwards and mask generator, and would add only Python per layer.
 
 Under ``torch.compile`` the adapters compute with plain ops on every device (the
 down-projection only at dropout 0: with dropout the function and its mask generator stay, so
@@ -75,7 +77,7 @@ def plain_ops(x: torch.Tensor, *, when_compiled: bool = True) -> bool:
     elif _transforms_active():
         return True
     if _POLICY == "auto":
-        return x.device.type != "cpu"
+        return not x.is_cpu
     return _POLICY == "plain"
 
 
@@ -87,17 +89,22 @@ def project_down(x: torch.Tensor, a: torch.Tensor, p: float, fast_masks: bool) -
     """
     if x.dtype != a.dtype:
         x = x.to(a.dtype)
-    if plain_ops(x, when_compiled=p == 0):  # compiled with dropout: eager's masks
+    if (p == 0 and not torch.is_grad_enabled()) or plain_ops(x, when_compiled=p == 0):
+        # (no backward and no mask: the functions would add only Python; compiled with
+        # dropout: the function, for eager's masks)
         return F.linear(F.dropout(x, p, training=True) if p > 0 else x, a)
     if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad):
         return _ProjectDown.apply(x, a, p, fast_masks)
     return _ProjectDown.forward(None, x, a, p, fast_masks)
 
 
+_IS_COMPILING = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
+_TRANSFORMS_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None)
+
+
 def compiling() -> bool:
     """True while ``torch.compile`` (dynamo) traces the code calling it."""
-    is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
-    return bool(is_compiling is not None and is_compiling())
+    return _IS_COMPILING is not None and _IS_COMPILING()
 
 
 def functorch_active() -> bool:
@@ -108,8 +115,7 @@ def functorch_active() -> bool:
 
 
 def _transforms_active() -> bool:
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(active is not None and active())
+    return _TRANSFORMS_ACTIVE is not None and _TRANSFORMS_ACTIVE()
 
 
 def keep_mask(x: torch.Tensor, p: float, fast: bool = True) -> tuple[torch.Tensor, float]:
@@ -223,7 +229,7 @@ def add_low_rank(
     one ``addmm``, with a backward that keeps the skinny products in the layouts BLAS runs
     fastest (``(B^T G^T)^T`` rather than ``G B``; ``(H^T G)^T`` rather than ``G^T H``: 3-5x
     faster on CPU at r=8)."""
-    if plain_ops(output):
+    if not torch.is_grad_enabled() or plain_ops(output):  # no backward: the same addmm
         out2 = output.reshape(-1, output.shape[-1])
         hidden2 = hidden.reshape(-1, hidden.shape[-1])
         return torch.addmm(out2, hidden2, b.t(), alpha=scaling).view(output.shape)
