@@ -14,7 +14,7 @@ from llm_models import char_tokenizer, tiny_causal_lm
 
 from lora_lightning import LoRACallback, LoRAConfig, LoRAConfigError, inject_lora
 from lora_lightning.tasks import CausalLMTask, CausalLMTaskError, InstructDataModule
-from lora_lightning.tasks.causal_lm import check_logits_path, check_packing
+from lora_lightning.tasks.causal_lm import answer_positions, check_logits_path, check_packing
 from lora_lightning.tasks.chat import Example, collate, encode, encode_prompt, pack
 from lora_lightning.tasks.generation import (
     Scored,
@@ -136,6 +136,40 @@ def test_a_peft_wrapped_model_also_projects_only_its_last_position_in_the_forwar
     module.answer_loss(batch)
     answers = int((batch["labels"][:, 1:] != -100).sum())
     assert rows == [(batch["input_ids"].shape[0], 1), (answers,)]
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_answer_positions_are_where_the_next_token_is_an_answer_token(padding_side):
+    batch = collate(encoded(), 0, padding_side)
+    labels = batch["labels"]
+    positions = answer_positions(labels)
+    width = labels.shape[1]
+    assert torch.all(positions % width != width - 1)  # never a row's last position
+    wanted = labels.flatten()[positions + 1]
+    torch.testing.assert_close(wanted, labels[:, 1:][labels[:, 1:] != -100], rtol=0, atol=0)
+
+
+def test_a_compiled_answer_loss_keeps_the_decoder_and_the_loss_in_one_graph():
+    """The answer positions depend on the data: found inside the compiled region (boolean
+    indexing, a tensor in an `if`) they broke the graph three times between the decoder and
+    the loss, and the compiled task-loss step of SmolLM2 ran slower than PEFT's compiled step
+    computing all the logits (experiments/bench/README.md). Found eagerly first, they are one
+    break before anything is traced."""
+    import torch._dynamo
+
+    module = task()
+    inject_lora(module.model, LoRAConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    batch = collate(encoded(), 0, "right")
+    eager = module.answer_loss(batch)
+    torch._dynamo.reset()
+    try:
+        explained = torch._dynamo.explain(lambda b: module.answer_loss(b)[0])(batch)
+        compiled = torch.compile(lambda b: module.answer_loss(b), backend="eager")(batch)
+    finally:
+        torch._dynamo.reset()
+    assert explained.graph_break_count <= 1, [str(b.reason)[:80] for b in explained.break_reasons]
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-6)
+    assert compiled[1] == eager[1] > 0
 
 
 def test_gradient_checkpointing_gives_the_same_adapter_gradients_on_a_frozen_base():

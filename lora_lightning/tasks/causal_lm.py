@@ -142,28 +142,36 @@ class CausalLMTask(LightningModule):
         """Mean cross-entropy over the answer tokens of `batch` (a training batch)."""
         return self.answer_loss(batch)[0]
 
-    def answer_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    def answer_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
         """`(mean loss, number of answer tokens)` of a teacher-forced batch.
 
         The decoder runs on the whole batch (:meth:`last_hidden_state`); logits are computed
         only where the next token is an answer token, `loss_chunk_size` rows at a time when set
         (each chunk recomputed in backward, so its logits are not kept).
+
+        The answer positions are found first, eagerly even inside `torch.compile`
+        (:func:`answer_positions`), and taken with `index_select`: their number depends on the
+        data, and finding them inside a compiled region (boolean indexing, a tensor in an
+        `if`) broke the graph three times, between the decoder and the loss, which made the
+        compiled step slower than the compiled step computing every position's logits. On a
+        GPU it also waits for the device once, not three times.
         """
+        positions = answer_positions(batch["labels"])  # (N,) into the flattened (B, T)
         inputs = {
             k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch
         }
         hidden = self.last_hidden_state(inputs)
-        targets = batch["labels"][:, 1:]
-        keep = targets != IGNORE_INDEX
-        count = keep.sum()
-        rows = hidden[:, :-1][keep]  # (N, H): the positions that predict an answer token
-        wanted = targets[keep]  # (N,)
-        head = self.model.get_output_embeddings()
+        count = positions.numel()
         if count == 0:
-            return hidden.sum() * 0.0, count
-        chunk = self.loss_chunk_size or rows.shape[0]
+            return hidden.sum() * 0.0, 0
+        # (N, H): the positions that predict an answer token; (N,): that token (the next one
+        # in the same row: a position is never a row's last).
+        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+        wanted = batch["labels"].reshape(-1).index_select(0, positions + 1)
+        head = self.model.get_output_embeddings()
+        chunk = self.loss_chunk_size or count
         total = rows.new_zeros((), dtype=torch.float32)
-        for start in range(0, rows.shape[0], chunk):
+        for start in range(0, count, chunk):
             part, labels = rows[start : start + chunk], wanted[start : start + chunk]
             if self.loss_chunk_size is None:
                 total = total + _summed_cross_entropy(head, part, labels)
@@ -355,6 +363,15 @@ def _last_logits_only(model: Any) -> dict[str, int]:
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     parameters = inspect.signature(inner.forward).parameters
     return {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
+
+
+@torch.compiler.disable  # a size that depends on the data: computed eagerly, then an input
+def answer_positions(labels: Tensor) -> Tensor:
+    """The positions whose next token is an answer token, as indices `b * T + t` into the
+    flattened `(B, T)` batch of `labels` (`IGNORE_INDEX` off the answers): where logits are
+    needed. A row's last position is never one (it has no next token)."""
+    wanted = F.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1))  # (B, T): next token trained on
+    return wanted.flatten().nonzero().squeeze(1)
 
 
 def _summed_cross_entropy(head: torch.nn.Module, hidden: Tensor, labels: Tensor) -> Tensor:
