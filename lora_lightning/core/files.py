@@ -59,7 +59,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 
 from lora_lightning.core.errors import AdapterFileError, AdapterWriteError
@@ -418,11 +419,16 @@ def _read_pair(
             )
         raise AdapterFileError(f"{path} is missing; an adapter directory needs {WEIGHTS_FILE}")
     try:
-        # One open: the metadata and the tensors come from the same file, even if it is
-        # replaced meanwhile.
-        with safe_open(str(target / WEIGHTS_FILE), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        # One open, one read: the header (with the save record) and the tensors come from
+        # the same file even if a save replaces it meanwhile. ``safe_open`` is not that: it
+        # reads the header from its open file but maps the tensors by path again (safetensors
+        # 0.8), so a save landing between the two gave one save's record with another's
+        # tensors (a mix the record check passed) or a "smaller than the required mapping
+        # size" error (tests/test_file_faults.py, about one run in ten).
+        with open(target / WEIGHTS_FILE, "rb") as handle:
+            data = handle.read()
+        metadata = _safetensors_metadata(data)
+        tensors = safetensors_load(data)  # copies: nothing maps the file afterwards
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise AdapterFileError(f"{path} is not a readable safetensors file ({err})") from None
     try:
@@ -430,6 +436,19 @@ def _read_pair(
     except ValueError:
         record = None
     return config, tensors, record if isinstance(record, dict) else {}
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's bytes (``{}`` if none): an 8-byte
+    little-endian header length, then the header's JSON (the format's specification)."""
+    if len(data) < 8:
+        raise ValueError(f"{len(data)} bytes, shorter than the 8-byte header length")
+    size = int.from_bytes(data[:8], "little")
+    if size > len(data) - 8:
+        raise ValueError(f"a header of {size} bytes in a file of {len(data)}")
+    header = json.loads(data[8 : 8 + size])
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return metadata if isinstance(metadata, dict) else {}
 
 
 def _read_config_bytes(real: Path, shown: Path) -> bytes:
