@@ -13,6 +13,7 @@ every other device) in one process, interleaved. Every model: LoRA r=8 on all at
 MLP projections, dropout 0, the default shared-input groups. Two modes: ``train`` (forward,
 loss, backward) and ``eval`` (a forward under ``torch.no_grad``, the unmerged-inference path:
 an evaluation loop, a generation step; the first GPU check had ours at 1.07-1.12x PEFT there).
+DoRA (``use_dora`` on both sides) is timed on the Llama-shaped train step.
 Results: ``results/overhead.{json,md}``.
 """
 
@@ -73,15 +74,19 @@ def build(kind: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     return LlamaForCausalLM(config).eval(), {"input_ids": ids, "labels": ids}
 
 
-def variants(kind: str, mode: str, steps: int) -> tuple[dict[str, Callable[[], float]], int]:
-    """The timed callables of ``kind`` in ``mode``: seconds per step of each variant."""
+def variants(
+    kind: str, mode: str, steps: int, dora: bool = False
+) -> tuple[dict[str, Callable[[], float]], int]:
+    """The timed callables of ``kind`` in ``mode`` (DoRA on both sides with ``dora``):
+    seconds per step of each variant."""
     base, batch = build(kind)
     if mode == "eval":
         batch = {"input_ids": batch["input_ids"]}
     ours = copy.deepcopy(base)
-    inject_lora(ours, LoRAConfig(target_modules=TARGETS[kind], r=8, alpha=16))
+    inject_lora(ours, LoRAConfig(target_modules=TARGETS[kind], r=8, alpha=16, use_dora=dora))
     theirs = get_peft_model(
-        copy.deepcopy(base), LoraConfig(target_modules=TARGETS[kind], r=8, lora_alpha=16)
+        copy.deepcopy(base),
+        LoraConfig(target_modules=TARGETS[kind], r=8, lora_alpha=16, use_dora=dora),
     )
     adapted = sum(1 for name, _ in ours.named_parameters() if name.endswith("lora_A.weight"))
 
@@ -135,10 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         },
         "models": {},
     }
-    for kind, mode in itertools.product(("bert", "llama"), MODES):
-        found, adapted = variants(kind, mode, steps)
+    cases = [(kind, mode, False) for kind, mode in itertools.product(("bert", "llama"), MODES)]
+    for kind, mode, dora in [*cases, ("llama", "train", True)]:
+        found, adapted = variants(kind, mode, steps, dora)
         times = interleave(found, rounds)
-        result["models"][f"{kind} {mode}"] = {
+        result["models"][f"{kind} {mode}{' DoRA' if dora else ''}"] = {
             "adapted_layers": adapted,
             "times": {name: summary(values) for name, values in times.items()},
             "ratios": {

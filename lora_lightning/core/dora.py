@@ -3,12 +3,12 @@ variant of a Linear or GPT-2 Conv1D adapter that ``LoRAConfig.use_dora`` switche
 
 Owns: the magnitude parameter (``lora_magnitude_vector``, PEFT's name and state-dict key),
 its initialisation, the row norm of ``W + s·B A`` (:func:`weight_norm`, within a stated
-rounding bound and without forming the ``[out, in]`` matrix), DoRA's forward (called by the
+rounding bound), DoRA's forward (called by the
 layer's forward hook through its :class:`DoRA` variant), and its merged weight. Must not
 import: ``core.plan``, ``core.inject``, ``core.merge``, ``core.adapter``, Lightning. PEFT's
 code (``peft/tuners/lora/dora.py``, ``variants.py``) is the ground truth for the maths::
 
-    V  = W + s · B A                     # [out, in] (never formed in the forward)
+    V  = W + s · B A                     # [out, in] (formed for its norm, then dropped)
     n  = ||V||_row, detached             # [out]: one norm per output feature (paper 4.3)
     W' = (m / n) ⊙_row V                 # m: lora_magnitude_vector [out], trains
     y  = W' x + bias                     # (..., in) -> (..., out)
@@ -22,16 +22,18 @@ training PEFT applies the whole DoRA term to ``dropout(x)`` (``y = W x + bias + 
 W dropout(x) + (m/n) s B A dropout(x)``), which costs one more matmul with ``W``; this module
 does the same.
 
-The norm, per row ``i`` (``w_i``, ``b_i`` rows of ``W`` and ``B``)::
-
-    ||w_i + s b_i A||² = ||w_i||² + 2 s <W Aᵀ, B>_i + s² <B (A Aᵀ), B>_i
-
-``||w_i||²`` costs one read of ``W`` (``out·in``), the other terms ``out·in·r`` and
-``(in + out)·r²`` with ``[out, r]`` temporaries, where PEFT forms ``B A`` through an
-``[in, in]`` identity and then the full ``[out, in]`` sum every forward. All of it is
-recomputed every forward: a cached ``||w_i||²`` keyed on the weight's version counter went
-stale after ``weight.data.copy_(...)`` (which bumps no counter), silently, and recomputing
-costs no measurable time (``experiments/bench/results/cache_cost.md``).
+The norm is formed directly, in at least float32: ``W + s·B A`` in one ``addmm``, then its
+row norms (:func:`weight_norm`; PEFT forms ``B A`` through an ``[in, in]`` identity first).
+Until 2026-12-04 it came from the expansion ``||w_i||² + 2s<W Aᵀ, B>_i + s²<B (A Aᵀ), B>_i``,
+which never formed the ``[out, in]`` sum but launched about fifteen kernels, needed a check of
+its own precision per row (``bool(ill.any())``: a host-device synchronisation per adapted
+layer and forward on a GPU, a graph break under ``torch.compile``) and was slower even on
+the CPU: direct / expansion 0.43 at 384 x 384, 0.72 at 1536 x 576, 0.93 at 4096 x 4096
+(float32 weights; bfloat16 0.49, 0.88, 0.99; one thread, ``experiments/bench/dora_norm.py``).
+The launch-bound DoRA train step of ``experiments/bench/overhead.py`` (Llama-shaped) went
+from 1.16 / 0.99 of PEFT's (autograd functions / plain ops) to 0.92 / 0.79. Recomputed every
+forward: a cached norm keyed on the weight's version counter went stale after
+``weight.data.copy_(...)`` (which bumps no counter), silently.
 """
 
 from __future__ import annotations
@@ -55,10 +57,6 @@ MAGNITUDE = "lora_magnitude_vector"
 KINDS = (LINEAR, GPT2_CONV1D)
 #: ``hidden(module, layer, x) -> A x`` (dropout-free): the layer's own, shared-input aware.
 Hidden = Callable[[nn.Module, LoRALayer, torch.Tensor], torch.Tensor]
-#: The largest condition ``κ`` (see :func:`weight_norm`) of a row whose norm comes from the
-#: expanded square; rows above it are formed directly. Bounds the expansion's relative error
-#: by ``50·γ_{in+2r+5}`` (about ``50·(in+2r)·u``, ``√(in+2r)`` times less for random rounding).
-EXPANSION_MAX_CONDITION = 100.0
 
 
 def unsupported_reason(module: nn.Module, kind: str | None) -> str | None:
@@ -105,46 +103,21 @@ def weight_norm(
     *,
     transposed: bool = False,
 ) -> torch.Tensor:
-    """``||W + s·B A||`` per output row, without forming the ``[out, in]`` sum
-    (``||w||² + 2s·w·(BA) + s²||BA||²``; rows where that expansion loses precision are
-    formed directly), within a rounding-error bound of the exact norm (below).
+    """``||W + s·B A||`` per output row, detached: the sum formed in one ``addmm`` in at
+    least float32 (an ``[out, in]`` temporary for the length of the call, as PEFT's), then
+    its row norms. Two kernels, no host-device synchronisation.
 
     ``weight`` is ``[out, in]`` (``[in, out]`` with ``transposed``, GPT-2 Conv1D), ``a``
-    ``[r, in]``, ``b`` ``[out, r]``.
-    Computed in at least float32; returns ``[out]`` in that dtype, detached.
+    ``[r, in]``, ``b`` ``[out, r]``. Returns ``[out]`` in ``promote(a.dtype, float32)``.
 
     Precision, per row (``u`` the unit roundoff of that dtype, ``γ_k = k·u/(1 - k·u)``,
-    ``ṽ = |b_i|ᵀ|A|`` the row of ``B A`` with no cancellation inside it,
-    ``κ = || |w_i| + s·ṽ ||² / ||w_i + s·b_i A||²``): a row from the expansion is within
-    ``(γ_{in+2r+5}·κ/2 + u)`` relative of the exact norm, and it is used only where
-    ``κ <= EXPANSION_MAX_CONDITION`` (up to rounding); a row formed directly, as the
-    naive norm in that dtype, is within ``γ_{r+2}·√κ + γ_in/2 + u``.
+    ``κ = || |w_i| + s·|b_i|ᵀ|A| ||² / ||w_i + s·b_i A||²``): within
+    ``γ_{r+2}·√κ + γ_in/2 + u`` relative of the exact norm.
     """
     dtype = torch.promote_types(a.dtype, torch.float32)
-    w, a, b = weight.to(dtype), a.to(dtype), b.to(dtype)
-    weight_sq = row_sq_norms(w, transposed=transposed)
-    wa = (a @ w).t() if transposed else w @ a.t()  # [out, in] @ [in, r] -> [out, r]
-    cross = (wa * b).sum(1)
-    lora_sq = ((b @ (a @ a.t())) * b).sum(1)  # [out, r] @ [r, r] -> [out, r]
-    sq = weight_sq + (scaling * scaling) * lora_sq + (2.0 * scaling) * cross
-    # Each term's rounding error is at most γ·(its sum taken over absolute values), so the
-    # expansion's error is γ·|| |w| + s·ṽ ||², which is κ·sq: large where s·B A nearly negates
-    # W's row and also where B A's row cancels within itself (b_i A small beside |b_i|ᵀ|A|,
-    # which a rank r above in allows exactly). Bound that square without forming ṽ
-    # (||ṽ|| <= Σ_k |b_ik|·||A_k||, Cauchy-Schwarz for the cross term) and form the rows over
-    # the limit directly. Rare in training: without cancellation the bound stays below about
-    # (1 + 2r/π)·sq (random B, A's rows near-orthogonal of like norms), so it passes the limit only
-    # for ranks above ~150 with s·B A's row about as long as W's (measured 2026-12-03, in=1024,
-    # r=256: 19% of rows formed directly at s·||b_i A|| = ||w_i||, all at twice that; none at
-    # r=64), or where s·B A's row nearly negates W's.
-    lora_bound = b.abs() @ a.norm(dim=1)  # [out, r] @ [r] -> [out]
-    bound_sq = (weight_sq.sqrt() + abs(scaling) * lora_bound).square()
-    ill = sq * EXPANSION_MAX_CONDITION < bound_sq
-    if bool(ill.any()):
-        rows = ill.nonzero().squeeze(1)
-        w_rows = w[:, rows].t() if transposed else w[rows]  # [k, in]
-        sq[rows] = (w_rows + scaling * (b[rows] @ a)).square().sum(1)
-    return sq.clamp_min_(0).sqrt_()
+    w = weight.to(dtype)
+    summed = torch.addmm(w.t() if transposed else w, b.to(dtype), a.to(dtype), alpha=scaling)
+    return torch.linalg.vector_norm(summed, dim=1)
 
 
 def naive_weight_norm(
@@ -155,12 +128,6 @@ def naive_weight_norm(
     :func:`weight_norm`), in the promoted dtype of the inputs."""
     w = weight.t() if transposed else weight
     return torch.linalg.norm(w + scaling * (b @ a), dim=1)
-
-
-def row_sq_norms(weight: torch.Tensor, *, transposed: bool = False) -> torch.Tensor:
-    """``||w_i||²`` of every output row ``i`` of ``weight`` (``[out, in]``, or ``[in, out]``
-    with ``transposed``) -> ``[out]``."""
-    return weight.square().sum(0 if transposed else 1)
 
 
 class DoRA:
