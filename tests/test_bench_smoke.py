@@ -215,7 +215,8 @@ def test_summary_lists_every_goal_with_a_verdict_and_rebuilds(quick_out: Path) -
         (
             "overhead",
             lambda r: (
-                set(r["models"]) == {"bert", "llama"}
+                set(r["models"])
+                == {"bert train", "bert eval", "llama train", "llama eval", "llama train DoRA"}
                 and all(
                     set(m["ratios"])
                     == {"lora_lightning_functions/peft", "lora_lightning_plain/peft"}

@@ -427,8 +427,8 @@ def _read_pair(
         # size" error (tests/test_file_faults.py, about one run in ten).
         with open(target / WEIGHTS_FILE, "rb") as handle:
             data = handle.read()
+        tensors = safetensors_load(data)  # validates the file; copies: nothing maps it after
         metadata = _safetensors_metadata(data)
-        tensors = safetensors_load(data)  # copies: nothing maps the file afterwards
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise AdapterFileError(f"{path} is not a readable safetensors file ({err})") from None
     try:
