@@ -32,7 +32,9 @@ def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-STANDALONE = ("switch", "memory_qlora", "quant_libraries", "llm_train_step", "overhead")
+STANDALONE = (
+    "switch", "memory_qlora", "quant_libraries", "llm_train_step", "overhead", "dora_norm"
+)  # fmt: skip
 #: Extra arguments of a standalone benchmark's quick run (the SmolLM2 step: eager only, no
 #: memory workers, a small packing set: compiling even 2 layers takes minutes on 2 cores).
 STANDALONE_ARGS = {
@@ -223,6 +225,14 @@ def test_summary_lists_every_goal_with_a_verdict_and_rebuilds(quick_out: Path) -
                     and m["adapted_layers"] > 30
                     for m in r["models"].values()
                 )
+            ),
+        ),
+        (
+            "dora_norm",
+            lambda r: (
+                len(r["cases"]) == 6
+                and all(set(c["times"]) == {"direct", "expansion"} for c in r["cases"].values())
+                and all(c["ratio"]["median_of_pair_ratios"] > 0 for c in r["cases"].values())
             ),
         ),
         (

@@ -62,8 +62,13 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "dora_norm",
         "quick": args.quick,
         "machine": machine_info(),
-        "setup": {"r": 8, "scaling": 2.0, "rounds": rounds, "calls_per_round": calls,
-                  "threads": args.threads},  # fmt: skip
+        "setup": {
+            "r": 8,
+            "scaling": 2.0,
+            "rounds": rounds,
+            "calls_per_round": calls,
+            "threads": args.threads,
+        },
         "cases": {},
     }
     for (out, width), (label, dtype) in [(s, d) for s in SHAPES for d in DTYPES.items()]:
@@ -73,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         b = torch.randn(out, 8, generator=generator) * 0.01
         torch.testing.assert_close(weight_norm(w, a, b, 2.0), expanded_norm(w, a, b, 2.0))
 
-        def run(fn):
+        def run(fn, w=w, a=a, b=b):
             return lambda: timed(lambda: [fn(w, a, b, 2.0) for _ in range(calls)])[0] / calls
 
         times = interleave({"direct": run(weight_norm), "expansion": run(expanded_norm)}, rounds)
