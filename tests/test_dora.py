@@ -44,11 +44,7 @@ from lora_lightning import (
     unload_lora,
     unmerge_lora,
 )
-from lora_lightning.core.dora import (
-    MAGNITUDE,
-    naive_weight_norm,
-    weight_norm,
-)
+from lora_lightning.core.dora import MAGNITUDE, weight_norm
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
 
@@ -262,6 +258,16 @@ def test_norm_follows_an_in_place_change_of_the_base_weight():
 
 
 # ------------------------------------------------------------------------ the cheap norm
+
+
+def naive_weight_norm(
+    weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, *,
+    transposed: bool = False,
+) -> torch.Tensor:  # fmt: skip
+    """PEFT's ``||W + s·B A||_row`` through the full ``[out, in]`` matrix, in the promoted
+    dtype of the inputs: the reference :func:`weight_norm` is checked against."""
+    w = weight.t() if transposed else weight
+    return torch.linalg.norm(w + scaling * (b @ a), dim=1)
 
 
 def norm_error_bound(

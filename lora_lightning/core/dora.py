@@ -49,7 +49,7 @@ from lora_lightning.core.config import LoRAConfig
 from lora_lightning.core.layers import GPT2_CONV1D, LINEAR
 from lora_lightning.core.state import LoRALayer, active_dropout
 
-__all__ = ["DoRA", "KINDS", "MAGNITUDE", "VARIANT", "attach", "naive_weight_norm", "weight_norm"]
+__all__ = ["DoRA", "KINDS", "MAGNITUDE", "VARIANT", "attach", "weight_norm"]
 #: DoRA's magnitude: a parameter of the adapted layer itself, so its state-dict key is
 #: ``<path>.lora_magnitude_vector``, PEFT's file key.
 MAGNITUDE = "lora_magnitude_vector"
@@ -118,16 +118,6 @@ def weight_norm(
     w = weight.to(dtype)
     summed = torch.addmm(w.t() if transposed else w, b.to(dtype), a.to(dtype), alpha=scaling)
     return torch.linalg.vector_norm(summed, dim=1)
-
-
-def naive_weight_norm(
-    weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, *,
-    transposed: bool = False,
-) -> torch.Tensor:  # fmt: skip
-    """PEFT's ``||W + s·B A||_row`` through the full ``[out, in]`` matrix (the reference of
-    :func:`weight_norm`), in the promoted dtype of the inputs."""
-    w = weight.t() if transposed else weight
-    return torch.linalg.norm(w + scaling * (b @ a), dim=1)
 
 
 class DoRA:

@@ -177,22 +177,13 @@ def _saved_tensors_hooked() -> bool:
 
 
 def _key(module: nn.Module, x: torch.Tensor, weights: list[torch.Tensor]) -> tuple[Any, ...] | None:
-    """What rows computed from ``x`` and ``weights`` depend on: every tensor's (storage
-    address, version counter), the grad mode and ``module``'s train mode; None for tensors
-    without storage (torch.func wrappers), which are never served."""
-    try:
-        return (
-            x.data_ptr(),
-            -1 if x.is_inference() else x._version,  # an inference tensor keeps no version
-            *[(w.data_ptr(), w._version) for w in weights],
-            torch.is_grad_enabled(),
-            module.training,
-        )
-    except RuntimeError:  # no storage (a torch.func wrapper), or an inference-mode lora_A
-        places = [_place(x), *(_place(w) for w in weights)]
-        if None in places:
-            return None
-        return (*places, torch.is_grad_enabled(), module.training)
+    """What rows computed from ``x`` and ``weights`` depend on: every tensor's place (see
+    :func:`_place`), the grad mode and ``module``'s train mode; None for tensors without
+    storage (torch.func wrappers), which are never served."""
+    places = [_place(x), *map(_place, weights)]
+    if None in places:
+        return None
+    return (*places, torch.is_grad_enabled(), module.training)
 
 
 def _place(tensor: torch.Tensor) -> tuple[int, int] | None:

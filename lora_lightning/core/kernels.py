@@ -66,15 +66,18 @@ def _read_policy() -> str:
 _POLICY = _read_policy()
 
 
-def plain_ops(x: torch.Tensor, *, when_compiled: bool = True) -> bool:
+def plain_ops(x: torch.Tensor, *, masks: bool = False) -> bool:
     """Whether the adapters of a layer fed ``x`` compute with plain differentiable ops rather
-    than the autograd functions: under ``torch.compile`` when ``when_compiled`` (see the
-    module docstring), always inside ``torch.func`` transforms (which need them), otherwise
-    by the policy: by default on every device but the CPU."""
-    if compiling():
-        if when_compiled:
-            return True
-    elif _transforms_active():
+    than the autograd functions. The functions differ only in their backwards and their mask
+    generator, so plain ops compute wherever neither is wanted: under ``torch.compile`` and
+    without autograd (evaluation, generation), unless ``masks`` (a dropout mask to draw: the
+    function's generator keeps eager's masks; see the module docstring); always inside
+    ``torch.func`` transforms (which need them); otherwise by the policy: by default on every
+    device but the CPU."""
+    compiled = compiling()
+    if not masks and (compiled or not torch.is_grad_enabled()):
+        return True
+    if not compiled and _transforms_active():
         return True
     if _POLICY == "auto":
         return not x.is_cpu
@@ -89,9 +92,7 @@ def project_down(x: torch.Tensor, a: torch.Tensor, p: float, fast_masks: bool) -
     """
     if x.dtype != a.dtype:
         x = x.to(a.dtype)
-    if (p == 0 and not torch.is_grad_enabled()) or plain_ops(x, when_compiled=p == 0):
-        # (no backward and no mask: the functions would add only Python; compiled with
-        # dropout: the function, for eager's masks)
+    if plain_ops(x, masks=p > 0):
         return F.linear(F.dropout(x, p, training=True) if p > 0 else x, a)
     if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad):
         return _ProjectDown.apply(x, a, p, fast_masks)
@@ -229,7 +230,7 @@ def add_low_rank(
     one ``addmm``, with a backward that keeps the skinny products in the layouts BLAS runs
     fastest (``(B^T G^T)^T`` rather than ``G B``; ``(H^T G)^T`` rather than ``G^T H``: 3-5x
     faster on CPU at r=8)."""
-    if not torch.is_grad_enabled() or plain_ops(output):  # no backward: the same addmm
+    if plain_ops(output):
         out2 = output.reshape(-1, output.shape[-1])
         hidden2 = hidden.reshape(-1, hidden.shape[-1])
         return torch.addmm(out2, hidden2, b.t(), alpha=scaling).view(output.shape)
